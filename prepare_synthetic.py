@@ -1,0 +1,198 @@
+"""
+The embedded default data set: seeded GSM8K-like word problems that need 2-4 arithmetic steps, written in the
+paper's format (`Step n: ...`, final answer in `\\boxed{}`), so the whole pipeline runs offline on a CPU.
+
+Writes, into --out-dir, from disjoint seeds (a problem never appears in two files):
+  ift.jsonl        {id, question, solution, answer}                 SFT data for M1 (paper: IFT)
+  eft.jsonl        {id, question, previous_steps, step_a, step_b, label, judgment, error}
+                                                                     SFT data for M1 (paper: EFT); one step correct,
+                                                                     the other corrupted; A/B positions balanced
+  questions1..3.jsonl  {id, question, answer}                        fresh questions for iterations 1..3; the loop
+                                                                     never reads `answer` (kept for analysis only)
+  dev.jsonl, test.jsonl  {id, question, answer}                     tuning split and held-out test (>= 1,000)
+  eft_dev.jsonl, eft_test.jsonl                                      held-out judge pairs (>= 500)
+
+Corruptions (the errors a judge must catch): wrong arithmetic (result off), wrong operand (a number from
+elsewhere in the problem), wrong operation (+ instead of -, ...). The judgment checks each step against the
+recomputed one: "Want 17 - 3 = 14. A: 17 - 3 = 14, right. B: 17 + 3 = 20, wrong. [[A]]".
+
+    python prepare_synthetic.py --out-dir data/synthetic
+"""
+
+import argparse
+import os
+import random
+
+from common import save_config, skip_if_done, write_jsonl
+
+NAMES = ["Tom", "Ann", "Ben", "Mia", "Sam", "Lily", "Max", "Eva", "Leo", "Zoe", "Dan", "Ivy"]
+ITEMS = ["apples", "pens", "cards", "coins", "books", "eggs", "shells", "stamps", "cookies", "marbles"]
+# Each operation: (symbol, sentence told in the problem, short reason written in the step)
+SENTENCES = {
+    "+": ["{p} buys {n} more.", "{p} finds {n} more.", "{f} gives {o} {n} more.", "{p} gets {n} more."],
+    "-": ["{p} gives {n} to {f}.", "{p} loses {n}.", "{p} sells {n}.", "{p} uses {n}."],
+    "*": ["{p} then has {n} times as many.", "The number grows {n} times."],
+    "/": ["{p} splits them into {n} equal groups and keeps one.", "{p} keeps one of {n} equal parts."],
+}
+REASONS = {"+": "{n} more", "-": "{n} fewer", "*": "{n} times as many", "/": "one of {n} parts"}
+
+
+def apply(op, a, b):
+    return {"+": a + b, "-": a - b, "*": a * b, "/": a // b}[op]
+
+
+def sample_problem(rng, max_start, max_operand, min_steps, max_steps, ops, max_value):
+    """A problem as a list of operations [(op, operand)] on a start value, all intermediate values in range."""
+    while True:
+        start = rng.randint(2, max_start)
+        value, chain = start, []
+        for _ in range(rng.randint(min_steps, max_steps)):
+            candidates = []
+            for op in ops:
+                if op in "+-":
+                    n = rng.randint(1, max_operand)
+                else:
+                    n = rng.randint(2, 4 if op == "*" else 5)
+                ok = {"+": value + n <= max_value, "-": value - n >= 0, "*": value * n <= max_value,
+                      "/": value % n == 0 and value // n > 0}[op]
+                if ok:
+                    candidates.append((op, n))
+            if not candidates:
+                break
+            op, n = rng.choice(candidates)
+            chain.append((op, n))
+            value = apply(op, value, n)
+        if len(chain) >= min_steps:
+            return start, chain
+
+
+def render(rng, start, chain):
+    """Problem text, gold steps, per-step (a, op, b, result), and answer."""
+    name, friend = rng.sample(NAMES, 2)
+    item = rng.choice(ITEMS)
+    pronoun, obj = ("He", "him") if NAMES.index(name) % 2 == 0 else ("She", "her")
+    sentences = [f"{name} has {start} {item}."]
+    steps, facts, value = [], [], start
+    for k, (op, n) in enumerate(chain, 1):
+        sentences.append(rng.choice(SENTENCES[op]).format(p=pronoun, o=obj, f=friend, n=n))
+        result = apply(op, value, n)
+        facts.append((value, op, n, result))
+        value = result
+    sentences.append(f"How many {item} does {name} have now?")
+    question = " ".join(sentences)
+    for k, (a, op, b, c) in enumerate(facts, 1):
+        steps.append(step_text(k, chain[k - 1], a, op, b, c, final=k == len(facts)))
+    return question, steps, facts, value
+
+
+def step_text(k, op_n, a, op, b, c, final):
+    reason = REASONS[op_n[0]].format(n=op_n[1])
+    text = f"Step {k}: {reason}: {a} {op} {b} = {c}."
+    return text + f" The answer is \\boxed{{{c}}}." if final else text
+
+
+def corrupt(rng, question_numbers, fact):
+    """A realistic wrong version of one step's arithmetic: (a, op, b, c, error_kind)."""
+    a, op, b, c = fact
+    kinds = ["arithmetic", "operand", "operation"]
+    rng.shuffle(kinds)
+    for kind in kinds:
+        if kind == "arithmetic":
+            wrong = c + rng.choice([-2, -1, 1, 2, 10, -10])
+            if wrong >= 0 and wrong != c:
+                return a, op, b, wrong, kind
+        elif kind == "operand":
+            others = [x for x in question_numbers if x not in (a, b)]
+            if others:
+                b2 = rng.choice(others)
+                if op != "/" or (b2 > 0 and a % b2 == 0):
+                    c2 = apply(op, a, b2)
+                    if c2 >= 0 and c2 != c:
+                        return a, op, b2, c2, kind
+        else:
+            op2 = {"+": "-", "-": "+", "*": "+", "/": "*"}[op]
+            c2 = apply(op2, a, b)
+            if c2 >= 0 and c2 != c:
+                return a, op2, b, c2, kind
+    return a, op, b, c + 1, "arithmetic"
+
+
+def judgment(fact, step_a, step_b, label):
+    """The EFT target: recompute the step, check each candidate against it, then the verdict."""
+    a, op, b, c = fact
+    want = f"{a} {op} {b} = {c}"
+    said = lambda s: s.split(": ", 2)[-1].split(".")[0]  # "Step 2: 3 more: 14 + 3 = 17." -> "14 + 3 = 17"
+    ok_a, ok_b = ("right", "wrong") if label == "A" else ("wrong", "right")
+    return f"Want {want}. A: {said(step_a)}, {ok_a}. B: {said(step_b)}, {ok_b}. [[{label}]]"
+
+
+def make_eft(rng, idx, question, steps, facts, chain, label):
+    k = rng.randrange(len(facts))  # which step is judged
+    numbers = [int(t.rstrip(".")) for t in question.split() if t.rstrip(".").isdigit()]
+    a, op, b, c, kind = corrupt(rng, numbers, facts[k])
+    bad = step_text(k + 1, chain[k], a, op, b, c, final=k == len(facts) - 1)
+    step_a, step_b = (steps[k], bad) if label == "A" else (bad, steps[k])
+    return dict(id=idx, question=question, previous_steps=steps[:k], step_a=step_a, step_b=step_b, label=label,
+                judgment=judgment(facts[k], step_a, step_b, label), error=kind)
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out-dir", default="data/synthetic")
+    parser.add_argument("--seed", type=int, default=1234)
+    parser.add_argument("--num-ift", type=int, default=20000)
+    parser.add_argument("--num-eft", type=int, default=10000)
+    parser.add_argument("--num-questions", default="400,800,1200", help="per iteration (paper: 400, 800, 1200)")
+    parser.add_argument("--num-dev", type=int, default=500)
+    parser.add_argument("--num-test", type=int, default=1000)
+    parser.add_argument("--num-eft-test", type=int, default=500)
+    # difficulty knobs: chosen so that a ~1M-parameter model lands at 35-75% after a few minutes of SFT
+    parser.add_argument("--max-start", type=int, default=30)
+    parser.add_argument("--max-operand", type=int, default=20)
+    parser.add_argument("--max-value", type=int, default=99)
+    parser.add_argument("--min-steps", type=int, default=2)
+    parser.add_argument("--max-steps", type=int, default=4)
+    parser.add_argument("--ops", default="+-*/")
+    parser.add_argument("--overwrite", action="store_true")
+    args = parser.parse_args()
+    if skip_if_done(os.path.join(args.out_dir, "config.json"), args.overwrite):  # written last
+        return
+    knobs = (args.max_start, args.max_operand, args.min_steps, args.max_steps, args.ops, args.max_value)
+    seen = set()  # questions are unique across all files: no test question leaks into training
+
+    def problems(name, n, seed):
+        rng = random.Random(f"{args.seed}-{seed}")  # one seed per file: files are disjoint and reproducible
+        out = []
+        while len(out) < n:
+            start, chain = sample_problem(rng, *knobs)
+            question, steps, facts, answer = render(rng, start, chain)
+            if question not in seen:
+                seen.add(question)
+                out.append((f"{name}-{len(out)}", question, steps, facts, chain, answer))
+        return rng, out
+
+    # held-out sets first, so their questions are reserved before any training data is drawn
+    files = {}
+    _, test = problems("test", args.num_test, 0)
+    _, dev = problems("dev", args.num_dev, 1)
+    files["test"] = [dict(id=i, question=q, answer=str(a)) for i, q, _, _, _, a in test]
+    files["dev"] = [dict(id=i, question=q, answer=str(a)) for i, q, _, _, _, a in dev]
+    for split, n, seed in [("eft_test", args.num_eft_test, 2), ("eft_dev", args.num_eft_test, 3),
+                           ("eft", args.num_eft, 4)]:
+        rng, probs = problems(split, n, seed)
+        labels = ["A", "B"] * (n // 2) + ["A"] * (n % 2)  # exactly balanced positions
+        rng.shuffle(labels)
+        files[split] = [make_eft(rng, i, q, s, f, c, lab) for (i, q, s, f, c, _), lab in zip(probs, labels)]
+    _, ift = problems("ift", args.num_ift, 5)
+    files["ift"] = [dict(id=i, question=q, solution="\n".join(s), answer=str(a)) for i, q, s, _, _, a in ift]
+    for t, n in enumerate(map(int, args.num_questions.split(",")), 1):
+        _, qs = problems(f"questions{t}", n, 5 + t)
+        files[f"questions{t}"] = [dict(id=i, question=q, answer=str(a)) for i, q, _, _, _, a in qs]
+    for name, records in files.items():
+        write_jsonl(os.path.join(args.out_dir, f"{name}.jsonl"), records)
+        print(f"{name:12s} {len(records):6d} records")
+    save_config(args, os.path.join(args.out_dir, "config.json"))
+
+
+if __name__ == "__main__":
+    main()

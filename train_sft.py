@@ -1,0 +1,154 @@
+"""
+M0 -> M1 (paper §3.2 "Initialization"): supervised fine-tuning on IFT data (question -> step-by-step solution)
+mixed with EFT data (question + previous steps + two candidate next steps -> explanation + [[A]]/[[B]]), so one
+model both reasons step by step and judges steps. Loss on response tokens only (the prompt is masked).
+
+Reads:
+  --ift  JSONL {question, solution}                                   solution = "Step 1: ...\\nStep 2: ..."
+  --eft  JSONL {question, previous_steps, step_a, step_b, judgment}   judgment ends with [[A]] or [[B]]
+Writes --out: a model directory (full weights, or the LoRA adapter under --lora), train_log.jsonl, sft_config.json
+
+    python train_sft.py --model runs/default/m0 --ift data/synthetic/ift.jsonl --eft data/synthetic/eft.jsonl \\
+        --out runs/default/m1 --prompt-reasoning reasoning_tiny --prompt-judge judge_tiny
+    # paper scale, one GPU (QLoRA):
+    python train_sft.py --model Qwen/Qwen2.5-Math-7B --ift data/real/ift.jsonl --eft data/real/eft.jsonl \\
+        --out runs/qwen7b/m1 --load-in-4bit --gradient-checkpointing --lr 1e-4 --epochs 3 --batch-size 4 --grad-accum 8
+    # two GPUs (DDP): torchrun --nproc_per_node 2 train_sft.py ... (same flags)
+"""
+
+import argparse
+import json
+import os
+import random
+import time
+
+import torch
+from tqdm import tqdm
+
+from common import (add_training_args, chat_prompt, cosine_lr, init_distributed, judge_context, load_model,
+                    load_prompt, make_optimizer, padded_batch, prepare_for_training, read_jsonl, save_config,
+                    save_model, skip_if_done)
+
+
+def sft_example(tokenizer, prompt_text, response_text, max_len):
+    """input_ids = prompt_ids + response_ids + [eos]; loss_mask = 0 on the prompt, 1 on the response and EOS."""
+    prompt_ids = tokenizer(chat_prompt(tokenizer, prompt_text), add_special_tokens=False)["input_ids"]
+    response_ids = tokenizer(response_text, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+    ids = (prompt_ids + response_ids)[:max_len]
+    mask = ([0] * len(prompt_ids) + [1] * len(response_ids))[:max_len]
+    return ids, mask
+
+
+def build_examples(tokenizer, ift, eft, reasoning, judge, max_len):
+    examples = [sft_example(tokenizer, reasoning.format(problem=r["question"]), r["solution"], max_len)
+                for r in ift]
+    examples += [sft_example(tokenizer, judge.format(context=judge_context(r["question"], r["previous_steps"]),
+                                                     step_a=r["step_a"], step_b=r["step_b"]),
+                             r["judgment"], max_len) for r in eft]
+    return [e for e in examples if sum(e[1]) > 0]  # an example truncated to its prompt teaches nothing
+
+
+def batches(examples, batch_size, rng):
+    """Shuffled batches of similar length (sorted within chunks of 50 batches) so little compute goes to padding."""
+    order = list(range(len(examples)))
+    rng.shuffle(order)
+    chunk = batch_size * 50
+    out = []
+    for c in range(0, len(order), chunk):
+        part = sorted(order[c:c + chunk], key=lambda i: len(examples[i][0]))
+        out += [part[b:b + batch_size] for b in range(0, len(part), batch_size)]
+    rng.shuffle(out)
+    return out
+
+
+def masked_nll(logits, input_ids, loss_mask):
+    """Mean negative log-likelihood of the response tokens (next-token prediction, prompt masked out)."""
+    logits, labels, mask = logits[:, :-1], input_ids[:, 1:], loss_mask[:, 1:].float()
+    nll = torch.nn.functional.cross_entropy(logits.flatten(0, 1).float(), labels.flatten(), reduction="none")
+    return (nll * mask.flatten()).sum() / mask.sum().clamp(min=1)
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", required=True, help="M0: a local model directory or hub name")
+    parser.add_argument("--ift", required=True)
+    parser.add_argument("--eft", default=None, help="judge data; without it M1 cannot judge")
+    parser.add_argument("--out", required=True)
+    parser.add_argument("--prompt-reasoning", default="reasoning", help="paper Fig. 4; the tiny default: reasoning_tiny")
+    parser.add_argument("--prompt-judge", default="judge", help="paper Fig. 5; the tiny default: judge_tiny")
+    parser.add_argument("--epochs", type=float, default=3, help="paper: 3")
+    parser.add_argument("--lr", type=float, default=1e-6, help="paper: 1e-6 (full fine-tuning of 7B)")
+    parser.add_argument("--weight-decay", type=float, default=0.0)
+    parser.add_argument("--warmup", type=float, default=0.03, help="fraction of steps")
+    parser.add_argument("--batch-size", type=int, default=32, help="examples per process per micro-batch")
+    parser.add_argument("--grad-accum", type=int, default=1, help="paper batch 32 = batch-size x grad-accum x GPUs")
+    parser.add_argument("--max-len", type=int, default=2048)
+    parser.add_argument("--limit", type=int, default=None, help="use only the first N records of each file")
+    parser.add_argument("--overwrite", action="store_true")
+    add_training_args(parser)
+    args = parser.parse_args()
+    if skip_if_done(os.path.join(args.out, "sft_config.json"), args.overwrite):
+        return
+    rank, world = init_distributed()
+    torch.manual_seed(args.seed)
+    model, tokenizer = load_model(args.model, load_in_4bit=args.load_in_4bit, attn=args.attn, trainable=True)
+    model = prepare_for_training(model, args)
+    ift = read_jsonl(args.ift, ["question", "solution"])[:args.limit]
+    eft = read_jsonl(args.eft, ["question", "previous_steps", "step_a", "step_b", "judgment"])[:args.limit] \
+        if args.eft else []
+    examples = build_examples(tokenizer, ift, eft, load_prompt(args.prompt_reasoning), load_prompt(args.prompt_judge),
+                              args.max_len)
+    examples = examples[rank::world]  # DDP: each process trains on its own slice
+    rng = random.Random(args.seed)
+    steps_per_epoch = len(batches(examples, args.batch_size, rng)) // args.grad_accum
+    total_steps = max(1, int(steps_per_epoch * args.epochs))
+    if rank == 0:
+        print(f"{len(ift)} IFT + {len(eft)} EFT examples, {total_steps} optimizer steps, "
+              f"{sum(p.numel() for p in model.parameters() if p.requires_grad) / 1e6:.2f}M trainable parameters")
+    train_model = torch.nn.parallel.DistributedDataParallel(model) if world > 1 else model
+    optimizer = make_optimizer(model, args, args.lr, args.weight_decay)
+    log = []
+    step, tokens, t0, micro = 0, 0, time.time(), []
+    bar = tqdm(total=total_steps, disable=rank != 0, desc="sft")
+    while step < total_steps:
+        for batch in batches(examples, args.batch_size, rng):
+            micro.append(batch)
+            if len(micro) < args.grad_accum:
+                continue
+            lr = cosine_lr(step, total_steps, args.lr, max(1, int(args.warmup * total_steps)))
+            for g in optimizer.param_groups:
+                g["lr"] = lr
+            loss_sum = 0.0
+            for k, mb in enumerate(micro):
+                ids, att, pos, mask = padded_batch([examples[i][0] for i in mb], tokenizer.pad_token_id,
+                                                   [examples[i][1] for i in mb])
+                ids, att, pos, mask = (t.to(model.device) for t in (ids, att, pos, mask))
+                sync = k == len(micro) - 1 or world == 1  # DDP: all-reduce gradients once per optimizer step
+                with (torch.enable_grad() if sync else train_model.no_sync()):
+                    logits = train_model(input_ids=ids, attention_mask=att, position_ids=pos).logits
+                    loss = masked_nll(logits, ids, mask) / len(micro)
+                    loss.backward()
+                loss_sum += loss.item()
+                tokens += int(att.sum())
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            micro, step = [], step + 1
+            log.append(dict(step=step, loss=loss_sum, lr=lr, tokens_per_s=tokens / (time.time() - t0)))
+            bar.update(1)
+            bar.set_postfix(loss=f"{loss_sum:.3f}", tok_s=f"{log[-1]['tokens_per_s']:.0f}")
+            if step >= total_steps:
+                break
+    bar.close()
+    if rank == 0:
+        save_model(model, tokenizer, args.out)
+        with open(os.path.join(args.out, "train_log.jsonl"), "w") as f:
+            f.writelines(json.dumps(r) + "\n" for r in log)
+        print(f"trained {step} steps in {time.time() - t0:.0f}s, final loss {log[-1]['loss']:.4f}")
+        save_config(args, os.path.join(args.out, "sft_config.json"))  # written last: marks the stage as done
+    if world > 1:
+        torch.distributed.barrier()
+
+
+if __name__ == "__main__":
+    main()
