@@ -1,0 +1,332 @@
+"""
+Evaluation (paper §4): greedy decoding of each test question with the reasoning prompt, the answer taken from the
+LAST \\boxed{...} of the output, graded against the gold answer by math-verify equivalence. Also the step judge's
+accuracy on held-out pairs (paper Table 3) and an oracle check of the extraction + grading themselves.
+
+Reads benchmark JSONL in the native fields of each source (format detected from the fields present):
+  gsm8k          {question, answer: "... #### 1,234"}           gold = number after ####, commas removed
+  math           {problem, solution, ...}                       gold = last \\boxed{} of solution
+  math500, aime24, amc23, gaokao2023en, synthetic
+                 {problem|question, answer, [solution], [id]}   gold = answer (amc23 floats: 12.0 -> "12")
+  olympiadbench  {question, context, final_answer: [str], solution: [str], ...}
+  or `hub:NAME[:CONFIG]` through datasets.load_dataset (split "test"; needs hub access).
+Writes, per data set, into --out-dir:
+  {name}.jsonl           {id, question, output, extracted, gold, correct, num_steps, output_tokens}
+  {name}.summary.json    {dataset, n, accuracy, accuracy_se, steps_per_solution, mean_output_tokens, unextracted,
+                          model, data, prompt_reasoning, max_new_tokens}
+With --judge-eval FILE (EFT pairs {id, question, previous_steps, step_a, step_b, label, judgment}):
+  judge_eval.jsonl       {id, label, verdict, correct, raw}
+  judge_eval.summary.json {n, judge_accuracy, judge_accuracy_se, unparsed, unparsed_share, model, data}
+With --oracle no model is loaded: each item's gold solution is graded as if it were the model's output (a data set
+without a boxed solution gets "... \\boxed{<raw answer field>}"), misgraded items are listed. 100% is the target.
+
+    python evaluate.py --model runs/default/m1 --data data/synthetic/test.jsonl --out-dir runs/default/m1/eval \\
+        --prompt-reasoning reasoning_tiny
+    python evaluate.py --model runs/default/m1 --judge-eval data/synthetic/eft_test.jsonl \\
+        --out-dir runs/default/m1/eval --prompt-judge judge_tiny
+    python evaluate.py --oracle --data ../shared/data/gsm8k/test.jsonl
+    torchrun --nproc_per_node 8 evaluate.py --model M --data ../shared/data/math500/test.jsonl --out-dir M/eval
+"""
+
+import argparse
+import math
+import os
+import re
+import threading
+
+from common import (DataError, PartialJSONL, chat_prompt, generate, judge_context, load_model, load_prompt,
+                    merge_shards, parse_shard, read_jsonl, save_config, shard_path, skip_if_done, split_steps,
+                    write_json)
+
+# ----------------------------------------------------------------------------------------------------------------
+# answers: extraction and equivalence
+
+BOX = re.compile(r"\\(?:boxed|fbox)\b")
+
+
+def last_boxed(text):
+    """Content of the last \\boxed{...} (or \\fbox{...}, or `\\boxed 5`), nested braces matched; None if none."""
+    matches = list(BOX.finditer(text or ""))
+    if not matches:
+        return None
+    i = matches[-1].end()
+    if not text[i:].lstrip().startswith("{"):
+        m = re.match(r"\s+([^\s$]+)", text[i:])  # `\boxed 5`
+        return m.group(1) if m else None
+    i = text.index("{", i)
+    depth = 0
+    for j in range(i, len(text)):
+        if text[j - 1] == "\\" and j > i:  # \{ and \} are set braces, not grouping
+            continue
+        depth += {"{": 1, "}": -1}.get(text[j], 0)
+        if depth == 0:
+            return text[i + 1:j].strip()
+    return None  # cut off inside the box (hit max_new_tokens): no answer
+
+
+def strip_dollars(s):
+    return re.sub(r"(?<!\\)\$", "", str(s)).strip()
+
+
+def clean_answer(s):
+    """What math-verify trips on: $ delimiters, a trailing period, the whole answer in \\textbf{} (AIME's '(073)')."""
+    s = strip_dollars(s).rstrip(".").strip()
+    m = re.fullmatch(r"\\(?:textbf|mathbf|mathrm|text)\{(.*)\}", s, re.DOTALL)
+    return m.group(1).strip() if m and "{" not in m.group(1) else s
+
+
+def is_equiv(pred, gold):
+    """Is the extracted answer `pred` equal to `gold`? math-verify on both, each wrapped in \\boxed{}, gold first."""
+    from math_verify import parse, verify
+    pred, gold = clean_answer(pred or ""), clean_answer(gold)
+    if not pred or not gold:
+        return False
+    if re.sub(r"\s", "", pred) == re.sub(r"\s", "", gold):
+        return True
+    # math-verify's timeouts use signal.alarm, which only the main thread may set: elsewhere run without them
+    limit = 5 if threading.current_thread() is threading.main_thread() else None
+    parsed = [parse(f"\\boxed{{{s}}}", parsing_timeout=limit) for s in (gold, pred)]
+    return verify(*parsed, timeout_seconds=limit)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# benchmarks in their native fields -> {id, question, gold, solution}
+
+FORMATS = ("gsm8k {question, answer with '#### N'}; math {problem, solution}; math500/aime24/amc23/gaokao2023en/"
+           "synthetic {problem or question, answer}; olympiadbench {question, final_answer}")
+
+
+def gold_string(raw):
+    """A raw answer field as a gold string: amc23's floats 12.0 -> '12', $...$ dropped."""
+    if isinstance(raw, float) and raw.is_integer():
+        raw = int(raw)
+    return strip_dollars(raw)
+
+
+def with_boxed_answer(solution, raw_answer):
+    """The oracle's text: the gold solution if it boxes its answer, else the solution + \\boxed{raw answer}."""
+    if last_boxed(solution) is not None:
+        return solution
+    return f"{solution}\n\nThe final answer is \\boxed{{{raw_answer}}}".lstrip()
+
+
+def normalize(r, i, where):
+    """One native record -> {id, question, gold, solution}."""
+    rid = str(next((r[k] for k in ("id", "unique_id", "idx") if r.get(k) is not None), i))
+    question = r.get("problem") or r.get("question")
+    if question and "final_answer" in r:  # olympiadbench: lists of strings
+        answer = ", ".join(r["final_answer"]) if isinstance(r["final_answer"], list) else r["final_answer"]
+        solution = r.get("solution") or ""
+        solution = solution[0] if isinstance(solution, list) else solution
+        question = f"{r['context']}\n{question}" if r.get("context") else question
+        return dict(id=rid, question=question, gold=gold_string(answer), solution=with_boxed_answer(solution, answer))
+    if question and "answer" in r and "####" in str(r["answer"]):  # gsm8k
+        solution, answer = str(r["answer"]).rsplit("####", 1)
+        return dict(id=rid, question=question, gold=answer.strip().replace(",", ""),
+                    solution=f"{solution.strip()}\n\\boxed{{{answer.strip()}}}")
+    if question and "answer" in r:
+        solution = r.get("solution") or ""
+        return dict(id=rid, question=question, gold=gold_string(r["answer"]),
+                    solution=with_boxed_answer(solution, r["answer"]))
+    if question and "solution" in r:  # MATH: the answer is the solution's last box
+        gold = last_boxed(r["solution"])
+        if gold is None:
+            raise DataError(f"{where} record {i + 1}: no answer field and no \\boxed{{}} in its solution")
+        return dict(id=rid, question=question, gold=gold, solution=r["solution"])
+    raise DataError(f"{where} record {i + 1}: unknown format, found fields {sorted(r)}; expected one of: {FORMATS}")
+
+
+def dataset_name(path):
+    """data/gsm8k/test.jsonl -> gsm8k, data/gsm8k/train.jsonl -> gsm8k_train, x/toy.jsonl -> toy, hub:a/b -> b."""
+    if path.startswith("hub:"):
+        return path[4:].split(":")[0].split("/")[-1]
+    stem = os.path.splitext(os.path.basename(path))[0]
+    folder = os.path.basename(os.path.dirname(os.path.abspath(path)))
+    return folder if stem == "test" else f"{folder}_{stem}" if stem in ("train", "dev", "validation") else stem
+
+
+def load_benchmark(path, name=None):
+    """A benchmark file (or hub:NAME[:CONFIG]) -> (name, [{id, question, gold, solution}])."""
+    if path.startswith("hub:"):
+        import datasets
+        hub_name, _, config = path[4:].partition(":")
+        try:
+            records = list(datasets.load_dataset(hub_name, config or None, split="test"))
+        except Exception as e:
+            raise DataError(f"cannot load {path} (needs hub access; or pass a local JSONL file): "
+                            f"{str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
+    else:
+        records = read_jsonl(path)
+    if not records:
+        raise DataError(f"{path}: no records")
+    items = [normalize(r, i, path) for i, r in enumerate(records)]
+    if len({it["id"] for it in items}) != len(items):
+        raise DataError(f"{path}: ids are not unique")
+    return name or dataset_name(path), items
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# evaluation loop: records appended to `<out>.partial` per batch, so a killed run goes on where it stopped
+
+
+def grade(item, output, output_tokens=None):
+    extracted = last_boxed(output)
+    return dict(id=item["id"], question=item["question"], output=output, extracted=extracted, gold=item["gold"],
+                correct=is_equiv(extracted, item["gold"]), num_steps=len(split_steps(output)),
+                output_tokens=output_tokens)
+
+
+def solve(model, tokenizer, template, items, max_new_tokens, batch_size):
+    """Greedy solutions for a batch of items -> [(text, new_tokens)]. The one model call (tests replace it)."""
+    prompts = [chat_prompt(tokenizer, template.format(problem=it["question"])) for it in items]
+    outs = generate(model, tokenizer, prompts, max_new_tokens, temperature=0.0, batch_size=batch_size)
+    return [(o["text"], o["new_tokens"]) for o in outs]
+
+
+def run_resumable(items, out_path, process, batch_size, overwrite):
+    """Apply `process(batch) -> records` to all items not yet in `out_path`(.partial); returns records in order."""
+    if os.path.exists(out_path) and not overwrite:  # this shard finished before
+        return read_jsonl(out_path)
+    if overwrite and os.path.exists(out_path + ".partial"):
+        os.remove(out_path + ".partial")
+    from tqdm import tqdm
+    partial = PartialJSONL(out_path)
+    todo = [it for it in items if it["id"] not in partial.done]
+    for b in tqdm(range(0, len(todo), batch_size), desc=os.path.basename(out_path), disable=not todo):
+        partial.add(process(todo[b:b + batch_size]))
+    partial.finish([it["id"] for it in items])
+    return read_jsonl(out_path)
+
+
+def binomial_se(p, n):
+    return math.sqrt(p * (1 - p) / n) if n else 0.0
+
+
+def summarize(name, records):
+    n = len(records)
+    acc = sum(r["correct"] for r in records) / n
+    tokens = [r["output_tokens"] for r in records if r.get("output_tokens") is not None]
+    return dict(dataset=name, n=n, accuracy=acc, accuracy_se=binomial_se(acc, n),
+                steps_per_solution=sum(r["num_steps"] for r in records) / n,
+                mean_output_tokens=sum(tokens) / len(tokens) if tokens else None,
+                unextracted=sum(r["extracted"] is None for r in records))
+
+
+def sharded_run(items, out_path, process, args):
+    """This process's share (i::n) of the items; the last shard to finish merges. Records of all, or None."""
+    shard, num_shards = parse_shard(args.shard)
+    path = shard_path(out_path, shard, num_shards)
+    records = run_resumable(items[shard::num_shards], path, process, args.batch_size, args.overwrite)
+    if num_shards == 1:
+        return records
+    return read_jsonl(out_path) if merge_shards(out_path, num_shards, [it["id"] for it in items]) else None
+
+
+def oracle(items, name):
+    """Grade each item's gold solution as the output; list what the grader gets wrong."""
+    records = [grade(it, it["solution"]) for it in items]
+    for r in records:
+        if not r["correct"]:
+            print(f"  misgraded {name} id={r['id']}: gold={r['gold'][:80]!r} extracted={str(r['extracted'])[:80]!r}")
+    return records
+
+
+def evaluate_judge(model, tokenizer, args):
+    """The judge's pairwise accuracy on EFT pairs (paper Table 3); unparsed verdicts count as wrong."""
+    import judge
+    out_path = os.path.join(args.out_dir, "judge_eval.jsonl")
+    summary_path = os.path.join(args.out_dir, "judge_eval.summary.json")
+    if skip_if_done(summary_path, args.overwrite):
+        return
+    pairs = read_jsonl(args.judge_eval, required=["id", "question", "previous_steps", "step_a", "step_b", "label"])
+    pairs = pairs[:args.limit]
+    for p in pairs:
+        p["id"] = str(p["id"])
+    template = load_prompt(args.prompt_judge)
+
+    def process(batch):
+        items = [(judge_context(p["question"], p["previous_steps"]), p["step_a"], p["step_b"]) for p in batch]
+        verdicts = judge.judge_pairs(model, tokenizer, template, items, max_new_tokens=args.max_new_tokens,
+                                     batch_size=args.batch_size)
+        return [dict(id=p["id"], label=p["label"], verdict=v, correct=v == p["label"], raw=raw)
+                for p, (v, raw) in zip(batch, verdicts)]
+
+    records = sharded_run(pairs, out_path, process, args)
+    if records is None:
+        return
+    n, acc = len(records), sum(r["correct"] for r in records) / len(records)
+    unparsed = sum(r["verdict"] is None for r in records)
+    summary = dict(n=n, judge_accuracy=acc, judge_accuracy_se=binomial_se(acc, n), unparsed=unparsed,
+                   unparsed_share=unparsed / n, model=args.model, data=args.judge_eval)
+    write_json(summary_path, summary)
+    print(f"judge: n={n} judge_accuracy: {acc:.4f} ± {summary['judge_accuracy_se']:.4f} unparsed: {unparsed}")
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model", help="model directory (or LoRA adapter directory); not with --oracle")
+    parser.add_argument("--data", action="append", default=[], help="benchmark JSONL or hub:NAME[:CONFIG]; repeatable")
+    parser.add_argument("--out-dir", help="where {name}.jsonl and {name}.summary.json go")
+    parser.add_argument("--limit", type=int, help="only the first N items of each data set (and of --judge-eval)")
+    parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--max-new-tokens", type=int, default=512)
+    parser.add_argument("--prompt-reasoning", default="reasoning",
+                        help="prompt file or name in prompts/ (paper Fig. 4); the tiny default uses reasoning_tiny")
+    parser.add_argument("--prompt-judge", default="judge", help="judge prompt for --judge-eval (paper Fig. 5)")
+    parser.add_argument("--judge-eval", help="EFT test pairs: report the judge's accuracy on them")
+    parser.add_argument("--oracle", action="store_true", help="grade the gold solutions themselves; no model")
+    parser.add_argument("--load-in-4bit", action="store_true", help="QLoRA-style 4-bit base model (CUDA only)")
+    parser.add_argument("--shard", help="i/n: this process takes items i::n (default: torchrun's RANK/WORLD_SIZE)")
+    parser.add_argument("--overwrite", action="store_true")
+    args = parser.parse_args()
+    if not args.oracle and not (args.model and args.out_dir):
+        raise DataError("--model and --out-dir are needed (or --oracle to check the grader on gold solutions)")
+    if not args.data and not args.judge_eval:
+        raise DataError("nothing to evaluate: pass --data FILE and/or --judge-eval FILE")
+    if args.oracle and args.judge_eval:
+        raise DataError("--judge-eval needs a model; drop --oracle")
+    benchmarks = [load_benchmark(path) for path in args.data]  # bad files fail before the model loads
+    if args.out_dir:
+        os.makedirs(args.out_dir, exist_ok=True)
+        save_config(args, os.path.join(args.out_dir, "evaluate_config.json"))
+    model = tokenizer = None
+    if not args.oracle:
+        model, tokenizer = load_model(args.model, load_in_4bit=args.load_in_4bit)
+        template = load_prompt(args.prompt_reasoning)
+
+    summaries = []
+    for (name, items), path in zip(benchmarks, args.data):
+        items = items[:args.limit]
+        if args.oracle:
+            summary = summarize(name, oracle(items, name))
+        else:
+            summary_path = os.path.join(args.out_dir, f"{name}.summary.json")
+            if skip_if_done(summary_path, args.overwrite):
+                continue
+
+            def process(batch):
+                outs = solve(model, tokenizer, template, batch, args.max_new_tokens, args.batch_size)
+                return [grade(it, text, tokens) for it, (text, tokens) in zip(batch, outs)]
+
+            records = sharded_run(items, os.path.join(args.out_dir, f"{name}.jsonl"), process, args)
+            if records is None:
+                continue  # other shards still running; the last one writes the summary
+            summary = summarize(name, records)
+            summary.update(model=args.model, data=path, prompt_reasoning=args.prompt_reasoning,
+                           max_new_tokens=args.max_new_tokens)
+            write_json(summary_path, summary)
+        print(f"{name}: n={summary['n']} accuracy: {summary['accuracy']:.4f} ± {summary['accuracy_se']:.4f}")
+        summaries.append(summary)
+
+    if summaries:
+        print(f"\n{'dataset':<16}{'n':>6}{'accuracy':>10}{'± se':>8}{'steps':>7}{'tokens':>8}")
+        for s in summaries:
+            tokens = f"{s['mean_output_tokens']:.0f}" if s["mean_output_tokens"] is not None else "-"
+            print(f"{s['dataset']:<16}{s['n']:>6}{s['accuracy']:>10.4f}{s['accuracy_se']:>8.4f}"
+                  f"{s['steps_per_solution']:>7.2f}{tokens:>8}")
+    if args.judge_eval:
+        evaluate_judge(model, tokenizer, args)
+
+
+if __name__ == "__main__":
+    main()
