@@ -1,0 +1,182 @@
+"""
+Step-by-step search with self-judging (paper §3.3): M_t builds its own step-level preferences, with no labels.
+
+For every question, at each step: sample w candidate next steps from M_t (T=0.5, top_p=0.95), stopping each at the
+next "Step" marker or EOS; the same M_t judges every pair of candidates with the pairwise judge prompt (judge.py);
+score = number of wins (Eqs. 1-5); the best candidate is appended and the search goes on; (best, worst) is the
+step's preference pair. If all candidates tie, the previous step and its pair are dropped and the search rolls back
+one step. A candidate that holds \\boxed{} or ends with EOS ends the solution. All unfinished questions of a chunk
+advance together: one batched generate call for the candidates, one for all their judgments, per step.
+
+"At most 20 steps" (paper: "max iteration number = 20") is counted in search rounds, roll-backs included, so a
+search that keeps tying still ends.
+
+Reads  --questions JSONL {id, question} (other fields, e.g. answer, are carried along and never used)
+Writes --out JSONL, one search tree per question:
+  {id, question, prompt, solution_steps: [accepted steps], finished, stop_reason, rounds,
+   steps: [ {round, step, prefix_steps, candidates: [{text, final, eos, new_tokens}],
+             judged, verdicts: [{i, j, order, verdict, raw}], scores, best, worst, tie, unparsed,
+             outcome: accepted | single | tie_rollback | empty, rolled_back: bool} ] }
+  stop_reason: answer (a step with \\boxed) | eos (ended without \\boxed) | max_steps | empty | too_long
+  rolled_back marks an accepted step later discarded by a tie (make_pairs.py drops its pair).
+
+    python generate.py --model runs/default/m1 --questions data/synthetic/questions1.jsonl \\
+        --out runs/default/iter1/trees.jsonl --prompt-reasoning reasoning_tiny --prompt-judge judge_tiny \\
+        --max-step-tokens 48 --judge-max-new-tokens 64
+    # several GPUs: torchrun --nproc_per_node 2 generate.py ... (each process takes every 2nd question; merged)
+"""
+
+import argparse
+import random
+import time
+import zlib
+
+import torch
+from tqdm import tqdm
+
+from common import (BOXED, PartialJSONL, chat_prompt, generate, join_steps, load_model, load_prompt,
+                    merge_shards, parse_shard, read_jsonl, record_ids, save_config, shard_path, skip_if_done,
+                    write_json)
+from judge import judge_candidates, order_disagreement
+
+
+def new_tree(rid, record, prompt):
+    return dict(id=rid, question=record["question"], prompt=prompt, solution_steps=[], finished=False,
+                stop_reason=None, rounds=0, steps=[])
+
+
+def apply_judgment(tree, node, max_steps):
+    """The search rules of §3.3 for one question after its step was judged: accept, roll back, or stop."""
+    tree["rounds"] += 1
+    if node["best"] is None and not node["tie"]:
+        node["outcome"], tree["finished"], tree["stop_reason"] = "empty", True, "empty"
+        return
+    if node["tie"]:
+        node["outcome"] = "tie_rollback"
+        if tree["solution_steps"]:  # drop the previous step and its pair; at step 1 there is nothing to drop
+            tree["solution_steps"].pop()
+            accepted = [n for n in tree["steps"] if n["outcome"] in ("accepted", "single") and not n["rolled_back"]]
+            accepted[-1]["rolled_back"] = True
+    else:
+        node["outcome"] = "accepted" if node["worst"] is not None else "single"
+        best = node["candidates"][node["best"]]
+        tree["solution_steps"].append(best["text"])
+        if best["final"]:
+            tree["finished"], tree["stop_reason"] = True, "answer" if BOXED in best["text"] else "eos"
+            return
+    if tree["rounds"] >= max_steps:
+        tree["finished"], tree["stop_reason"] = True, "max_steps"
+
+
+def search(model, tokenizer, records, ids, args, rng, bar):
+    """Run the step search for a chunk of questions, all advancing together. Returns their trees."""
+    reasoning = load_prompt(args.prompt_reasoning)
+    judge_template = load_prompt(args.prompt_judge)
+    max_len = getattr(model.config, "max_position_embeddings", 1 << 30)
+    trees = [new_tree(rid, r, reasoning.format(problem=r["question"])) for rid, r in zip(ids, records)]
+    while True:
+        active = [t for t in trees if not t["finished"]]
+        if not active:
+            return trees
+        prompts = []
+        for t in active:
+            text = chat_prompt(tokenizer, t["prompt"]) + join_steps(t["solution_steps"])
+            if len(tokenizer(text, add_special_tokens=False)["input_ids"]) + args.max_step_tokens > max_len:
+                t["finished"], t["stop_reason"] = True, "too_long"
+            prompts.append(text)
+        keep = [k for k, t in enumerate(active) if not t["finished"]]
+        active, prompts = [active[k] for k in keep], [prompts[k] for k in keep]
+        # w candidates per question: the prompt repeated w times, sampled independently
+        outs = generate(model, tokenizer, [p for p in prompts for _ in range(args.num_candidates)],
+                        args.max_step_tokens, temperature=args.temperature, top_p=args.top_p,
+                        batch_size=args.batch_size, one_step=True)
+        nodes = []
+        for k, t in enumerate(active):
+            cands = [dict(text=o["text"], final=o["eos"] or BOXED in o["text"], eos=o["eos"],
+                          new_tokens=o["new_tokens"])
+                     for o in outs[k * args.num_candidates:(k + 1) * args.num_candidates] if o["text"]]
+            nodes.append(dict(round=t["rounds"] + 1, step=len(t["solution_steps"]) + 1,
+                              prefix_steps=list(t["solution_steps"]), candidates=cands, rolled_back=False))
+        judgments = judge_candidates(model, tokenizer, judge_template,
+                                     [(t["question"], n["prefix_steps"], [c["text"] for c in n["candidates"]])
+                                      for t, n in zip(active, nodes)],
+                                     args.orders, args.judge, rng, not args.no_dedupe, args.judge_max_new_tokens,
+                                     args.batch_size)
+        for t, node, judgment in zip(active, nodes, judgments):
+            node.update(judgment)
+            t["steps"].append(node)
+            apply_judgment(t, node, args.max_steps)
+        bar.update(sum(t["finished"] for t in active))
+
+
+def summarize(trees):
+    nodes = [n for t in trees for n in t["steps"]]
+    verdicts = [v for n in nodes for v in n["verdicts"]]
+    stop = {}
+    for t in trees:
+        stop[t["stop_reason"]] = stop.get(t["stop_reason"], 0) + 1
+    return dict(questions=len(trees), stop_reasons=stop,
+                steps_per_solution=sum(len(t["solution_steps"]) for t in trees) / max(1, len(trees)),
+                rounds=sum(t["rounds"] for t in trees), tie_rollbacks=sum(n["outcome"] == "tie_rollback" for n in nodes),
+                verdicts=len(verdicts), unparsed=sum(v["verdict"] is None for v in verdicts),
+                order_disagreement=order_disagreement(verdicts))
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", required=True, help="M_t: model directory (or LoRA adapter directory)")
+    parser.add_argument("--questions", required=True)
+    parser.add_argument("--out", required=True)
+    parser.add_argument("--prompt-reasoning", default="reasoning", help="paper Fig. 4; the tiny default: reasoning_tiny")
+    parser.add_argument("--prompt-judge", default="judge", help="paper Fig. 5; the tiny default: judge_tiny")
+    parser.add_argument("--num-candidates", type=int, default=6, help="w, paper §4")
+    parser.add_argument("--temperature", type=float, default=0.5, help="paper §4")
+    parser.add_argument("--top-p", type=float, default=0.95, help="paper §4")
+    parser.add_argument("--max-steps", type=int, default=20, help="paper: max iteration number 20 (search rounds)")
+    parser.add_argument("--max-step-tokens", type=int, default=256, help="new tokens per candidate step")
+    parser.add_argument("--judge-max-new-tokens", type=int, default=512, help="explanation + verdict")
+    parser.add_argument("--orders", type=int, default=2, choices=[1, 2],
+                        help="judge both (A,B) and (B,A) (not stated in the paper; 2 cancels position bias)")
+    parser.add_argument("--judge", default="model", choices=["model", "random"],
+                        help="random: coin-flip verdicts, the control that shows the judge's signal matters")
+    parser.add_argument("--no-dedupe", action="store_true", help="judge identical candidates too (paper)")
+    parser.add_argument("--batch-size", type=int, default=64, help="sequences per generate call")
+    parser.add_argument("--questions-per-chunk", type=int, default=128, help="questions searched together; the "
+                        "unit of progress saved for resuming")
+    parser.add_argument("--limit", type=int, default=None)
+    parser.add_argument("--shard", default=None, help="i/n: take every n-th question from the i-th (default: torchrun rank)")
+    parser.add_argument("--load-in-4bit", action="store_true")
+    parser.add_argument("--attn", default="sdpa")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--overwrite", action="store_true")
+    args = parser.parse_args()
+    if skip_if_done(args.out, args.overwrite):
+        return
+    records = read_jsonl(args.questions, ["question"])[:args.limit]
+    ids = record_ids(records, args.questions)
+    shard, num_shards = parse_shard(args.shard)
+    out_path = shard_path(args.out, shard, num_shards)
+    progress = PartialJSONL(out_path)
+    todo = [(i, r) for i, r in list(zip(ids, records))[shard::num_shards] if i not in progress.done]
+    model, tokenizer = load_model(args.model, load_in_4bit=args.load_in_4bit, attn=args.attn)
+    t0 = time.time()
+    with tqdm(total=len(todo), desc="search (questions done)") as bar:
+        for c in range(0, len(todo), args.questions_per_chunk):
+            chunk = todo[c:c + args.questions_per_chunk]
+            # seeded per chunk, so a resumed run samples what the uninterrupted one would have
+            seed = zlib.crc32(f"{args.seed}-{chunk[0][0]}".encode())
+            torch.manual_seed(seed)
+            rng = random.Random(seed)  # coin flips of --judge random
+            progress.add(search(model, tokenizer, [r for _, r in chunk], [i for i, _ in chunk], args, rng, bar))
+    progress.finish([i for i in ids[shard::num_shards]])
+    trees = read_jsonl(out_path)
+    stats = summarize(trees) | dict(seconds=round(time.time() - t0, 1))
+    print(stats)
+    write_json(out_path + ".stats.json", stats)
+    save_config(args, out_path + ".config.json")
+    if num_shards > 1:
+        merge_shards(args.out, num_shards, ids)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,203 @@
+"""
+Step-wise DPO (paper §3.4, Eqs. 6-8): M_t -> M_{t+1} on the step-level preference pairs M_t made for itself.
+
+    A = β log π_θ(s_best | x, s_<l) / π_ref(s_best | x, s_<l)
+    B = β log π_θ(s_worst | x, s_<l) / π_ref(s_worst | x, s_<l)
+    L = -E[ log σ(A - B) ]
+
+The prompt is the question plus the previous steps; only the next step's tokens are scored (summed log-probs):
+input_ids = prefix_ids + step_ids, loss_mask = [0] * len(prefix_ids) + [1] * len(step_ids). π_ref is M_t itself:
+its log-probs are computed once, in a no-grad pass before training, and stored with the pairs. (Under LoRA the
+"adapter disabled" model is the bare base M0, the wrong reference after the first iteration.)
+
+Not stated by the paper, chosen here (flags):
+  --beta 0.1       Step-DPO (Lai et al. 2024) used 0.05-0.5; 0.1 is the DPO paper's common default.
+  --final-step-eos a step that ended the solution is scored with the EOS the model produced after it, so DPO also
+                   teaches when to stop; an intermediate step is scored with its trailing newline (the model
+                   produced "\\n" before the next "Step"), never with EOS (as in Step-DPO).
+
+Reads  --pairs JSONL {id, prompt, prefix, chosen, rejected, chosen_final, rejected_final}  (make_pairs.py)
+Writes --out   a model directory (full weights, or the LoRA adapter), train_log.jsonl, ref_logps.jsonl, config
+
+    python train_step_dpo.py --model runs/default/m1 --pairs runs/default/iter1/pairs.jsonl \\
+        --out runs/default/m2 --lr 1e-4 --beta 0.1
+    # paper scale on one GPU (QLoRA): add --load-in-4bit --gradient-checkpointing; two GPUs: torchrun --nproc_per_node 2
+"""
+
+import argparse
+import json
+import os
+import random
+import time
+
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from common import (PartialJSONL, add_training_args, chat_prompt, cosine_lr, init_distributed, load_model,
+                    make_optimizer, padded_batch, prepare_for_training, read_jsonl, save_config, save_model,
+                    skip_if_done)
+
+PAIR_FIELDS = ["id", "prompt", "prefix", "chosen", "rejected", "chosen_final", "rejected_final"]
+
+
+def sequence_logps(logits, labels, loss_mask):
+    """
+    Summed log-probabilities of the masked tokens: log π(step | prefix) = Σ_t log p(y_t | y_<t).
+    logits [B, T, V] where logits[:, t] predicts labels[:, t]; labels, loss_mask [B, T] -> [B]
+    """
+    logps = torch.gather(logits.float().log_softmax(-1), 2, labels.unsqueeze(-1)).squeeze(-1)
+    return (logps * loss_mask).sum(-1)
+
+
+def step_dpo_loss(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps, beta):
+    """
+    Eqs. 6-8. Inputs [B] summed step log-probs. Returns (losses [B], chosen rewards A [B], rejected rewards B [B]).
+    When policy == reference, A = B = 0 and the loss is log 2.
+    """
+    chosen_rewards = beta * (policy_chosen_logps - ref_chosen_logps)        # A, Eq. 6
+    rejected_rewards = beta * (policy_rejected_logps - ref_rejected_logps)  # B, Eq. 7
+    losses = -F.logsigmoid(chosen_rewards - rejected_rewards)               # Eq. 8
+    return losses, chosen_rewards.detach(), rejected_rewards.detach()
+
+
+def tokenize_pair(tokenizer, pair, final_step_eos):
+    """
+    prefix_ids = tok(chat(prompt) + prefix); step_ids = tok(step + "\\n") or tok(step) + [eos] for a final step.
+    The boundary is "\\n" | "Step", where byte-level BPE pre-tokenizers split anyway, so
+    tok(prefix + step) == tok(prefix) + tok(step) (checked in tests, also with a real BPE tokenizer).
+    """
+    prefix_ids = tokenizer(chat_prompt(tokenizer, pair["prompt"]) + pair["prefix"], add_special_tokens=False)["input_ids"]
+
+    def step_ids(text, final):
+        if final and final_step_eos:
+            return tokenizer(text, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+        return tokenizer(text + "\n", add_special_tokens=False)["input_ids"]
+
+    return prefix_ids, step_ids(pair["chosen"], pair["chosen_final"]), step_ids(pair["rejected"], pair["rejected_final"])
+
+
+def step_logps(model, prefixes, steps, pad_id):
+    """
+    Summed log π(step | prefix) for each (prefix_ids, step_ids). Left padding puts every step at the end of the
+    batch, so only the last max_step_len + 1 positions need logits (logits_to_keep): the vocabulary projection, the
+    largest activation of a 150k-vocabulary model, is never computed over the prefix.
+    """
+    seqs = [p + s for p, s in zip(prefixes, steps)]
+    masks = [[0] * len(p) + [1] * len(s) for p, s in zip(prefixes, steps)]
+    ids, att, pos, mask = (t.to(model.device) for t in padded_batch(seqs, pad_id, masks, left=True))
+    keep = max(len(s) for s in steps) + 1
+    logits = model(input_ids=ids, attention_mask=att, position_ids=pos, logits_to_keep=keep).logits
+    # logits[:, k] predicts the token after it: align the kept logits with the last keep - 1 tokens
+    return sequence_logps(logits[:, :-1], ids[:, -keep + 1:], mask[:, -keep + 1:].float())
+
+
+@torch.no_grad()
+def reference_logps(model, examples, pad_id, batch_size, out_path):
+    """π_ref = M_t: one no-grad pass over all pairs before any update; stored (and resumable) next to the model."""
+    if os.path.exists(out_path):
+        return {r["id"]: r for r in read_jsonl(out_path, ["id", "ref_chosen", "ref_rejected"])}
+    model.eval()
+    store = PartialJSONL(out_path)
+    todo = [e for e in examples if e["id"] not in store.done]
+    for b in tqdm(range(0, len(todo), batch_size), desc="reference log-probs", disable=not todo):
+        batch = todo[b:b + batch_size]
+        logps = step_logps(model, [e["prefix_ids"] for e in batch] * 2,
+                           [e["chosen_ids"] for e in batch] + [e["rejected_ids"] for e in batch], pad_id)
+        n = len(batch)
+        store.add([dict(id=e["id"], ref_chosen=logps[k].item(), ref_rejected=logps[n + k].item())
+                   for k, e in enumerate(batch)])
+    store.finish([e["id"] for e in examples])
+    model.train()
+    return store.done
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", required=True, help="M_t (policy init and reference)")
+    parser.add_argument("--pairs", required=True)
+    parser.add_argument("--out", required=True)
+    parser.add_argument("--beta", type=float, default=0.1, help="not stated in the paper; Step-DPO used 0.05-0.5")
+    parser.add_argument("--lr", type=float, default=5e-7, help="paper: 5e-7 (full fine-tuning of 7B)")
+    parser.add_argument("--epochs", type=float, default=1, help="paper: 1")
+    parser.add_argument("--batch-size", type=int, default=8, help="pairs per process per micro-batch")
+    parser.add_argument("--grad-accum", type=int, default=4, help="paper batch 32 = batch-size x grad-accum x GPUs")
+    parser.add_argument("--warmup", type=float, default=0.1, help="fraction of steps")
+    parser.add_argument("--no-final-step-eos", action="store_true", help="score a final step without its EOS")
+    parser.add_argument("--max-len", type=int, default=2048, help="pairs whose prefix + step is longer are dropped")
+    parser.add_argument("--overwrite", action="store_true")
+    add_training_args(parser)
+    args = parser.parse_args()
+    if skip_if_done(os.path.join(args.out, "dpo_config.json"), args.overwrite):
+        return
+    rank, world = init_distributed()
+    torch.manual_seed(args.seed)
+    model, tokenizer = load_model(args.model, load_in_4bit=args.load_in_4bit, attn=args.attn, trainable=True)
+    pairs = read_jsonl(args.pairs, PAIR_FIELDS)
+    examples = []
+    for p in pairs:
+        prefix_ids, chosen_ids, rejected_ids = tokenize_pair(tokenizer, p, not args.no_final_step_eos)
+        if len(prefix_ids) + max(len(chosen_ids), len(rejected_ids)) <= args.max_len:
+            examples.append(dict(id=p["id"], prefix_ids=prefix_ids, chosen_ids=chosen_ids, rejected_ids=rejected_ids))
+    if rank == 0:
+        print(f"{len(examples)} pairs ({len(pairs) - len(examples)} longer than --max-len dropped)")
+    examples = examples[rank::world]  # DDP: each process its own slice
+    ref = reference_logps(model, examples, tokenizer.pad_token_id, args.batch_size,
+                          f"{args.out.rstrip('/')}.ref_logps{'' if world == 1 else f'.rank{rank}'}.jsonl")
+    model = prepare_for_training(model, args)
+    train_model = torch.nn.parallel.DistributedDataParallel(model) if world > 1 else model
+    optimizer = make_optimizer(model, args, args.lr)
+    rng = random.Random(args.seed)
+    micro_batches = [examples[b:b + args.batch_size] for b in range(0, len(examples), args.batch_size)]
+    total_steps = max(1, round(-(-len(micro_batches) // args.grad_accum) * args.epochs))
+    log, step, t0 = [], 0, time.time()
+    bar = tqdm(total=total_steps, desc="step-dpo", disable=rank != 0)
+    while step < total_steps:
+        rng.shuffle(micro_batches)
+        for g0 in range(0, len(micro_batches), args.grad_accum):
+            lr = cosine_lr(step, total_steps, args.lr, max(1, int(args.warmup * total_steps)))
+            for g in optimizer.param_groups:
+                g["lr"] = lr
+            group = micro_batches[g0:g0 + args.grad_accum]
+            n_pairs = sum(len(mb) for mb in group)
+            stats = dict(loss=0.0, chosen=0.0, rejected=0.0, accuracy=0.0)
+            for k, mb in enumerate(group):
+                n = len(mb)
+                sync = k == len(group) - 1 or world == 1
+                with (torch.enable_grad() if sync else train_model.no_sync()):
+                    logps = step_logps(train_model, [e["prefix_ids"] for e in mb] * 2,
+                                       [e["chosen_ids"] for e in mb] + [e["rejected_ids"] for e in mb],
+                                       tokenizer.pad_token_id)
+                    ref_c = torch.tensor([ref[e["id"]]["ref_chosen"] for e in mb], device=logps.device)
+                    ref_r = torch.tensor([ref[e["id"]]["ref_rejected"] for e in mb], device=logps.device)
+                    losses, chosen_r, rejected_r = step_dpo_loss(logps[:n], logps[n:], ref_c, ref_r, args.beta)
+                    (losses.sum() / n_pairs).backward()
+                stats["loss"] += losses.sum().item() / n_pairs
+                stats["chosen"] += chosen_r.sum().item() / n_pairs
+                stats["rejected"] += rejected_r.sum().item() / n_pairs
+                stats["accuracy"] += (chosen_r > rejected_r).float().sum().item() / n_pairs
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            step += 1
+            log.append({"step": step, "lr": lr, "loss": stats["loss"], "rewards/chosen": stats["chosen"],
+                        "rewards/rejected": stats["rejected"], "rewards/margins": stats["chosen"] - stats["rejected"],
+                        "rewards/accuracies": stats["accuracy"]})
+            bar.update(1)
+            bar.set_postfix(loss=f"{stats['loss']:.3f}", margin=f"{log[-1]['rewards/margins']:.3f}")
+            if step >= total_steps:
+                break
+    bar.close()
+    if rank == 0:
+        save_model(model, tokenizer, args.out)
+        with open(os.path.join(args.out, "train_log.jsonl"), "w") as f:
+            f.writelines(json.dumps(r) + "\n" for r in log)
+        if log:
+            print(f"{step} steps in {time.time() - t0:.0f}s; last: " + json.dumps(log[-1]))
+        save_config(args, os.path.join(args.out, "dpo_config.json"))  # written last: marks the stage as done
+    if world > 1:
+        torch.distributed.barrier()
+
+
+if __name__ == "__main__":
+    main()
