@@ -1,0 +1,399 @@
+"""
+A ready GPU check: what the paper's models cost on one GPU, measured in one call of at most 8 minutes, offline.
+
+The models are Qwen2.5-Math-7B and -1.5B (the project's M0 sizes), built from their exact configurations (written
+below as numbers) with random weights, so nothing is downloaded. For each size it measures:
+  (a) Step-DPO (paper §3.4, Eqs. 6-8) under 4-bit QLoRA with gradient checkpointing: peak GPU memory (allocated and
+      reserved) and seconds per optimizer step at each --seq-lens, --pairs 1 (one prefix with a chosen and a
+      rejected step), reference log-probs precomputed in a no-grad pass, the loss from train_step_dpo;
+  (b) tokens/s of HF generate for step candidates (w candidates x questions, sampled) and for judge prompts
+      (greedy), in bf16 and in 4 bit with the LoRA adapter on (M_t under QLoRA);
+  (c) that the adapter trains: every LoRA tensor changed, the base weights did not, and the loss starts at log 2;
+  (d) the settings that fit 24, 40 and 80 GB cards, from the measured peaks.
+Writes --out (JSON), rewritten after every measurement, so a run cut short still leaves what it measured.
+Random weights never stop early: generation lengths are fixed with min_new_tokens = max_new_tokens.
+
+Here, once (the GPU machine has no network):  bash scripts/fetch_gpu_wheels.sh
+On the GPU machine (one device run with carry [".whl"] and a timeout of 480 s):
+    python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl
+    PYTHONPATH=/tmp/site PYTHONUNBUFFERED=1 python3 gpu_check.py --out $OUT/gpu_check.json
+On CPU, every code path but bitsandbytes, in seconds:
+    python gpu_check.py --tiny --out /tmp/gpu_check.json
+"""
+
+import argparse
+import datetime
+import gc
+import importlib.util
+import json
+import math
+import platform
+import time
+
+import torch
+
+import common
+from train_step_dpo import sequence_logps, step_dpo_loss
+
+# config.json of Qwen/Qwen2.5-Math-7B and Qwen/Qwen2.5-Math-1.5B (Qwen2ForCausalLM; q/k/v projections have biases)
+QWEN25_MATH = {
+    "7b": dict(hidden_size=3584, intermediate_size=18944, num_hidden_layers=28, num_attention_heads=28,
+               num_key_value_heads=4, vocab_size=152064, tie_word_embeddings=False),
+    "1.5b": dict(hidden_size=1536, intermediate_size=8960, num_hidden_layers=28, num_attention_heads=12,
+                 num_key_value_heads=2, vocab_size=151936, tie_word_embeddings=True),
+}
+BOTH = dict(max_position_embeddings=4096, rope_theta=10000.0, rms_norm_eps=1e-6, hidden_act="silu",
+            use_sliding_window=False, attention_dropout=0.0, bos_token_id=151643, eos_token_id=151643)
+# --tiny: the same architecture (and tying) shrunk so the whole script runs on CPU in seconds
+TINY = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+            vocab_size=1024, bos_token_id=1023, eos_token_id=1023)
+# flags left unset: (GPU value, --tiny value)
+SHAPES = dict(seq_lens=("512,1024,2048", "32,64"), step_tokens=(128, 8), questions=(16, 2), prompt_tokens=(256, 16),
+              judge_batch=(96, 12), judge_prompt_tokens=(600, 32), new_tokens=(64, 8))
+# GiB a program can allocate on a card of each size (an L4/A10 "24 GB" shows ~22.5 GiB), less the CUDA context
+BUDGETS_GIB = {"24GB": 22.0, "40GB": 39.0, "80GB": 78.5}
+GIB = 2 ** 30
+T0 = time.perf_counter()  # reset by main()
+
+
+def log(msg):
+    print(f"[{time.perf_counter() - T0:6.1f}s] {msg}", flush=True)
+
+
+def sync():
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+def reset_peak():
+    if torch.cuda.is_available():
+        gc.collect()
+        torch.cuda.empty_cache()  # so the reserved peak is this measurement's, not the last one's
+        torch.cuda.reset_peak_memory_stats()
+
+
+def peaks():
+    cuda = torch.cuda.is_available()
+    return dict(peak_allocated_gib=torch.cuda.max_memory_allocated() / GIB if cuda else 0.0,
+                peak_reserved_gib=torch.cuda.max_memory_reserved() / GIB if cuda else 0.0)
+
+
+def build_model(size, tiny, device, dtype):
+    """
+    Qwen2ForCausalLM from the config with random weights, created straight on the GPU (seconds for the 7B; no
+    15 GB host copy or disk round trip). The 4-bit model is made from this one by quantize_nf4_in_place.
+    """
+    from transformers import AutoModelForCausalLM, Qwen2Config
+    config = Qwen2Config(**{**BOTH, **QWEN25_MATH[size], **(TINY if tiny else {})})
+    with device:
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype, attn_implementation="sdpa")
+    return model.eval()
+
+
+def quantize_nf4_in_place(model):
+    """
+    Every nn.Linear but lm_head -> bitsandbytes Linear4bit with common.bnb_4bit_config() (NF4, double quantization,
+    bf16 compute), as from_pretrained(..., quantization_config=bnb_4bit_config()) would build it; embeddings, norms
+    and lm_head stay bf16 as there. This skips writing 15 GB to disk and loading it back (~2 min); Params4bit
+    quantizes on its .to(cuda), seconds in all. is_loaded_in_4bit is the flag from_pretrained sets and PEFT reads to
+    put its 4-bit LoRA layers on.
+    """
+    import bitsandbytes as bnb
+    q = common.bnb_4bit_config()
+    names = [n for n, m in model.named_modules() if type(m) is torch.nn.Linear and not n.endswith("lm_head")]
+    for name in names:
+        linear = model.get_submodule(name)
+        nf4 = dict(compress_statistics=q.bnb_4bit_use_double_quant, quant_type=q.bnb_4bit_quant_type,
+                   quant_storage=q.bnb_4bit_quant_storage)
+        new = bnb.nn.Linear4bit(linear.in_features, linear.out_features, bias=linear.bias is not None,
+                                compute_dtype=q.bnb_4bit_compute_dtype, device="meta", **nf4)
+        new.weight = bnb.nn.Params4bit(linear.weight.data, requires_grad=False, module=new, **nf4).to(
+            linear.weight.device)
+        if linear.bias is not None:
+            new.bias = torch.nn.Parameter(linear.bias.data, requires_grad=False)
+        model.set_submodule(name, new)
+        del linear  # the bf16 weight goes as soon as its module does
+    model.is_loaded_in_4bit = True
+    reset_peak()
+    return model
+
+
+def prepare_lora(model, args, load_in_4bit):
+    """The trainers' setup (common.prepare_for_training: LoRA r=16 on all linear layers) with gradient checkpointing."""
+    train_args = argparse.Namespace(lora=True, lora_rank=args.lora_rank, lora_alpha=2 * args.lora_rank,
+                                    lora_dropout=0.0, load_in_4bit=load_in_4bit, gradient_checkpointing=True,
+                                    optim="adamw")
+    if hasattr(model, "activation_checkpointing_enable"):
+        return common.prepare_for_training(model, train_args), train_args
+    # transformers 5.17 (the GPU image's) has only the older name, which common.prepare_for_training does not call
+    train_args.gradient_checkpointing = False
+    model = common.prepare_for_training(model, train_args)
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.config.use_cache = False
+    model.enable_input_require_grads()
+    return model, train_args
+
+
+def dpo_batch(pairs, seq_len, step_tokens, vocab, device):
+    """
+    Rows prefix_i + chosen_i (i < pairs), then prefix_i + rejected_i, each seq_len tokens; the loss mask covers the
+    step. Random token ids: the cost does not depend on them.
+    """
+    prefixes = [torch.randint(vocab, (seq_len - step_tokens,)).tolist() for _ in range(pairs)] * 2
+    steps = [torch.randint(vocab, (step_tokens,)).tolist() for _ in range(2 * pairs)]
+    masks = [[0] * len(p) + [1] * len(s) for p, s in zip(prefixes, steps)]
+    ids, att, pos, loss_mask = common.padded_batch([p + s for p, s in zip(prefixes, steps)], pad_id=0, loss_masks=masks)
+    return ids.to(device), att.to(device), pos.to(device), loss_mask.to(device)
+
+
+def step_logps(model, ids, att, pos, loss_mask, step_tokens):
+    """
+    log pi(step | prefix) per row, summed over the step's tokens, as train_step_dpo.step_logps computes it: logits
+    only for the last step_tokens + 1 positions (logits_to_keep), never the [2, T, 152k] logits of the whole pair.
+    """
+    logits = model(input_ids=ids, attention_mask=att, position_ids=pos, use_cache=False,
+                   logits_to_keep=step_tokens + 1).logits
+    return sequence_logps(logits[:, :-1], ids[:, -step_tokens:], loss_mask[:, -step_tokens:])
+
+
+def measure_step_dpo(model, optimizer, seq_len, args, vocab, device):
+    batch, n = dpo_batch(args.pairs, seq_len, args.step_tokens, vocab, device), args.pairs
+    reset_peak()
+    start = time.perf_counter()
+    with torch.no_grad():  # reference log-probs, precomputed as the trainer does (policy == reference here)
+        ref = step_logps(model, *batch, args.step_tokens)
+    sync()
+    ref_seconds, times, losses = time.perf_counter() - start, [], []
+    for i in range(1 + args.steps):  # step 0 is a warm-up, not timed
+        start = time.perf_counter()
+        policy = step_logps(model, *batch, args.step_tokens)
+        loss = step_dpo_loss(policy[:n], policy[n:], ref[:n], ref[n:], args.beta)[0].mean()
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        sync()
+        times.append(time.perf_counter() - start)
+        losses.append(loss.item())
+        if i == 0:  # weights, LoRA and optimizer state: what stays between steps
+            static = torch.cuda.memory_allocated() / GIB if torch.cuda.is_available() else 0.0
+    return dict(seq_len=seq_len, step_tokens=args.step_tokens, pairs=n, seconds_per_step=sum(times[1:]) / args.steps,
+                ref_pass_seconds=ref_seconds, static_allocated_gib=static, loss_first=losses[0], **peaks())
+
+
+@torch.no_grad()
+def measure_generation(model, name, weights, batch, prompt_tokens, args, vocab, device, temperature):
+    ids = torch.randint(vocab, (batch, prompt_tokens), device=device)
+    sampling = dict(do_sample=True, temperature=temperature, top_p=args.top_p) if temperature > 0 else \
+        dict(do_sample=False, temperature=None, top_p=None, top_k=None)
+    mask = torch.ones_like(ids)
+    kwargs = dict(use_cache=True, pad_token_id=model.config.eos_token_id, **sampling)
+    model.generate(ids[:, :8], attention_mask=mask[:, :8], max_new_tokens=2, **kwargs)  # warm-up: kernels, cuBLAS
+    reset_peak()
+    sync()
+    start = time.perf_counter()
+    out = model.generate(ids, attention_mask=mask, max_new_tokens=args.new_tokens, min_new_tokens=args.new_tokens,
+                         **kwargs)
+    sync()
+    seconds = time.perf_counter() - start
+    assert out.shape == (batch, prompt_tokens + args.new_tokens), out.shape
+    return dict(name=name, weights=weights, batch=batch, prompt_tokens=prompt_tokens, new_tokens=args.new_tokens,
+                temperature=temperature, seconds=seconds, tokens_per_s=batch * args.new_tokens / seconds, **peaks())
+
+
+def generation_rows(model, weights, args, vocab, device):
+    runs = [("step candidates", args.questions * args.num_candidates, args.prompt_tokens, args.temperature),
+            ("judge", args.judge_batch, args.judge_prompt_tokens, 0.0)]
+    for name, batch, prompt_tokens, temperature in runs:
+        row = measure_generation(model, name, weights, batch, prompt_tokens, args, vocab, device, temperature)
+        log(f"  generate {name} ({weights}): {batch} x ({prompt_tokens} + {args.new_tokens}) tokens, "
+            f"{row['tokens_per_s']:.0f} new tokens/s, peak {row['peak_reserved_gib']:.1f} GiB reserved")
+        yield row
+
+
+def cpu_copy(p):
+    # as a plain tensor: Params4bit.to("cpu") would move the quantization state of the model's own weight
+    return p.data.as_subclass(torch.Tensor).detach().to("cpu", copy=True)
+
+
+def snapshot(model):
+    """CPU copies of every LoRA tensor and of the first and last few base tensors (embeddings ... norm, lm_head)."""
+    params = dict(model.named_parameters())
+    base = [n for n in params if "lora_" not in n]
+    return ({n: cpu_copy(p) for n, p in params.items() if "lora_" in n},
+            {n: cpu_copy(params[n]) for n in base[:3] + base[-3:]})
+
+
+def adapter_checks(model, before, dpo_rows):
+    lora_before, base_before = before
+    params = dict(model.named_parameters())
+    lora_changed = bool(lora_before) and all(not torch.equal(v, cpu_copy(params[n])) for n, v in lora_before.items())
+    base_unchanged = all(torch.equal(v, cpu_copy(params[n])) for n, v in base_before.items()) and \
+        all(not p.requires_grad and p.grad is None for n, p in params.items() if "lora_" not in n)
+    starts_log2 = bool(dpo_rows) and all(abs(r["loss_first"] - math.log(2)) < 0.05 for r in dpo_rows)
+    return dict(lora_changed=lora_changed, base_unchanged=base_unchanged,
+                adapter_trains=lora_changed and base_unchanged, loss_starts_at_log2=starts_log2)
+
+
+def fits(dpo_rows, gen_rows):
+    """
+    Per budget: the longest measured sequence length whose Step-DPO peak fits (measured, at the pairs run), the
+    pairs per batch that would fit at that length (estimated: activations taken as linear in the batch), and the
+    measured generation settings that fit. Nothing is extrapolated beyond the lengths run.
+    """
+    table = {}
+    for budget, usable in BUDGETS_GIB.items():
+        ok = [r for r in dpo_rows if r["peak_reserved_gib"] <= usable]
+        best = max(ok, key=lambda r: r["seq_len"], default=None)
+        entry = dict(usable_gib=usable, step_dpo=None)
+        if best is not None:
+            per_pair = max(best["peak_reserved_gib"] - best["static_allocated_gib"], 1e-3) / best["pairs"]
+            entry["step_dpo"] = dict(seq_len=best["seq_len"], pairs_measured=best["pairs"],
+                                     peak_reserved_gib=best["peak_reserved_gib"],
+                                     pairs_estimated=int((usable - best["static_allocated_gib"]) // per_pair))
+        entry["generation"] = [f"{r['name']} {r['weights']} batch {r['batch']}" for r in gen_rows
+                               if r["peak_reserved_gib"] <= usable]
+        table[budget] = entry
+    return table
+
+
+def versions():
+    import peft
+    import transformers
+    try:
+        import bitsandbytes
+        bnb = bitsandbytes.__version__
+    except ImportError:
+        bnb = None
+    return dict(python=platform.python_version(), torch=torch.__version__, cuda=torch.version.cuda,
+                transformers=transformers.__version__, peft=peft.__version__, bitsandbytes=bnb)
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--sizes", default="7b,1.5b", help="comma-separated, of: " + ", ".join(QWEN25_MATH))
+    p.add_argument("--seq-lens", help="Step-DPO sequence lengths, prefix + step (default 512,1024,2048)")
+    p.add_argument("--step-tokens", type=int, help="tokens in the chosen and in the rejected step (default 128)")
+    p.add_argument("--pairs", type=int, default=1, help="Step-DPO pairs per batch (train_step_dpo: --batch-size)")
+    p.add_argument("--steps", type=int, default=3, help="timed optimizer steps per length, after one warm-up")
+    p.add_argument("--beta", type=float, default=0.1, help="DPO beta (does not change the cost)")
+    p.add_argument("--lr", type=float, default=1e-4, help="AdamW learning rate of the LoRA weights")
+    p.add_argument("--lora-rank", type=int, default=16, help="LoRA r (alpha = 2r), as the trainers' default")
+    p.add_argument("--num-candidates", type=int, default=6, help="w, step candidates per question (paper §4)")
+    p.add_argument("--questions", type=int, help="questions per generation batch (default 16)")
+    p.add_argument("--prompt-tokens", type=int, help="policy prompt: question + steps so far (default 256)")
+    p.add_argument("--temperature", type=float, default=0.5, help="step sampling temperature")
+    p.add_argument("--top-p", type=float, default=0.95, help="step sampling top-p")
+    p.add_argument("--judge-batch", type=int, help="judge prompts per batch (default 96)")
+    p.add_argument("--judge-prompt-tokens", type=int, help="judge prompt length (default 600)")
+    p.add_argument("--new-tokens", type=int, help="new tokens per sequence, exactly (default 64)")
+    p.add_argument("--time-budget", type=float, default=420, help="seconds; later measurements are skipped after")
+    p.add_argument("--out", default="gpu_check.json")
+    p.add_argument("--tiny", action="store_true", help="CPU: a 2-layer hidden-64 Qwen2, no 4 bit, in seconds")
+    p.add_argument("--seed", type=int, default=0)
+    args = p.parse_args(argv)
+    for name, (gpu, tiny) in SHAPES.items():
+        if getattr(args, name) is None:
+            setattr(args, name, tiny if args.tiny else gpu)
+    args.sizes = [s.strip() for s in args.sizes.split(",") if s.strip()]
+    args.seq_lens = [int(s) for s in str(args.seq_lens).split(",")]
+    unknown = [s for s in args.sizes if s not in QWEN25_MATH]
+    if unknown:
+        raise common.DataError(f"--sizes: unknown {unknown}; known: {list(QWEN25_MATH)}")
+    if args.steps < 1 or args.pairs < 1:
+        raise common.DataError("--steps and --pairs must be at least 1")
+    if min(args.seq_lens) <= args.step_tokens:
+        raise common.DataError(f"--seq-lens {args.seq_lens}: each must be longer than --step-tokens {args.step_tokens}")
+    return args
+
+
+def main(argv=None):
+    global T0
+    T0 = time.perf_counter()
+    args = parse_args(argv)
+    if not args.tiny:
+        if not torch.cuda.is_available():
+            raise common.DataError("gpu_check.py needs a CUDA GPU (4-bit QLoRA via bitsandbytes); on CPU add --tiny")
+        if importlib.util.find_spec("bitsandbytes") is None:
+            raise common.DataError("bitsandbytes is not importable: bash scripts/fetch_gpu_wheels.sh here, then on "
+                                   "the GPU machine pip install --target /tmp/site .whl/*.whl, PYTHONPATH=/tmp/site")
+    device, dtype = common.device_and_dtype()
+    threads = torch.get_num_threads()
+    if args.tiny:
+        torch.set_num_threads(1)  # tiny matrices gain nothing from threads, and a shared CPU makes them spin
+    try:
+        return run(args, device, dtype)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def run(args, device, dtype):
+    result = dict(date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+                  gpu=torch.cuda.get_device_name() if torch.cuda.is_available() else "none (CPU, --tiny)",
+                  gpu_total_gib=torch.cuda.get_device_properties(0).total_memory / GIB if torch.cuda.is_available()
+                  else 0.0, versions=versions(), args=vars(args), models={})
+    save = lambda: common.write_json(args.out, result)  # noqa: E731
+    log(f"gpu check on {result['gpu']}, {result['versions']}")
+    for size in args.sizes:
+        if time.perf_counter() - T0 > args.time_budget:
+            log(f"{size}: skipped, past --time-budget {args.time_budget:.0f} s")
+            result["models"][size] = dict(skipped="time budget")
+            continue
+        result["models"][size] = {}
+        check_model(size, result["models"][size], args, device, dtype, save)
+        reset_peak()
+    checks = [r["checks"] for r in result["models"].values() if "checks" in r]
+    result["checks_passed"] = bool(checks) and all(c["adapter_trains"] and c["loss_starts_at_log2"] for c in checks)
+    result["total_seconds"] = time.perf_counter() - T0
+    save()
+    log(f"wrote {args.out}: checks {'passed' if result['checks_passed'] else 'FAILED'}, "
+        f"{result['total_seconds']:.0f} s in all")
+    return result
+
+
+def check_model(size, r, args, device, dtype, save):
+    """One size, filling r: generate in bf16, quantize to NF4, put LoRA on, Step-DPO per length, generate again."""
+    torch.manual_seed(args.seed)
+    weights = str(dtype).replace("torch.", "")  # bfloat16 on GPU, float32 on CPU (--tiny)
+    start = time.perf_counter()
+    model = build_model(size, args.tiny, device, dtype)
+    vocab = model.config.vocab_size
+    r.update(config=json.loads(model.config.to_json_string()), build_seconds=time.perf_counter() - start,
+             parameters=sum(p.numel() for p in model.parameters()), generation=[], step_dpo=[])
+    log(f"{size}: built {r['parameters'] / 1e9:.2f}B parameters in {r['build_seconds']:.1f} s")
+    for row in generation_rows(model, weights, args, vocab, device):
+        r["generation"].append(row)
+        save()
+    if not args.tiny:
+        start = time.perf_counter()
+        model, weights = quantize_nf4_in_place(model), "nf4"
+        r["quantize_seconds"] = time.perf_counter() - start
+        log(f"{size}: quantized to NF4 in {r['quantize_seconds']:.1f} s, "
+            f"{torch.cuda.memory_allocated() / GIB:.1f} GiB allocated")
+    model, train_args = prepare_lora(model, args, load_in_4bit=not args.tiny)
+    optimizer = common.make_optimizer(model, train_args, lr=args.lr)
+    before = snapshot(model)
+    for seq_len in args.seq_lens:
+        if time.perf_counter() - T0 > args.time_budget:
+            log(f"{size}: Step-DPO at {seq_len} skipped, past --time-budget")
+            continue
+        row = measure_step_dpo(model, optimizer, seq_len, args, vocab, device)
+        r["step_dpo"].append(row)
+        save()
+        log(f"  Step-DPO {size} {weights}+LoRA, {args.pairs} pair(s) of {seq_len} tokens: "
+            f"{row['seconds_per_step']:.2f} s/step, peak {row['peak_allocated_gib']:.1f} GiB allocated / "
+            f"{row['peak_reserved_gib']:.1f} reserved, first loss {row['loss_first']:.4f}")
+    r["checks"] = adapter_checks(model, before, r["step_dpo"])
+    log(f"{size}: checks {r['checks']}")
+    del optimizer, before
+    model.eval()
+    r["generation"] += list(generation_rows(model, weights + "+lora", args, vocab, device))
+    r["fits"] = fits(r["step_dpo"], r["generation"])
+    save()
+    for budget, entry in r["fits"].items():
+        dpo = entry["step_dpo"] or {}
+        log(f"{size} in {budget}: Step-DPO at {dpo.get('seq_len', 'no measured')} tokens "
+            f"(~{dpo.get('pairs_estimated', 0)} pairs, estimated); generation: {entry['generation']}")
+
+
+if __name__ == "__main__":
+    raise SystemExit(0 if main()["checks_passed"] else 1)

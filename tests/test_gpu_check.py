@@ -1,0 +1,102 @@
+"""gpu_check.py: its whole path on CPU with --tiny (in-process, seconds), and the real 4-bit path where CUDA is."""
+
+import json
+import math
+import os
+import sys
+import types
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+try:
+    import train_step_dpo  # noqa: F401 (gpu_check imports it)
+except ImportError:  # the trainer is not written yet: its two functions, by their documented signatures
+    def sequence_logps(logits, labels, loss_mask):
+        return (logits.float().log_softmax(-1).gather(2, labels.unsqueeze(-1)).squeeze(-1) * loss_mask).sum(-1)
+
+    def step_dpo_loss(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps, beta):
+        chosen = beta * (policy_chosen_logps - ref_chosen_logps)
+        rejected = beta * (policy_rejected_logps - ref_rejected_logps)
+        return -F.logsigmoid(chosen - rejected), chosen.detach(), rejected.detach()
+
+    sys.modules["train_step_dpo"] = types.SimpleNamespace(sequence_logps=sequence_logps, step_dpo_loss=step_dpo_loss)
+
+import gpu_check  # noqa: E402
+
+
+def numbers(row, keys):
+    return all(isinstance(row[k], (int, float)) and not isinstance(row[k], bool) and math.isfinite(row[k])
+               for k in keys)
+
+
+def check_result(result, out, sizes, seq_lens):
+    assert json.load(open(out)) == json.loads(json.dumps(result))  # the file is the returned result
+    for key in ["date", "gpu", "versions", "args", "total_seconds", "checks_passed"]:
+        assert key in result
+    assert set(result["versions"]) >= {"torch", "transformers", "peft", "bitsandbytes"}
+    assert list(result["models"]) == sizes
+    for r in result["models"].values():
+        assert numbers(r, ["build_seconds", "parameters"])
+        assert [row["seq_len"] for row in r["step_dpo"]] == seq_lens
+        for row in r["step_dpo"]:
+            assert numbers(row, ["seconds_per_step", "ref_pass_seconds", "peak_allocated_gib", "peak_reserved_gib",
+                                 "static_allocated_gib", "loss_first"])
+            assert row["seconds_per_step"] > 0
+        assert len(r["generation"]) == 4  # candidates and judge, before and after LoRA
+        for row in r["generation"]:
+            assert numbers(row, ["seconds", "tokens_per_s", "peak_allocated_gib", "peak_reserved_gib"])
+            assert row["tokens_per_s"] > 0
+        assert r["checks"] == dict(lora_changed=True, base_unchanged=True, adapter_trains=True,
+                                   loss_starts_at_log2=True)
+        assert set(r["fits"]) == set(gpu_check.BUDGETS_GIB)
+    assert result["checks_passed"] is True
+
+
+def test_tiny_runs_every_path_on_cpu(tmp_path):
+    out = str(tmp_path / "gpu_check.json")
+    result = gpu_check.main(["--tiny", "--out", out])
+    check_result(result, out, ["7b", "1.5b"], [32, 64])
+    # tiny shrinks the real configurations but keeps their tying: 7B unties lm_head, 1.5B ties it
+    assert result["models"]["7b"]["config"]["tie_word_embeddings"] is False
+    assert result["models"]["1.5b"]["config"]["tie_word_embeddings"] is True
+    assert result["models"]["7b"]["fits"]["24GB"]["step_dpo"]["seq_len"] == 64
+
+
+def test_fits_takes_the_longest_measured_length_and_estimates_pairs():
+    rows = [dict(seq_len=512, pairs=1, peak_reserved_gib=10.0, static_allocated_gib=6.0),
+            dict(seq_len=2048, pairs=1, peak_reserved_gib=30.0, static_allocated_gib=6.0)]
+    table = gpu_check.fits(rows, [dict(name="judge", weights="bf16", batch=96, peak_reserved_gib=25.0)])
+    assert table["24GB"]["step_dpo"] == dict(seq_len=512, pairs_measured=1, peak_reserved_gib=10.0,
+                                             pairs_estimated=4)  # (22 - 6) // (10 - 6)
+    assert table["40GB"]["step_dpo"]["seq_len"] == 2048 and table["24GB"]["generation"] == []
+    assert table["80GB"]["generation"] == ["judge bf16 batch 96"]
+
+
+def test_nf4_lora_path_on_cpu_where_bitsandbytes_is_installed():
+    """The 4-bit path minus CUDA: recent bitsandbytes quantizes and runs Linear4bit on CPU too."""
+    pytest.importorskip("bitsandbytes", reason="bitsandbytes is not installed (requirements-gpu.txt)")
+    args = gpu_check.parse_args(["--tiny", "--sizes", "7b", "--seq-lens", "32"])
+    device, vocab = torch.device("cpu"), gpu_check.TINY["vocab_size"]
+    model = gpu_check.quantize_nf4_in_place(gpu_check.build_model("7b", True, device, torch.bfloat16))
+    assert model.model.layers[0].mlp.down_proj.weight.dtype == torch.uint8 and type(model.lm_head) is torch.nn.Linear
+    model, train_args = gpu_check.prepare_lora(model, args, load_in_4bit=True)
+    assert type(model.base_model.model.model.layers[0].mlp.down_proj).__module__ == "peft.tuners.lora.bnb"
+    optimizer = gpu_check.common.make_optimizer(model, train_args, lr=1e-3)
+    before = gpu_check.snapshot(model)
+    rows = [gpu_check.measure_step_dpo(model, optimizer, 32, args, vocab, device)]
+    assert gpu_check.adapter_checks(model, before, rows) == dict(lora_changed=True, base_unchanged=True,
+                                                                 adapter_trains=True, loss_starts_at_log2=True)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="4-bit QLoRA needs CUDA + bitsandbytes")
+def test_4bit_qlora_on_gpu(tmp_path):
+    pytest.importorskip("bitsandbytes", reason="4-bit QLoRA needs CUDA + bitsandbytes")
+    out = str(tmp_path / "gpu_check.json")
+    result = gpu_check.main(["--sizes", "1.5b", "--seq-lens", "256", "--steps", "1", "--questions", "2",
+                             "--judge-batch", "8", "--new-tokens", "8", "--out", out])
+    check_result(result, out, ["1.5b"], [256])
+    assert [row["weights"] for row in result["models"]["1.5b"]["generation"]][-1] == "nf4+lora"
