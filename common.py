@@ -385,8 +385,7 @@ def prepare_for_training(model, args):
     adapter directory (M_t under LoRA) keeps training that same adapter. With gradient checkpointing, PEFT needs
     the embedding output to require grad or no gradient reaches the adapters through the checkpointed blocks.
     """
-    from peft import PeftModel
-    if isinstance(model, PeftModel):
+    if hasattr(model, "peft_config"):  # a PeftModel (checked without importing peft: ~8 s per process)
         for name, p in model.named_parameters():
             p.requires_grad = "lora_" in name
     elif args.lora or args.load_in_4bit:

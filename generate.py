@@ -111,7 +111,8 @@ def search(model, tokenizer, records, ids, args, rng, bar):
 
 def summarize(trees):
     nodes = [n for t in trees for n in t["steps"]]
-    verdicts = [v for n in nodes for v in n["verdicts"]]
+    # candidate indices restart at every step: key each comparison by (step, candidate)
+    verdicts = [dict(v, i=(k, v["i"]), j=(k, v["j"])) for k, n in enumerate(nodes) for v in n["verdicts"]]
     stop = {}
     for t in trees:
         stop[t["stop_reason"]] = stop.get(t["stop_reason"], 0) + 1

@@ -39,6 +39,8 @@ def pair_from_node(tree, node, min_gap, ties):
         return None, "step discarded by a later roll-back"
     scores = node["scores"]
     best, worst = node["best"], node["worst"]
+    if best is None or worst is None:  # a tree re-judged by judge.py can tie where the search did not
+        return None, "all candidates tied (re-judged)" if node.get("tie") else "one distinct candidate"
     if scores[best] - scores[worst] < min_gap:
         return None, f"score gap below --min-gap {min_gap}"
     texts = [c["text"] for c in node["candidates"]]

@@ -14,7 +14,7 @@ Writes, into --out-dir, from disjoint seeds (a problem never appears in two file
 
 Corruptions (the errors a judge must catch): wrong arithmetic (result off), wrong operand (a number from
 elsewhere in the problem), wrong operation (+ instead of -, ...). The judgment checks each step against the
-recomputed one: "Want 17 - 3 = 14. A: 17 - 3 = 14, right. B: 17 + 3 = 20, wrong. [[A]]".
+correct one: "Want Step 2: 3 fewer: 17 - 3 = 14. A: 17 - 3 = 14, right. B: 17 + 3 = 20, wrong. [[A]]".
 
     python prepare_synthetic.py --out-dir data/synthetic
 """
@@ -117,13 +117,14 @@ def corrupt(rng, question_numbers, fact):
     return a, op, b, c + 1, "arithmetic"
 
 
-def judgment(fact, step_a, step_b, label):
-    """The EFT target: recompute the step, check each candidate against it, then the verdict."""
-    a, op, b, c = fact
-    want = f"{a} {op} {b} = {c}"
+def judgment(gold_step, step_a, step_b, label):
+    """
+    The EFT target: write the next step as it should be (in the solution's own format, so the judge reuses what the
+    model learned from IFT), check each candidate's arithmetic against it, then the verdict.
+    """
     said = lambda s: s.split(": ", 2)[-1].split(".")[0]  # "Step 2: 3 more: 14 + 3 = 17." -> "14 + 3 = 17"
     ok_a, ok_b = ("right", "wrong") if label == "A" else ("wrong", "right")
-    return f"Want {want}. A: {said(step_a)}, {ok_a}. B: {said(step_b)}, {ok_b}. [[{label}]]"
+    return f"Want {gold_step.split(' The answer')[0]} A: {said(step_a)}, {ok_a}. B: {said(step_b)}, {ok_b}. [[{label}]]"
 
 
 def make_eft(rng, idx, question, steps, facts, chain, label):
@@ -133,7 +134,7 @@ def make_eft(rng, idx, question, steps, facts, chain, label):
     bad = step_text(k + 1, chain[k], a, op, b, c, final=k == len(facts) - 1)
     step_a, step_b = (steps[k], bad) if label == "A" else (bad, steps[k])
     return dict(id=idx, question=question, previous_steps=steps[:k], step_a=step_a, step_b=step_b, label=label,
-                judgment=judgment(facts[k], step_a, step_b, label), error=kind)
+                judgment=judgment(steps[k], step_a, step_b, label), error=kind)
 
 
 def main():

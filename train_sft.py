@@ -25,7 +25,7 @@ import time
 import torch
 from tqdm import tqdm
 
-from common import (add_training_args, chat_prompt, cosine_lr, init_distributed, judge_context, load_model,
+from common import (DataError, add_training_args, chat_prompt, cosine_lr, init_distributed, judge_context, load_model,
                     load_prompt, make_optimizer, padded_batch, prepare_for_training, read_jsonl, save_config,
                     save_model, skip_if_done)
 
@@ -98,7 +98,10 @@ def main():
         if args.eft else []
     examples = build_examples(tokenizer, ift, eft, load_prompt(args.prompt_reasoning), load_prompt(args.prompt_judge),
                               args.max_len)
-    examples = examples[rank::world]  # DDP: each process trains on its own slice
+    if not examples:
+        raise DataError(f"no SFT example left to train on (are --ift/--eft empty, or --max-len {args.max_len} too short?)")
+    # DDP: equal slices, so every process takes the same number of optimizer steps (else the all-reduce hangs)
+    examples = examples[:len(examples) // world * world][rank::world]
     rng = random.Random(args.seed)
     steps_per_epoch = len(batches(examples, args.batch_size, rng)) // args.grad_accum
     total_steps = max(1, int(steps_per_epoch * args.epochs))

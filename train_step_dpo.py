@@ -34,7 +34,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from common import (PartialJSONL, add_training_args, chat_prompt, cosine_lr, init_distributed, load_model,
+from common import (DataError, PartialJSONL, add_training_args, chat_prompt, cosine_lr, init_distributed, load_model,
                     make_optimizer, padded_batch, prepare_for_training, read_jsonl, save_config, save_model,
                     skip_if_done)
 
@@ -141,9 +141,16 @@ def main():
             examples.append(dict(id=p["id"], prefix_ids=prefix_ids, chosen_ids=chosen_ids, rejected_ids=rejected_ids))
     if rank == 0:
         print(f"{len(examples)} pairs ({len(pairs) - len(examples)} longer than --max-len dropped)")
-    examples = examples[rank::world]  # DDP: each process its own slice
-    ref = reference_logps(model, examples, tokenizer.pad_token_id, args.batch_size,
-                          f"{args.out.rstrip('/')}.ref_logps{'' if world == 1 else f'.rank{rank}'}.jsonl")
+    if not examples:
+        raise DataError(f"{args.pairs}: no preference pair to train on (every step tied or had one candidate?)")
+    # DDP: equal slices, so every process takes the same number of optimizer steps (else the all-reduce hangs)
+    examples = examples[:len(examples) // world * world][rank::world]
+    ref_path = f"{args.out.rstrip('/')}.ref_logps{'' if world == 1 else f'.rank{rank}'}.jsonl"
+    if args.overwrite:  # new pairs may reuse old ids: never train against a stale reference
+        for stale in (ref_path, ref_path + ".partial"):
+            if os.path.exists(stale):
+                os.remove(stale)
+    ref = reference_logps(model, examples, tokenizer.pad_token_id, args.batch_size, ref_path)
     model = prepare_for_training(model, args)
     train_model = torch.nn.parallel.DistributedDataParallel(model) if world > 1 else model
     optimizer = make_optimizer(model, args, args.lr)

@@ -1,0 +1,88 @@
+#!/usr/bin/env bash
+# Process-based Self-Rewarding, end to end (paper §3): M0 -> M1 (SFT on IFT + EFT) -> for t in 1..3:
+#   step-by-step search with self-judging on fresh questions -> step preference pairs -> Step-DPO -> evaluate.
+# Every stage is one printed command; finished stages are skipped on rerun (delete a stage's output, or edit a
+# script and pass OVERWRITE=1, to redo it). Outputs: runs/$RUN/iter0 (M1), runs/$RUN/iter$t (M_{t+1}), summary.
+#
+#   bash iterate.sh                              # the embedded default: tiny model, synthetic task, CPU, ~25 min
+#   RUN=random JUDGE=random INIT=runs/default/iter0/model bash iterate.sh   # control: coin-flip judge, same M1
+#   PRESET=paper MODEL=Qwen/Qwen2.5-Math-7B RUN=qwen7b bash iterate.sh      # paper setup on GPUs (see README)
+set -euo pipefail
+cd "$(dirname "$0")"
+
+RUN=${RUN:-default}            # outputs go to runs/$RUN
+PRESET=${PRESET:-tiny}         # tiny: the embedded default on CPU | paper: Qwen2.5-Math + QLoRA on GPUs
+MODEL=${MODEL:-}               # M0; empty with PRESET=tiny: built here (build_tiny_model.py)
+INIT=${INIT:-}                 # an existing M1 to start from (skips SFT), e.g. to compare judges from one M1
+JUDGE=${JUDGE:-model}          # model: the paper's self-judging | random: the control
+NUM_ITERS=${NUM_ITERS:-3}      # paper: M1 -> M2 -> M3 -> M4
+OVERWRITE=${OVERWRITE:-}       # 1: redo every stage
+# DATA holds questions1..3.jsonl, eft_test.jsonl, ift.jsonl, eft.jsonl; NPROC = processes (CPU cores, or GPUs)
+
+if [ "$PRESET" = tiny ]; then
+  DATA=${DATA:-data/synthetic}
+  NPROC=${NPROC:-2}
+  PROMPTS="--prompt-reasoning reasoning_tiny"
+  JUDGE_PROMPT="--prompt-judge judge_tiny"
+  SFT_ARGS="--epochs 0.9 --lr 3e-3 --batch-size 32 --max-len 512"
+  GEN_ARGS="--max-step-tokens 40 --judge-max-new-tokens 64 --batch-size 128 --questions-per-chunk 64"
+  DPO_ARGS="--lr 3e-4 --beta 0.1 --batch-size 16 --grad-accum 2 --epochs 1"
+  EVAL_ARGS="--max-new-tokens 160 --batch-size 128"
+  JUDGE_EVAL_ARGS="--max-new-tokens 64 --batch-size 128"
+  EVAL_DATA="--data $DATA/test.jsonl"
+  TRAIN="python"               # one process, both cores
+  export OMP_NUM_THREADS=1     # search/eval of a 1M-parameter model: one process per core beats two threads
+else
+  source presets/paper.sh      # sets the same variables for Qwen2.5-Math on GPUs (and MODEL, DATA, NPROC)
+fi
+[ -n "$OVERWRITE" ] && OW="--overwrite" || OW=""
+R=runs/$RUN
+mkdir -p "$R"
+
+run() { echo "+ $*" >&2; "$@"; }
+
+sharded() {  # run a stage as NPROC processes over every NPROC-th record; the last to finish merges the shards
+  local pids=() i
+  for i in $(seq 0 $((NPROC - 1))); do
+    echo "+ LOCAL_RANK=$i $* --shard $i/$NPROC" >&2
+    LOCAL_RANK=$i "$@" --shard "$i/$NPROC" &
+    pids+=($!)
+  done
+  for i in "${pids[@]}"; do wait "$i"; done
+}
+
+evaluate() {  # $1: model dir -> $1/../eval
+  local out; out=$(dirname "$1")/eval
+  sharded python evaluate.py --model "$1" $EVAL_DATA --out-dir "$out" $PROMPTS $EVAL_ARGS $OW
+  run python evaluate.py --model "$1" --judge-eval "$DATA/eft_test.jsonl" --out-dir "$out" $JUDGE_PROMPT \
+      $JUDGE_EVAL_ARGS $OW
+}
+
+# --- data and M0 (the tiny default builds its own; the paper preset reads its files and loads MODEL) ----------------
+if [ "$PRESET" = tiny ]; then
+  run python prepare_synthetic.py --out-dir "$DATA"
+  [ -z "$MODEL" ] && MODEL=$R/m0 && run python build_tiny_model.py --corpus "$DATA/ift.jsonl" "$DATA/eft.jsonl" --out "$MODEL"
+fi
+
+# --- M1: SFT on IFT + EFT (paper §3.2) ---------------------------------------------------------------------------
+if [ -n "$INIT" ]; then
+  mkdir -p "$R/iter0" && [ -e "$R/iter0/model" ] || ln -s "$(realpath "$INIT")" "$R/iter0/model"
+else
+  OMP_NUM_THREADS= run $TRAIN train_sft.py --model "$MODEL" --ift "$DATA/ift.jsonl" --eft "$DATA/eft.jsonl" \
+      --out "$R/iter0/model" $PROMPTS $JUDGE_PROMPT $SFT_ARGS $OW
+fi
+evaluate "$R/iter0/model"
+
+# --- M_t -> M_{t+1}: search, pairs, Step-DPO (paper §3.3-3.4) ------------------------------------------------------
+for t in $(seq 1 "$NUM_ITERS"); do
+  prev=$R/iter$((t - 1))/model
+  it=$R/iter$t
+  sharded python generate.py --model "$prev" --questions "$DATA/questions$t.jsonl" --out "$it/trees.jsonl" \
+      $PROMPTS $JUDGE_PROMPT $GEN_ARGS --judge "$JUDGE" $OW
+  run python make_pairs.py --trees "$it/trees.jsonl" --out "$it/pairs.jsonl" $OW
+  OMP_NUM_THREADS= run $TRAIN train_step_dpo.py --model "$prev" --pairs "$it/pairs.jsonl" --out "$it/model" \
+      $DPO_ARGS $OW
+  evaluate "$it/model"
+done
+
+run python report.py --run "$R"

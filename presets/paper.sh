@@ -1,0 +1,75 @@
+# PRESET=paper: the paper's setup (§2-§4) mapped onto our flags, for Qwen2.5-Math on GPUs.
+# Sourced by iterate.sh; sets its stage flags, DATA, NPROC and MODEL, and builds $DATA on first use (~1 min, CPU).
+# Not yet run on GPUs: checked with bash -n and by sourcing it in a dry shell.   PRESET=paper RUN=qwen7b bash iterate.sh
+SHARED=${SHARED:-../shared/data}                 # the benchmark copies (../shared/data/README.md)
+MODEL=${MODEL:-Qwen/Qwen2.5-Math-7B}             # M0: the base model, not -Instruct (paper §4); hub or local dir
+DATA=${DATA:-data/real}
+NPROC=${NPROC:-$(nvidia-smi -L 2>/dev/null | wc -l || true)}  # a process per GPU: search/eval shards, DDP training
+[ "$NPROC" -gt 0 ] || { echo "PRESET=paper: no GPU found (nvidia-smi -L); set NPROC to override" >&2; exit 1; }
+
+PROMPTS="--prompt-reasoning reasoning"           # Fig. 4
+JUDGE_PROMPT="--prompt-judge judge"              # Fig. 5
+# paper: full fine-tuning on 32 H100s. Here QLoRA (NF4 base + LoRA r=16, alpha=32 on every linear layer), so M_t is
+# an adapter on M0; it is loaded in 4 bit everywhere (search, judge, DPO reference, evaluation): the model the adapter
+# was trained on (without --load-in-4bit in GEN_ARGS/EVAL_ARGS: faster bf16 generation, a slightly different model).
+# Batch 32 = batch-size x grad-accum x processes: with 2 GPUs, DDP halves grad-accum below.
+QLORA="--load-in-4bit --lora --lora-rank 16 --lora-alpha 32 --gradient-checkpointing"
+# M1: paper 3 epochs at lr 1e-6 (full FT). LoRA's update is low-rank and scaled by alpha/r, so it needs a far larger
+# rate: 1e-4 is QLoRA's usual SFT rate (Dettmers et al. 2023 used 1e-4..2e-4).
+SFT_ARGS="$QLORA --lr 1e-4 --epochs 3 --batch-size 2 --grad-accum $((16 / NPROC)) --max-len 2048"
+# search (§3.3, §4): w=6 candidates, T=0.5, top_p 0.95, at most 20 rounds. Token limits are ours (not stated).
+GEN_ARGS="--load-in-4bit --num-candidates 6 --temperature 0.5 --top-p 0.95 --max-steps 20 --max-step-tokens 512 \
+--judge-max-new-tokens 1024 --batch-size 64 --questions-per-chunk 32"
+# Step-DPO (§3.4): paper 1 epoch at lr 5e-7 (full FT), beta not stated (0.1; Step-DPO used 0.05-0.5). Under LoRA:
+# 5e-6, 10x the full-FT rate for the same reason as above; LoRA/QLoRA DPO recipes use 5e-6..5e-5. A larger rate
+# risks drifting far from pi_ref in one epoch: watch rewards/margins and the judge accuracy of M2.
+DPO_ARGS="$QLORA --lr 5e-6 --beta 0.1 --epochs 1 --batch-size 4 --grad-accum $((8 / NPROC)) --max-len 2048"
+# evaluation (Table 1): greedy, answer in the last \boxed{}, 2048 new tokens (Qwen2.5-Math math_eval.py's default).
+EVAL_ARGS="--load-in-4bit --max-new-tokens 2048 --batch-size 64"
+JUDGE_EVAL_ARGS="--load-in-4bit --max-new-tokens 1024 --batch-size 64"   # room for the explanation before [[A]]
+TRAIN="torchrun --standalone --nproc_per_node $NPROC"                    # DDP over the GPUs (1 GPU: one process)
+# "MATH" = Qwen2.5-Math's `math` set, the full 5,000-problem MATH test (its `math500` is a separate set; the paper
+# names the Qwen2.5-Math evaluation and says "MATH"). 76 of its problems are in our EFT data (below), as judge
+# inputs only (the SFT loss masks prompts); 1 MATH train problem in IFT is also a MATH test problem.
+EVAL_DATA=""
+for name in gsm8k math gaokao2023en olympiadbench aime24 amc23; do
+  if [ -f "$SHARED/$name/test.jsonl" ]; then EVAL_DATA+=" --data $SHARED/$name/test.jsonl"
+  else echo "PRESET=paper: $SHARED/$name/test.jsonl missing, $name not evaluated" >&2; fi
+done
+
+# --- data (paper §2), built once; eft_test.jsonl is written last, so its presence means all of it is there ---------
+# paper: IFT = 28,889 NuminaMath-CoT solutions split into steps by o1; EFT = 4,167 PRM-found step pairs judged by o1;
+# iterations: 400/800/1200 NuminaMath questions. Here (NuminaMath not reachable offline): iteration questions are 2,400
+# MATH train problems held out of IFT; IFT = the other 5,100 MATH train + 7,473 GSM8K train solutions, split into
+# steps by rules (make_sft_data.py); EFT = PRM800K's +1/-1 rated steps at a shared prefix, template judgments.
+if [ ! -f "$DATA/eft_test.jsonl" ]; then
+  mkdir -p "$DATA"
+  echo "+ python - (hold out 400/800/1200 MATH train questions for iterations 1-3)" >&2
+  python - "$SHARED/math/train.jsonl" "$DATA" <<'PY'
+import random, sys
+from common import read_jsonl, write_jsonl
+rows, data = read_jsonl(sys.argv[1], ["problem", "unique_id"]), sys.argv[2]
+random.Random(0).shuffle(rows)  # a fixed draw over all subjects and levels
+for t, (a, b) in enumerate([(0, 400), (400, 1200), (1200, 2400)], 1):  # no answers: the loop uses none
+    write_jsonl(f"{data}/questions{t}.jsonl", [dict(id=r["unique_id"], question=r["problem"]) for r in rows[a:b]])
+write_jsonl(f"{data}/math_train_ift.jsonl", rows[2400:])
+PY
+  echo "+ python make_sft_data.py ..." >&2
+  python make_sft_data.py --math "$DATA/math_train_ift.jsonl" --gsm8k "$SHARED/gsm8k/train.jsonl" \
+      --prm800k "$SHARED/prm800k/phase1_test_stepwise_critique.jsonl" --test-set "$SHARED/math/test.jsonl" \
+      --out-ift "$DATA/ift.jsonl" --out-eft "$DATA/eft_all.jsonl"
+  # judge accuracy (Table 3): paper 500 held-out pairs of its own EFT data. We have only the PRM800K phase1_test sample
+  # (~1.5k pairs on 76 problems), so every 5th problem's pairs are held out (by problem: no prefix leaks into SFT).
+  echo "+ python - (split EFT by problem: eft.jsonl for SFT, eft_test.jsonl for judge accuracy)" >&2
+  python - "$DATA" <<'PY'
+import sys
+from common import read_jsonl, write_jsonl
+data = sys.argv[1]
+eft = read_jsonl(f"{data}/eft_all.jsonl")
+held = set(sorted({r["question"] for r in eft})[::5])
+write_jsonl(f"{data}/eft.jsonl", [r for r in eft if r["question"] not in held])
+write_jsonl(f"{data}/eft_test.jsonl", [r for r in eft if r["question"] in held])
+print(f"EFT: {sum(r['question'] not in held for r in eft)} pairs for SFT, "
+      f"{sum(r['question'] in held for r in eft)} held out on {len(held)} problems")
+PY
+fi

@@ -1,0 +1,52 @@
+"""Shared fixtures: a tiny synthetic data set and a tiny model built in the test session (no download)."""
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+torch.set_num_threads(1)  # tiny models: one thread is faster, and CI has 2 cores
+
+
+@pytest.fixture(scope="session")
+def synthetic_dir(tmp_path_factory):
+    """A small synthetic data set from prepare_synthetic.py (same generator as the default, fewer records)."""
+    import prepare_synthetic
+    out = tmp_path_factory.mktemp("synthetic")
+    argv = sys.argv
+    sys.argv = ["prepare_synthetic.py", "--out-dir", str(out), "--num-ift", "300", "--num-eft", "200",
+                "--num-questions", "6,6,6", "--num-dev", "20", "--num-test", "20", "--num-eft-test", "20"]
+    try:
+        prepare_synthetic.main()
+    finally:
+        sys.argv = argv
+    return str(out)
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(synthetic_dir, tmp_path_factory):
+    """A 2-layer, hidden-32 Llama with a BPE tokenizer trained on the synthetic corpus, saved like a hub model."""
+    import build_tiny_model
+    out = str(tmp_path_factory.mktemp("tiny") / "m0")
+    texts = build_tiny_model.corpus_texts([os.path.join(synthetic_dir, "ift.jsonl"),
+                                           os.path.join(synthetic_dir, "eft.jsonl")])
+    tokenizer = build_tiny_model.build_tokenizer(texts, vocab_size=300)
+    model = build_tiny_model.build_model(tokenizer, hidden=32, layers=2, heads=2, max_len=512, seed=0)
+    model.generation_config.eos_token_id = tokenizer.eos_token_id
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    tokenizer.save_pretrained(out)
+    model.save_pretrained(out)
+    return out
+
+
+def run_script(*args, env=None, check=True):
+    """Run a project script in a subprocess (few of these: each one pays ~10 s of imports)."""
+    full_env = dict(os.environ, OMP_NUM_THREADS="1", **(env or {}))
+    proc = subprocess.run([sys.executable, *args], cwd=ROOT, env=full_env, capture_output=True, text=True)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"{args} failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
+    return proc

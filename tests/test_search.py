@@ -1,0 +1,393 @@
+"""
+The self-judged step search: verdict parsing, win counts (Eqs. 1-5) on a hand-made verdict matrix, candidate
+judging with dedupe and position bias, the search rules of §3.3 (accept, roll back on a tie, stop), pair extraction,
+and the whole search loop on the tiny model with a fake judge.
+
+    python -m pytest tests/test_search.py -q
+"""
+
+import argparse
+import os
+import random
+import re
+import sys
+
+import pytest
+import torch
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, REPO)
+
+import generate  # noqa: E402
+import judge  # noqa: E402
+import make_pairs  # noqa: E402
+from common import BOXED, join_steps, load_model, load_prompt, read_jsonl, write_jsonl  # noqa: E402
+
+ARITHMETIC = re.compile(r"(\d+) ([-+*/]) (\d+) = (\d+)")
+
+
+def correct(step):
+    m = ARITHMETIC.search(step)
+    if not m:
+        return False
+    a, op, b, c = int(m.group(1)), m.group(2), int(m.group(3)), int(m.group(4))
+    return {"+": a + b, "-": a - b, "*": a * b, "/": a // b}[op] == c
+
+
+def consistent_judge(calls):
+    """A fake judge_pairs: right arithmetic beats wrong, then the larger text wins; never looks at the position."""
+    def judge_pairs(model, tokenizer, template, items, *args, **kwargs):
+        calls.append(list(items))
+        key = lambda s: (correct(s), s)  # noqa: E731
+        return [("A" if key(a) > key(b) else "B", f"fake [[{'A' if key(a) > key(b) else 'B'}]]") for _, a, b in items]
+    return judge_pairs
+
+
+def always_a(model, tokenizer, template, items, *args, **kwargs):
+    return [("A", "[[A]]") for _ in items]
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# verdicts and win counts
+
+
+@pytest.mark.parametrize("text, verdict", [
+    ("[[A]]", "A"), ("A is right, B is wrong. [[B]]", "B"), ("[[A]] no wait [[B]]", None), ("A", None),
+    ("[[C]]", None), ("[A]", None), ("", None), ("[[A]] and again [[A]]", "A"),
+])
+def test_parse_verdict(text, verdict):
+    assert judge.parse_verdict(text) == verdict
+
+
+def test_pairs_to_judge_both_orders():
+    assert judge.pairs_to_judge(3, 1) == [(0, 1, "ab"), (0, 2, "ab"), (1, 2, "ab")]
+    both = judge.pairs_to_judge(4, 2)
+    assert len(both) == 12 and (1, 0, "ba") in both and (3, 2, "ba") in both
+    assert {(min(i, j), max(i, j)) for i, j, _ in both} == {(i, j) for i in range(4) for j in range(i + 1, 4)}
+
+
+# w = 4, both orders. (i, j, verdict): i shown as A, j as B. Candidate 2 wins all its comparisons (one verdict
+# unparseable), 3 loses all; 0 vs 1 shows position bias (A both times), 0 and 1 both beat 3.
+MATRIX = [(0, 1, "A"), (1, 0, "A"), (0, 2, "B"), (2, 0, "A"), (0, 3, "A"), (3, 0, "B"),
+          (1, 2, "B"), (2, 1, None), (1, 3, "A"), (3, 1, "B"), (2, 3, "A"), (3, 2, "B")]
+
+
+def test_win_counts_and_best_worst_on_a_hand_made_matrix():
+    scores = judge.win_counts(4, MATRIX)
+    assert scores == [3, 3, 5, 0]
+    assert sum(scores) == 12 - 1  # the unparseable verdict gives nobody a win
+    assert judge.best_and_worst(scores) == (2, 3)
+    verdicts = [dict(i=i, j=j, verdict=v) for i, j, v in MATRIX]
+    assert judge.order_disagreement(verdicts) == pytest.approx(1 / 5)  # (1,2) has a None: only 5 pairs count
+
+
+def test_best_and_worst_ties():
+    assert judge.best_and_worst([3, 5, 5, 0]) == (1, 3)  # first index among equals
+    assert judge.best_and_worst([2, 0, 2, 0]) == (0, 1)
+    assert judge.best_and_worst([3, 3, 3, 3]) == (None, None)
+    assert judge.best_and_worst([0]) == (None, None)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# judging candidates
+
+
+JOB = ("Ann has 9 pens. She then has 2 times as many.", ["Step 1: 9 pens."],
+       ["Step 2: 9 * 2 = 18.", "Step 2: 9 + 2 = 12.", "Step 2: 9 * 2 = 18.", "Step 2: 9 * 2 = 17."])
+
+
+def test_judge_candidates_dedupes_and_scores(monkeypatch):
+    calls = []
+    monkeypatch.setattr(judge, "judge_pairs", consistent_judge(calls))
+    (res,) = judge.judge_candidates(None, None, "{context}|{step_a}|{step_b}", [JOB], orders=2)
+    assert res["judged"] == [0, 1, 3]
+    assert len(calls) == 1 and len(calls[0]) == 6 == len(res["verdicts"])  # 3 distinct -> 3 pairs x 2 orders
+    assert all(a != b for _, a, b in calls[0])  # identical texts are never compared
+    assert all(v["i"] != 2 and v["j"] != 2 for v in res["verdicts"])
+    assert calls[0][0][0] == "Ann has 9 pens. She then has 2 times as many.\nStep 1: 9 pens."
+    # 0 (right) beats 1 and 3 in both orders: 4 wins; "+ 2 = 12" > "* 2 = 17" as text: 2 wins; 3: none
+    assert res["scores"] == [4, 2, 4, 0]  # the duplicate shares its first copy's score
+    assert (res["best"], res["worst"], res["tie"], res["unparsed"]) == (0, 3, False, 0)
+    assert judge.order_disagreement(res["verdicts"]) == 0.0
+
+    calls.clear()
+    (full,) = judge.judge_candidates(None, None, "t", [JOB], orders=1, dedupe=False)
+    assert full["judged"] == [0, 1, 2, 3] and len(calls[0]) == 6  # 4 candidates, one order
+    assert judge.order_disagreement(full["verdicts"]) is None  # nothing was judged in both orders
+
+
+def test_single_distinct_and_empty_and_several_jobs_in_one_call(monkeypatch):
+    calls = []
+    monkeypatch.setattr(judge, "judge_pairs", consistent_judge(calls))
+    same = ("q", [], ["Step 1: 1 + 1 = 2."] * 3)
+    empty = ("q", [], [])
+    single, none, full = judge.judge_candidates(None, None, "t", [same, empty, JOB], orders=2)
+    assert len(calls) == 1 and len(calls[0]) == 6  # all jobs' comparisons in one batched call
+    assert (single["best"], single["worst"], single["tie"], single["verdicts"]) == (0, None, False, [])
+    assert single["scores"] == [0, 0, 0]
+    assert (none["best"], none["worst"], none["tie"]) == (None, None, False)
+    assert full["best"] == 0 and full["worst"] == 3
+
+
+def test_position_biased_judge_ties_everything(monkeypatch):
+    monkeypatch.setattr(judge, "judge_pairs", always_a)
+    (res,) = judge.judge_candidates(None, None, "t", [JOB], orders=2)
+    assert res["scores"] == [2, 2, 2, 2] and res["tie"] is True
+    assert res["best"] is None and res["worst"] is None
+    assert judge.order_disagreement(res["verdicts"]) == 1.0
+    (one_order,) = judge.judge_candidates(None, None, "t", [JOB], orders=1)  # one order hides the bias
+    assert one_order["tie"] is False and one_order["scores"] == [2, 1, 2, 0]
+
+
+def test_random_judge_is_seeded_coin_flips():
+    first = judge.judge_candidates(None, None, "t", [JOB] * 5, judge="random", rng=random.Random(3))
+    again = judge.judge_candidates(None, None, "t", [JOB] * 5, judge="random", rng=random.Random(3))
+    assert first == again
+    for res in first:
+        assert len(res["verdicts"]) == 6 and res["unparsed"] == 0
+        assert sum(res["scores"][i] for i in res["judged"]) == 6
+    assert len({tuple(r["scores"]) for r in first}) > 1  # the flips differ between jobs
+
+
+def test_judge_pairs_with_the_tiny_model(tiny_model_dir):
+    model, tokenizer = load_model(tiny_model_dir)
+    (res,) = judge.judge_candidates(model, tokenizer, load_prompt("judge_tiny"), [JOB], orders=2, max_new_tokens=6)
+    assert len(res["verdicts"]) == 6
+    assert all(v["verdict"] == judge.parse_verdict(v["raw"]) for v in res["verdicts"])
+    assert res["unparsed"] == sum(v["verdict"] is None for v in res["verdicts"])
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# the search rules (§3.3)
+
+
+def node(texts, best, worst, tie, eos=False):
+    return dict(candidates=[dict(text=t, final=eos or BOXED in t, eos=eos, new_tokens=5) for t in texts],
+                best=best, worst=worst, tie=tie, rolled_back=False)
+
+
+def judged(tree, n, max_steps=20):
+    n.update(round=tree["rounds"] + 1, step=len(tree["solution_steps"]) + 1, prefix_steps=list(tree["solution_steps"]))
+    tree["steps"].append(n)  # as search() does: the node is in the tree when the rules run
+    generate.apply_judgment(tree, n, max_steps)
+    return n
+
+
+def test_tie_rolls_back_the_previous_step():
+    tree = generate.new_tree("q", dict(question="Q"), "P")
+    n1 = judged(tree, node(["s1", "bad1"], 0, 1, False), max_steps=5)
+    n2 = judged(tree, node(["bad2", "s2"], 1, 0, False), max_steps=5)
+    assert tree["solution_steps"] == ["s1", "s2"] and n1["outcome"] == n2["outcome"] == "accepted"
+    n3 = judged(tree, node(["t1", "t2"], None, None, True), max_steps=5)
+    assert n3["outcome"] == "tie_rollback"
+    assert tree["solution_steps"] == ["s1"]
+    assert n2["rolled_back"] is True and n1["rolled_back"] is False and n3["rolled_back"] is False
+    assert not tree["finished"]
+    n4 = judged(tree, node(["s2b", "s2b"], 0, None, False), max_steps=5)  # one distinct candidate
+    assert n4["outcome"] == "single" and n4["step"] == 2 and tree["solution_steps"] == ["s1", "s2b"]
+    n5 = judged(tree, node(["u", "v"], None, None, True), max_steps=5)
+    assert n4["rolled_back"] is True and n2["rolled_back"] is True and n1["rolled_back"] is False
+    assert tree["solution_steps"] == ["s1"] and n5["outcome"] == "tie_rollback"
+    assert tree["rounds"] == 5 and tree["finished"] and tree["stop_reason"] == "max_steps"  # roll-backs count
+
+
+def test_tie_at_step_one_drops_nothing():
+    tree = generate.new_tree("q", dict(question="Q"), "P")
+    n1 = judged(tree, node(["a", "b"], None, None, True))
+    assert tree["solution_steps"] == [] and n1["rolled_back"] is False and n1["outcome"] == "tie_rollback"
+    assert not tree["finished"] and tree["rounds"] == 1
+
+
+def test_final_candidates_and_stop_reasons():
+    tree = generate.new_tree("q", dict(question="Q"), "P")
+    judged(tree, node(["Step 1: 1 + 1 = 2.", "x"], 0, 1, False), max_steps=2)
+    judged(tree, node(["Step 2: 2 * 2 = 4. The answer is \\boxed{4}.", "y"], 0, 1, False), max_steps=2)
+    assert tree["finished"] and tree["stop_reason"] == "answer"  # the answer wins over max_steps in the same round
+    assert len(tree["solution_steps"]) == 2
+
+    tree = generate.new_tree("q", dict(question="Q"), "P")
+    judged(tree, node(["Step 1: done", "Step 1: other"], 0, 1, False, eos=True))
+    assert tree["finished"] and tree["stop_reason"] == "eos"
+
+    tree = generate.new_tree("q", dict(question="Q"), "P")
+    judged(tree, node(["a", "b"], 1, 0, False), max_steps=1)
+    assert tree["finished"] and tree["stop_reason"] == "max_steps" and tree["solution_steps"] == ["b"]
+
+    tree = generate.new_tree("q", dict(question="Q"), "P")
+    n = judged(tree, node([], None, None, False))
+    assert tree["finished"] and tree["stop_reason"] == "empty" and n["outcome"] == "empty"
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# pairs
+
+
+def pnode(step, rnd, texts, scores, best, worst, outcome="accepted", rolled_back=False, prefix=()):
+    return dict(step=step, round=rnd, prefix_steps=list(prefix), candidates=[
+        dict(text=t, final=BOXED in t, eos=False, new_tokens=3) for t in texts], scores=scores, best=best,
+        worst=worst, outcome=outcome, rolled_back=rolled_back, tie=outcome == "tie_rollback")
+
+
+def hand_trees():
+    s1 = ["S1 good", "S1 mid", "S1 bad"]
+    nodes = [
+        pnode(1, 1, s1, [4, 2, 0], 0, 2),                                            # pair: good vs bad
+        pnode(2, 2, ["S2 a", "S2 b"], [2, 0], 0, 1, rolled_back=True, prefix=["S1 good"]),  # rolled back
+        pnode(2, 3, ["S2 c", "S2 d"], [1, 1], None, None, "tie_rollback", prefix=["S1 good"]),
+        pnode(2, 4, ["S2 e", "S2 f", "S2 g"], [3, 3, 0], 0, 2, prefix=["S1 good"]),  # tie for best
+        pnode(3, 5, ["S3 x \\boxed{4}", "S3 y", "S3 z"], [2, 1, 3], 2, 1, prefix=["S1 good", "S2 e"]),
+        pnode(3, 6, ["S3 only"], [0], 0, None, "single", prefix=["S1 good", "S2 e"]),
+        pnode(1, 7, s1[::-1], [0, 2, 4], 2, 0),                                      # same pair again
+        pnode(2, 8, ["S2 h \\boxed{1}", "S2 i"], [2, 0], 0, 1, prefix=["S1 good"]),
+    ]
+    other = [pnode(1, 1, s1, [4, 2, 0], 0, 2), pnode(2, 2, ["T a", "T b", "T c"], [4, 1, 1], 0, 1, prefix=["S1 good"])]
+    return [dict(id="q1", question="Q1", prompt="P1", steps=nodes, finished=True, stop_reason="answer"),
+            dict(id="q2", question="Q2", prompt="P2", steps=other, finished=True, stop_reason="max_steps")]
+
+
+def test_make_pairs_rules():
+    pairs, dropped = make_pairs.make_pairs(hand_trees())
+    got = [(p["question_id"], p["step"], p["chosen"], p["rejected"]) for p in pairs]
+    assert got == [("q1", 1, "S1 good", "S1 bad"), ("q1", 2, "S2 e", "S2 g"), ("q1", 3, "S3 z", "S3 y"),
+                   ("q1", 2, "S2 h \\boxed{1}", "S2 i"), ("q2", 1, "S1 good", "S1 bad"), ("q2", 2, "T a", "T b")]
+    assert dropped == {"step discarded by a later roll-back": 1, "all candidates tied (roll-back)": 1,
+                       "one distinct candidate": 1, "duplicate pair": 1}
+    first = pairs[0]
+    assert first["id"] == "q1-step1-round1" and first["prompt"] == "P1" and first["prefix"] == ""
+    assert (first["chosen_score"], first["rejected_score"]) == (4, 0)
+    assert pairs[2]["prefix"] == join_steps(["S1 good", "S2 e"]) == "S1 good\nS2 e\n"
+    assert (pairs[2]["chosen_final"], pairs[2]["rejected_final"]) == (False, False)
+    assert (pairs[3]["chosen_final"], pairs[3]["rejected_final"]) == (True, False)
+    assert len({p["id"] for p in pairs}) == len(pairs)
+
+    skip, dropped = make_pairs.make_pairs(hand_trees(), ties="skip")
+    assert [(p["question_id"], p["step"]) for p in skip] == [("q1", 1), ("q1", 3), ("q1", 2), ("q2", 1)]
+    assert dropped["tie for best or worst (--ties skip)"] == 2  # q1 round 4 (best), q2 round 2 (worst)
+
+    gap, dropped = make_pairs.make_pairs(hand_trees(), min_gap=3)
+    assert [(p["question_id"], p["chosen"]) for p in gap] == [("q1", "S1 good"), ("q1", "S2 e"), ("q2", "S1 good"),
+                                                             ("q2", "T a")]
+    assert dropped["score gap below --min-gap 3"] == 2
+
+    finished, dropped = make_pairs.make_pairs(hand_trees(), only_finished=True)
+    assert {p["question_id"] for p in finished} == {"q1"} and len(finished) == 4
+    assert dropped["search did not finish (--only-finished)"] == 2
+
+
+def test_rejudged_trees_still_make_pairs(tmp_path, monkeypatch):
+    """
+    judge.py re-judges a search's trees for make_pairs.py (its docstring). A step accepted in the search may tie
+    under the new judge; make_pairs must then give it no pair rather than index the scores with None.
+    """
+    tree = dict(id="q1", question="Q", prompt="P", finished=True, stop_reason="answer", rounds=1, solution_steps=["a"],
+                steps=[pnode(1, 1, ["Step 1: 1 + 1 = 2.", "Step 1: 1 + 1 = 3."], [2, 0], 0, 1)])
+    trees_path, out = str(tmp_path / "trees.jsonl"), str(tmp_path / "rejudged.jsonl")
+    write_jsonl(trees_path, [tree])
+    monkeypatch.setattr(judge, "judge_pairs", always_a)  # a position-biased judge: every step ties
+    monkeypatch.setattr(sys, "argv", ["judge.py", "--model", "unused", "--trees", trees_path, "--out", out])
+    monkeypatch.setattr(judge, "load_model", lambda *a, **k: (None, None))
+    judge.main()
+    (rejudged,) = read_jsonl(out)
+    assert rejudged["steps"][0]["tie"] is True and rejudged["steps"][0]["best"] is None
+    pairs, dropped = make_pairs.make_pairs([rejudged])
+    assert pairs == [] and sum(dropped.values()) == 1
+
+
+def test_summarize_measures_position_bias_per_judged_step():
+    """Candidate indices restart at 0 in every step: pair (0, 1) of one step is not pair (0, 1) of the next."""
+    biased = [dict(i=0, j=1, order="ab", verdict="A"), dict(i=1, j=0, order="ba", verdict="A")]  # winners 0, 1
+    fair = [dict(i=0, j=1, order="ab", verdict="B"), dict(i=1, j=0, order="ba", verdict="A")]    # winners 1, 1
+    steps = [dict(verdicts=v, outcome="accepted") for v in (biased, fair, fair, fair)]
+    tree = dict(id="q", stop_reason="answer", solution_steps=["a"], rounds=4, steps=steps)
+    assert judge.order_disagreement(biased) == 1.0 and judge.order_disagreement(fair) == 0.0
+    stats = generate.summarize([tree])
+    assert stats["verdicts"] == 8 and stats["unparsed"] == 0
+    assert stats["order_disagreement"] == pytest.approx(1 / 4)  # one of the four judged pairs disagrees
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# the search loop on the tiny model
+
+TREE_FIELDS = {"id", "question", "prompt", "solution_steps", "finished", "stop_reason", "rounds", "steps"}
+NODE_FIELDS = {"round", "step", "prefix_steps", "candidates", "judged", "verdicts", "scores", "best", "worst", "tie",
+               "unparsed", "outcome", "rolled_back"}
+CANDIDATE_FIELDS = {"text", "final", "eos", "new_tokens"}
+
+
+def search_args(**kw):
+    args = dict(prompt_reasoning="reasoning_tiny", prompt_judge="judge_tiny", num_candidates=3, temperature=0.5,
+                top_p=0.95, max_steps=3, max_step_tokens=12, judge_max_new_tokens=8, orders=2, judge="model",
+                no_dedupe=False, batch_size=64)
+    args.update(kw)
+    return argparse.Namespace(**args)
+
+
+class Count:
+    n = 0
+
+    def update(self, k):
+        self.n += k
+
+
+def check_tree(tree, max_steps):
+    assert set(tree) == TREE_FIELDS and tree["finished"]
+    assert tree["stop_reason"] in {"answer", "eos", "max_steps", "empty", "too_long"}
+    assert 1 <= tree["rounds"] <= max_steps and len(tree["steps"]) == tree["rounds"]
+    replay = []  # the accepted steps, rebuilt from the nodes
+    for r, n in enumerate(tree["steps"], 1):
+        assert set(n) == NODE_FIELDS and n["round"] == r
+        assert all(set(c) == CANDIDATE_FIELDS for c in n["candidates"])
+        assert n["prefix_steps"] == replay and n["step"] == len(replay) + 1
+        if n["outcome"] == "tie_rollback":
+            replay = replay[:-1]
+        elif n["outcome"] in ("accepted", "single"):
+            replay.append(n["candidates"][n["best"]]["text"])
+    assert tree["solution_steps"] == replay
+
+
+def test_search_end_to_end_on_the_tiny_model(tiny_model_dir, synthetic_dir, monkeypatch):
+    model, tokenizer = load_model(tiny_model_dir)
+    calls = []
+    monkeypatch.setattr(judge, "judge_pairs", consistent_judge(calls))
+    records = read_jsonl(os.path.join(synthetic_dir, "questions1.jsonl"))[:2]
+    torch.manual_seed(0)
+    bar = Count()
+    trees = generate.search(model, tokenizer, records, ["a", "b"], search_args(), random.Random(0), bar)
+    assert [t["id"] for t in trees] == ["a", "b"] and bar.n == 2
+    for t, r in zip(trees, records):
+        check_tree(t, max_steps=3)
+        assert t["question"] == r["question"]
+        assert t["prompt"] == load_prompt("reasoning_tiny").format(problem=r["question"])
+    assert calls  # the judge was asked
+    stats = generate.summarize(trees)
+    assert stats["questions"] == 2 and stats["rounds"] == sum(t["rounds"] for t in trees)
+    assert stats["verdicts"] == sum(len(n["verdicts"]) for t in trees for n in t["steps"]) > 0
+    pairs, _ = make_pairs.make_pairs(trees)
+    assert len(pairs) == sum(n["outcome"] == "accepted" and not n["rolled_back"] for t in trees for n in t["steps"])
+
+
+def test_model_without_step_marker_or_answer_stops_at_max_steps(tiny_model_dir, synthetic_dir, monkeypatch):
+    model, tokenizer = load_model(tiny_model_dir)
+    letters = [tokenizer.convert_tokens_to_ids(c) for c in "xy"]
+    assert tokenizer.decode(letters) == "xy"
+    bias = torch.zeros(len(tokenizer))
+    bias[letters] = 100.0  # the model only ever says x or y: no "Step", no \boxed, no EOS
+    handle = model.lm_head.register_forward_hook(lambda module, inputs, output: output + bias)
+    calls = []
+    monkeypatch.setattr(judge, "judge_pairs", consistent_judge(calls))
+    records = read_jsonl(os.path.join(synthetic_dir, "questions1.jsonl"))[:2]
+    torch.manual_seed(0)
+    try:
+        trees = generate.search(model, tokenizer, records, ["a", "b"], search_args(temperature=1.0), random.Random(0),
+                                Count())
+    finally:
+        handle.remove()
+    for t in trees:
+        check_tree(t, max_steps=3)
+        assert t["stop_reason"] == "max_steps" and t["rounds"] == 3 and len(t["solution_steps"]) == 3
+        for n in t["steps"]:
+            assert all(set(c["text"]) <= {"x", "y"} and len(c["text"]) == 12 for c in n["candidates"])
+            assert all(not c["final"] and not c["eos"] and c["new_tokens"] == 12 for c in n["candidates"])
+            assert n["outcome"] in ("accepted", "single")
+            if n["outcome"] == "accepted":  # the fake judge prefers the larger text
+                assert n["candidates"][n["best"]]["text"] == max(c["text"] for c in n["candidates"])

@@ -1,0 +1,274 @@
+"""
+train_step_dpo.py: the loss (Eqs. 6-8) against hand-computed values, the summed step log-probs of a left-padded
+batch with logits_to_keep against an unpadded forward per example, zero gradient for the prefix, the step
+tokenization (EOS only after a final step), and a short in-process run: loss log 2 at step 0, margins grow.
+
+    python -m pytest tests/test_step_dpo.py -q
+"""
+
+import json
+import math
+import os
+import signal
+import sys
+
+import pytest
+import torch
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, REPO)
+
+import train_step_dpo as dpo  # noqa: E402
+from common import BOXED, DataError, chat_prompt, join_steps, load_model, load_prompt, read_jsonl  # noqa: E402
+
+LOG2 = math.log(2)
+
+
+@pytest.fixture(scope="module")
+def tiny(tiny_model_dir):
+    model, tokenizer = load_model(tiny_model_dir)
+    return model.eval(), tokenizer
+
+
+def ids_of(tokenizer, text):
+    return tokenizer(text, add_special_tokens=False)["input_ids"]
+
+
+def eft_pairs(synthetic_dir, n):
+    """Step pairs as make_pairs.py writes them, from EFT records: the gold step chosen, the corrupted one rejected."""
+    template = load_prompt("reasoning_tiny")
+    pairs = []
+    for r in read_jsonl(os.path.join(synthetic_dir, "eft.jsonl"))[:n]:
+        good, bad = (r["step_a"], r["step_b"]) if r["label"] == "A" else (r["step_b"], r["step_a"])
+        pairs.append(dict(id=r["id"], question_id=r["id"], step=len(r["previous_steps"]) + 1,
+                          prompt=template.format(problem=r["question"]), prefix=join_steps(r["previous_steps"]),
+                          chosen=good, rejected=bad, chosen_final=BOXED in good, rejected_final=BOXED in bad))
+    return pairs
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# the loss, by hand
+
+
+def test_loss_is_log2_when_policy_equals_reference():
+    logps = torch.tensor([-3.0, -12.5, -0.1])
+    losses, chosen, rejected = dpo.step_dpo_loss(logps, logps - 4.0, logps, logps - 4.0, beta=0.3)
+    assert torch.allclose(losses, torch.full((3,), LOG2))
+    assert torch.all(chosen == 0) and torch.all(rejected == 0)
+
+
+def test_loss_matches_hand_computation():
+    # beta 0.1; chosen: policy -5 vs ref -6 (A = 0.1); rejected: policy -7 vs ref -6 (B = -0.1)
+    policy_chosen = torch.tensor([-5.0, -6.0], requires_grad=True)
+    losses, chosen, rejected = dpo.step_dpo_loss(policy_chosen, torch.tensor([-7.0, -5.0]),
+                                                 torch.tensor([-6.0, -6.0]), torch.tensor([-6.0, -6.0]), beta=0.1)
+    assert losses[0].item() == pytest.approx(math.log(1 + math.exp(-0.2)), abs=1e-6)  # -log sigmoid(0.2) = 0.5981
+    assert losses[0].item() == pytest.approx(0.598139, abs=1e-6)
+    assert losses[1].item() == pytest.approx(math.log(1 + math.exp(0.1)), abs=1e-6)  # A = 0, B = 0.1
+    assert chosen.tolist() == pytest.approx([0.1, 0.0]) and rejected.tolist() == pytest.approx([-0.1, 0.1])
+    assert not chosen.requires_grad and not rejected.requires_grad  # rewards are for logging
+    losses.sum().backward()
+    # d/dx -log sigmoid(beta x - c) = -beta * sigmoid(-(beta x - c))
+    expected = [-0.1 * (1 - 1 / (1 + math.exp(-0.2))), -0.1 * (1 - 1 / (1 + math.exp(0.1)))]
+    assert policy_chosen.grad.tolist() == pytest.approx(expected, abs=1e-7)
+
+
+def test_sequence_logps_sums_the_masked_tokens():
+    logits = torch.tensor([[[0.0, 1.0, 2.0], [3.0, 0.0, 0.0], [1.0, 1.0, 1.0]],
+                           [[2.0, 0.0, -1.0], [0.0, 0.0, 5.0], [0.5, 0.5, 0.0]]])
+    labels = torch.tensor([[2, 0, 1], [0, 2, 1]])
+    mask = torch.tensor([[0.0, 1.0, 1.0], [1.0, 1.0, 0.0]])
+
+    def logp(row, k):
+        return row[k] - math.log(sum(math.exp(x) for x in row))
+
+    rows = logits.tolist()
+    expected = [logp(rows[0][1], 0) + logp(rows[0][2], 1), logp(rows[1][0], 0) + logp(rows[1][1], 2)]
+    assert dpo.sequence_logps(logits, labels, mask).tolist() == pytest.approx(expected, abs=1e-6)
+    assert expected[0] == pytest.approx((3 - math.log(math.exp(3) + 2)) - math.log(3), abs=1e-12)  # -1.1935
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# step log-probs on the tiny model
+
+
+def batch_of_different_lengths(tokenizer, synthetic_dir):
+    pairs = eft_pairs(synthetic_dir, 40)
+    by_step = {}
+    for p in pairs:
+        by_step.setdefault(p["step"], p)
+    picked = [by_step[k] for k in sorted(by_step)][:3]  # prefixes with 0, 1, 2 previous steps
+    tokenized = [dpo.tokenize_pair(tokenizer, p, True) for p in picked]
+    prefixes = [t[0] for t in tokenized] + [tokenized[0][0]]
+    steps = [t[1] for t in tokenized] + [tokenized[0][2]]
+    assert len({len(p) for p in prefixes}) >= 3 and len({len(s) for s in steps}) >= 2
+    return prefixes, steps
+
+
+def test_step_logps_equal_unpadded_forward_per_example(tiny, synthetic_dir):
+    model, tokenizer = tiny
+    prefixes, steps = batch_of_different_lengths(tokenizer, synthetic_dir)
+    with torch.no_grad():
+        batched = dpo.step_logps(model, prefixes, steps, tokenizer.pad_token_id)
+        expected = []
+        for p, s in zip(prefixes, steps):
+            logp = model(input_ids=torch.tensor([p + s])).logits[0].double().log_softmax(-1)
+            expected.append(sum(logp[len(p) - 1 + i, tok].item() for i, tok in enumerate(s)))
+    assert batched.shape == (len(steps),)
+    assert batched.tolist() == pytest.approx(expected, abs=1e-5)
+    assert max(expected) < -5  # several tokens of a random model: not a degenerate zero
+
+
+def test_prefix_gets_zero_gradient_in_the_dpo_loss(tiny, synthetic_dir):
+    """
+    The last hidden state at position t feeds only the logits at t, which predict token t+1. Its gradient under the
+    DPO loss must be exactly zero wherever token t+1 is padding or prefix, and non-zero wherever it is a step token.
+    Checked on step_logps itself (left padding, logits_to_keep), with a hook on the final norm.
+    """
+    model, tokenizer = tiny
+    prefixes, steps = batch_of_different_lengths(tokenizer, synthetic_dir)
+    prefixes, steps = prefixes[:2] * 2, steps[:2] + steps[2:4]
+    captured = {}
+
+    def keep_output(module, inputs, output):
+        output.retain_grad()
+        captured["hidden"] = output
+
+    handle = model.model.norm.register_forward_hook(keep_output)
+    try:
+        logps = dpo.step_logps(model, prefixes, steps, tokenizer.pad_token_id)
+    finally:
+        handle.remove()
+    losses, _, _ = dpo.step_dpo_loss(logps[:2], logps[2:], logps[:2].detach() + 0.5, logps[2:].detach() - 0.5, 0.1)
+    losses.mean().backward()
+    grad = captured["hidden"].grad.abs().sum(-1)  # [B, T]
+    T = grad.shape[1]
+    for b, (p, s) in enumerate(zip(prefixes, steps)):
+        start = T - len(p) - len(s)  # left padding: the sequence occupies the last len(p) + len(s) positions
+        predicts_step = [start + len(p) - 1 <= t < T - 1 for t in range(T)]
+        for t in range(T):
+            if predicts_step[t]:
+                assert grad[b, t] > 1e-7, (b, t)
+            else:
+                assert grad[b, t] == 0, (b, t)
+    model.zero_grad(set_to_none=True)
+
+
+def test_tokenize_pair_eos_only_after_a_final_step(tiny):
+    _, tokenizer = tiny
+    pair = dict(prompt="Solve step by step. Problem: Tom has 3 pens. He buys 4 more.",
+                prefix="Step 1: 4 more: 3 + 4 = 7.\n",
+                chosen="Step 2: 2 times as many: 7 * 2 = 14. The answer is \\boxed{14}.",
+                rejected="Step 2: 2 times as many: 7 + 2 = 9.", chosen_final=True, rejected_final=False)
+    prefix_ids, chosen_ids, rejected_ids = dpo.tokenize_pair(tokenizer, pair, final_step_eos=True)
+    prefix_text = chat_prompt(tokenizer, pair["prompt"]) + pair["prefix"]
+    eos, newline = tokenizer.eos_token_id, ids_of(tokenizer, "\n")
+    assert prefix_ids == ids_of(tokenizer, prefix_text)
+    assert chosen_ids == ids_of(tokenizer, pair["chosen"]) + [eos]
+    assert rejected_ids == ids_of(tokenizer, pair["rejected"]) + newline and eos not in rejected_ids
+    assert newline == [ids_of(tokenizer, "a\nb")[1]]  # the newline is one token of its own
+    # joined and apart give the same ids, so the step's log-prob is the one the model produced
+    assert prefix_ids + rejected_ids == ids_of(tokenizer, prefix_text + pair["rejected"] + "\n")
+    assert prefix_ids + chosen_ids[:-1] == ids_of(tokenizer, prefix_text + pair["chosen"])
+    _, chosen_plain, _ = dpo.tokenize_pair(tokenizer, pair, final_step_eos=False)
+    assert chosen_plain == ids_of(tokenizer, pair["chosen"]) + newline
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# the script, in process
+
+
+def dpo_argv(model, pairs, out, *extra):
+    return ["train_step_dpo.py", "--model", model, "--pairs", pairs, "--out", out, "--lr", "1e-2", "--beta", "0.1",
+            "--batch-size", "2", "--grad-accum", "1", "--max-len", "512", *extra]
+
+
+def test_short_dpo_run(tiny, tiny_model_dir, synthetic_dir, tmp_path, monkeypatch, capsys):
+    model, tokenizer = tiny
+    pairs = eft_pairs(synthetic_dir, 6)
+    pairs_path = str(tmp_path / "pairs.jsonl")
+    with open(pairs_path, "w") as f:
+        f.writelines(json.dumps(p) + "\n" for p in pairs)
+    out = str(tmp_path / "m2")
+    monkeypatch.setattr(sys, "argv", dpo_argv(tiny_model_dir, pairs_path, out, "--epochs", "3"))
+    dpo.main()
+    assert "6 pairs (0 longer than --max-len dropped)" in capsys.readouterr().out
+
+    # the reference is M_t: one record per pair, the log-probs of the untouched model
+    ref = read_jsonl(out + ".ref_logps.jsonl", ["id", "ref_chosen", "ref_rejected"])
+    assert [r["id"] for r in ref] == [p["id"] for p in pairs]
+    tokenized = [dpo.tokenize_pair(tokenizer, p, True) for p in pairs]
+    with torch.no_grad():
+        expected = dpo.step_logps(model, [t[0] for t in tokenized] * 2,
+                                  [t[1] for t in tokenized] + [t[2] for t in tokenized], tokenizer.pad_token_id)
+    assert [r["ref_chosen"] for r in ref] + [r["ref_rejected"] for r in ref] == pytest.approx(expected.tolist(),
+                                                                                                abs=1e-4)
+
+    log = read_jsonl(os.path.join(out, "train_log.jsonl"), ["loss", "rewards/margins", "rewards/accuracies"])
+    assert len(log) == 9  # 3 micro-batches of 2 pairs, 3 epochs, one optimizer step each
+    assert log[0]["loss"] == pytest.approx(LOG2, abs=1e-5)  # policy == reference before the first update
+    assert log[0]["rewards/margins"] == pytest.approx(0.0, abs=1e-5)
+    # each step sees other pairs, so single steps are noisy: compare the first and the last epoch
+    first_epoch, last_epoch = log[:3], log[-3:]
+    assert sum(r["rewards/margins"] for r in last_epoch) / 3 > sum(r["rewards/margins"] for r in first_epoch) / 3 + 0.1
+    assert sum(r["loss"] for r in last_epoch) / 3 < LOG2 - 0.05
+    assert sum(r["rewards/accuracies"] for r in last_epoch) / 3 > 0.5
+    assert json.load(open(os.path.join(out, "dpo_config.json")))["beta"] == 0.1
+
+    # the trained policy now prefers the chosen steps more than the reference did
+    trained, _ = load_model(out)
+    with torch.no_grad():
+        after = dpo.step_logps(trained.eval(), [t[0] for t in tokenized] * 2,
+                               [t[1] for t in tokenized] + [t[2] for t in tokenized], tokenizer.pad_token_id)
+    n = len(pairs)
+    margins = (after[:n] - expected[:n]) - (after[n:] - expected[n:])
+    assert margins.mean() > 1.0  # log-ratio margin in nats, averaged over the pairs (measured: 2.8)
+
+    weights = os.path.join(out, "model.safetensors")
+    mtime = os.path.getmtime(weights)
+    dpo.main()
+    assert "skipping" in capsys.readouterr().out
+    assert os.path.getmtime(weights) == mtime
+
+
+def test_overwrite_recomputes_the_reference(tiny_model_dir, synthetic_dir, tmp_path, monkeypatch):
+    """
+    --overwrite redoes the stage, so π_ref must be the --model of this run. Here the stage is first run from M0,
+    then redone with --overwrite from another model (M0 after a DPO run, as after `OVERWRITE=1 bash iterate.sh`
+    retrains M_t): at step 0 policy == reference again, so the first loss must be log 2.
+    """
+    pairs_path = str(tmp_path / "pairs.jsonl")
+    with open(pairs_path, "w") as f:
+        f.writelines(json.dumps(p) + "\n" for p in eft_pairs(synthetic_dir, 4))
+    other, out = str(tmp_path / "other"), str(tmp_path / "m2")
+    monkeypatch.setattr(sys, "argv", dpo_argv(tiny_model_dir, pairs_path, other, "--epochs", "2"))
+    dpo.main()
+    monkeypatch.setattr(sys, "argv", dpo_argv(tiny_model_dir, pairs_path, out, "--epochs", "1"))
+    dpo.main()
+    first = read_jsonl(os.path.join(out, "train_log.jsonl"))[0]
+    assert first["loss"] == pytest.approx(LOG2, abs=1e-5)
+    monkeypatch.setattr(sys, "argv", dpo_argv(other, pairs_path, out, "--epochs", "1", "--overwrite"))
+    dpo.main()
+    first = read_jsonl(os.path.join(out, "train_log.jsonl"))[0]
+    assert first["loss"] == pytest.approx(LOG2, abs=1e-5), "stale reference log-probs reused under --overwrite"
+
+
+def test_no_pairs_ends_instead_of_looping_forever(tiny_model_dir, tmp_path, monkeypatch):
+    """A search that yields no pair (every step tied or single) leaves an empty pairs file; the stage must end."""
+    pairs_path = tmp_path / "pairs.jsonl"
+    pairs_path.write_text("")
+
+    def too_slow(signum, frame):
+        raise TimeoutError("train_step_dpo.main() still running after 10 s on an empty pairs file")
+
+    monkeypatch.setattr(sys, "argv", dpo_argv(tiny_model_dir, str(pairs_path), str(tmp_path / "m2")))
+    previous = signal.signal(signal.SIGALRM, too_slow)
+    signal.alarm(10)
+    try:
+        try:
+            dpo.main()
+        except DataError:
+            pass  # a clear "no pairs" error is a fine ending too
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, previous)

@@ -1,0 +1,222 @@
+"""
+prepare_synthetic.py and the JSONL plumbing of common.py: the generated data is reproducible, well formed and
+arithmetically right (checked against the numbers re-read from each question's sentences, not against the
+generator's own bookkeeping), the EFT labels point at the uncorrupted step, and bad input fails with file:line.
+
+    python -m pytest tests/test_synthetic.py -q
+"""
+
+import json
+import os
+import re
+import sys
+from collections import Counter
+
+import pytest
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, REPO)
+
+import prepare_synthetic  # noqa: E402
+from common import BOXED, DataError, PartialJSONL, read_jsonl, split_steps  # noqa: E402
+
+MIN_STEPS, MAX_STEPS = 2, 4  # the fixture's (default) knobs
+STEP = re.compile(r"Step (\d+): (.+?): (\d+) ([-+*/]) (\d+) = (-?\d+)\.(?: The answer is \\boxed\{(-?\d+)\}\.)?")
+APPLY = {"+": lambda a, b: a + b, "-": lambda a, b: a - b, "*": lambda a, b: a * b, "/": lambda a, b: a // b}
+
+
+def sentence_patterns():
+    """Each problem sentence template as a regex capturing its number, with the operation it tells."""
+    patterns = []
+    for op, templates in prepare_synthetic.SENTENCES.items():
+        for t in templates:
+            rx = re.escape(t).replace(r"\{n\}", r"(\d+)")
+            for name in "pof":
+                rx = rx.replace(r"\{" + name + r"\}", r"\w+")
+            patterns.append((re.compile(rx + "$"), op))
+    return patterns
+
+
+PATTERNS = sentence_patterns()
+
+
+def gold_chain(question):
+    """Re-read a question: its start value and [(a, op, b, c)] for every told operation, computed here."""
+    sentences = re.findall(r"[^.?]+[.?]", question)
+    start = int(re.fullmatch(r"\w+ has (\d+) \w+\.", sentences[0].strip()).group(1))
+    assert re.fullmatch(r"How many \w+ does \w+ have now\?", sentences[-1].strip())
+    value, facts = start, []
+    for s in sentences[1:-1]:
+        found = [(m, op) for rx, op in PATTERNS for m in [rx.fullmatch(s.strip())] if m]
+        assert len(found) == 1, s
+        m, op = found[0]
+        b = int(m.group(1))
+        facts.append((value, op, b, APPLY[op](value, b)))
+        value = facts[-1][3]
+    return start, facts
+
+
+def parse_step(step):
+    m = STEP.fullmatch(step)
+    assert m, step
+    k, reason, a, op, b, c, boxed = m.groups()
+    return int(k), reason, (int(a), op, int(b), int(c)), None if boxed is None else int(boxed)
+
+
+def question_numbers(question):
+    return [int(t.rstrip(".")) for t in question.split() if t.rstrip(".").isdigit()]
+
+
+def run_prepare(out_dir, seed, monkeypatch):
+    monkeypatch.setattr(sys, "argv", ["prepare_synthetic.py", "--out-dir", str(out_dir), "--seed", str(seed),
+                                      "--num-ift", "60", "--num-eft", "40", "--num-questions", "3,3,3",
+                                      "--num-dev", "5", "--num-test", "5", "--num-eft-test", "6"])
+    prepare_synthetic.main()
+    return {f: open(os.path.join(out_dir, f), "rb").read() for f in sorted(os.listdir(out_dir)) if f.endswith(".jsonl")}
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# the generator
+
+
+def test_same_seed_same_bytes_other_seed_other_data(tmp_path, monkeypatch, capsys):
+    first = run_prepare(tmp_path / "a", 7, monkeypatch)
+    again = run_prepare(tmp_path / "b", 7, monkeypatch)
+    other = run_prepare(tmp_path / "c", 8, monkeypatch)
+    assert len(first) == 9 and all(len(v) > 0 for v in first.values())
+    assert first == again  # byte-identical, every file
+    assert all(first[f] != other[f] for f in first)
+    # a finished run is not redone: config.json is written last and marks it done
+    mtime = os.path.getmtime(tmp_path / "a" / "ift.jsonl")
+    run_prepare(tmp_path / "a", 7, monkeypatch)
+    assert "skipping" in capsys.readouterr().out
+    assert os.path.getmtime(tmp_path / "a" / "ift.jsonl") == mtime
+
+
+def test_ift_solutions_are_numbered_chained_and_correct(synthetic_dir):
+    records = read_jsonl(os.path.join(synthetic_dir, "ift.jsonl"), ["id", "question", "solution", "answer"])
+    assert len(records) == 300
+    lengths = Counter()
+    for r in records:
+        steps = r["solution"].split("\n")
+        assert split_steps(r["solution"]) == steps  # one step per line, the common splitter agrees
+        start, facts = gold_chain(r["question"])
+        assert MIN_STEPS <= len(steps) <= MAX_STEPS and len(steps) == len(facts)
+        lengths[len(steps)] += 1
+        previous = start
+        for k, (step, fact) in enumerate(zip(steps, facts), 1):
+            number, reason, said, boxed = parse_step(step)
+            a, op, b, c = said
+            assert number == k
+            assert a == previous  # the chain: each step starts from the last result
+            assert APPLY[op](a, b) == c  # the arithmetic is right
+            assert said == fact  # and it is what the question tells
+            assert reason == prepare_synthetic.REASONS[op].format(n=b)
+            assert (boxed is not None) == (k == len(steps)) and (BOXED in step) == (k == len(steps))
+            previous = c
+        assert boxed == facts[-1][3] and r["answer"] == str(boxed)
+    assert set(lengths) == {2, 3, 4}  # the whole range is used
+    for name in ["test", "dev", "questions1", "questions2", "questions3"]:
+        for r in read_jsonl(os.path.join(synthetic_dir, f"{name}.jsonl"), ["id", "question", "answer"]):
+            assert r["answer"] == str(gold_chain(r["question"])[1][-1][3])
+
+
+def test_no_question_in_two_files(synthetic_dir):
+    where = {}
+    files = [f for f in os.listdir(synthetic_dir) if f.endswith(".jsonl")]
+    assert len(files) == 9
+    for f in files:
+        for r in read_jsonl(os.path.join(synthetic_dir, f), ["id", "question"]):
+            assert r["question"] not in where, (f, where.get(r["question"]))
+            where[r["question"]] = f
+    assert len(where) == 300 + 200 + 3 * 6 + 20 + 20 + 2 * 20
+
+
+@pytest.mark.parametrize("name, n", [("eft", 200), ("eft_test", 20), ("eft_dev", 20)])
+def test_eft_label_points_at_the_uncorrupted_step(synthetic_dir, name, n):
+    records = read_jsonl(os.path.join(synthetic_dir, f"{name}.jsonl"),
+                         ["question", "previous_steps", "step_a", "step_b", "label", "judgment", "error"])
+    assert len(records) == n
+    assert Counter(r["label"] for r in records) == {"A": n // 2, "B": n // 2}  # exactly balanced
+    kinds = Counter()
+    for r in records:
+        _, facts = gold_chain(r["question"])
+        k = len(r["previous_steps"])
+        assert k < len(facts)
+        for j, prev in enumerate(r["previous_steps"]):  # the previous steps are the gold ones
+            assert parse_step(prev)[2] == facts[j] and parse_step(prev)[0] == j + 1
+        good, bad = (r["step_a"], r["step_b"]) if r["label"] == "A" else (r["step_b"], r["step_a"])
+        gk, _, good_fact, good_box = parse_step(good)
+        bk, _, (a, op, b, c), bad_box = parse_step(bad)
+        assert gk == bk == k + 1
+        assert good_fact == facts[k]
+        final = k == len(facts) - 1
+        assert (good_box == facts[k][3]) if final else good_box is None
+        assert (bad_box == c) if final else bad_box is None
+        ga, gop, gb, gc = facts[k]
+        assert (a, op, b, c) != facts[k]
+        # the error kind is what changed, and the rest of the step is internally consistent
+        if r["error"] == "arithmetic":
+            assert (a, op, b) == (ga, gop, gb) and c != gc
+        elif r["error"] == "operand":
+            assert (a, op) == (ga, gop) and b != gb and b in question_numbers(r["question"])
+            assert c == APPLY[op](a, b)
+        else:
+            assert r["error"] == "operation"
+            assert (a, b) == (ga, gb) and op != gop and c == APPLY[op](a, b)
+        kinds[r["error"]] += 1
+        want = f"Want {ga} {gop} {gb} = {gc}."
+        assert r["judgment"].startswith(want) and r["judgment"].endswith(f"[[{r['label']}]]")
+        assert f"{r['label']}: {ga} {gop} {gb} = {gc}, right." in r["judgment"]
+        assert f"{'B' if r['label'] == 'A' else 'A'}: {a} {op} {b} = {c}, wrong." in r["judgment"]
+    if n >= 200:
+        assert set(kinds) == {"arithmetic", "operand", "operation"} and min(kinds.values()) >= 20
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# JSONL errors and resumable progress
+
+
+def test_malformed_line_names_file_and_line(tmp_path):
+    path = tmp_path / "bad.jsonl"
+    path.write_text('{"id": 1, "question": "q"}\n\n{"id": 2, "question": \n')
+    with pytest.raises(DataError, match=re.escape(f"{path}:3: not valid JSON")):
+        read_jsonl(str(path))
+    path.write_text('{"id": 1}\n[1, 2]\n')
+    with pytest.raises(DataError, match=re.escape(f"{path}:2: expected a JSON object")):
+        read_jsonl(str(path))
+    with pytest.raises(DataError, match="no such file"):
+        read_jsonl(str(tmp_path / "missing.jsonl"))
+
+
+def test_missing_field_is_named(tmp_path):
+    path = tmp_path / "ift.jsonl"
+    path.write_text('{"question": "q", "solution": "s"}\n{"question": "q2"}\n')
+    assert len(read_jsonl(str(path), ["question"])) == 2
+    with pytest.raises(DataError) as e:
+        read_jsonl(str(path), ["question", "solution"])
+    assert f"{path}:2:" in str(e.value) and "['solution']" in str(e.value)
+
+
+def test_partial_drops_torn_line_and_resumes_without_duplicates(tmp_path, capsys):
+    out = str(tmp_path / "trees.jsonl")
+    records = [dict(id=f"q{i}", value=i * i) for i in range(5)]
+    progress = PartialJSONL(out)
+    progress.add(records[:2])
+    progress.file.write('{"id": "q2", "val')  # killed in the middle of writing the third record
+    progress.file.close()
+    resumed = PartialJSONL(out)
+    assert "resuming: 2 records" in capsys.readouterr().out
+    assert sorted(resumed.done) == ["q0", "q1"]
+    todo = [r for r in records if r["id"] not in resumed.done]
+    assert [r["id"] for r in todo] == ["q2", "q3", "q4"]
+    resumed.add(todo[:1])
+    resumed.file.close()
+    # the torn bytes were cut, so the appended record sits on its own line and a second resume parses it
+    lines = open(out + ".partial").read().splitlines()
+    assert [json.loads(line)["id"] for line in lines] == ["q0", "q1", "q2"]
+    last = PartialJSONL(out)
+    last.add([r for r in records if r["id"] not in last.done])
+    last.finish([r["id"] for r in records])
+    assert read_jsonl(out) == records  # input order, each once
+    assert not os.path.exists(out + ".partial")
