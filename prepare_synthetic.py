@@ -14,7 +14,8 @@ Writes, into --out-dir, from disjoint seeds (a problem never appears in two file
 
 Corruptions (the errors a judge must catch): wrong arithmetic (result off), wrong operand (a number from
 elsewhere in the problem), wrong operation (+ instead of -, ...). The judgment checks each step against the
-correct one: "Want Step 2: 3 fewer: 17 - 3 = 14. A: 17 - 3 = 14, right. B: 17 + 3 = 20, wrong. [[A]]".
+correct one, compares each candidate's result with it (every corruption changes the result), then the verdict:
+"Want Step 2: 3 fewer: 17 - 3 = 14. A: 14 vs 14, right. B: 20 vs 14, wrong. [[A]]".
 
     python prepare_synthetic.py --out-dir data/synthetic
 """
@@ -120,11 +121,16 @@ def corrupt(rng, question_numbers, fact):
 def judgment(gold_step, step_a, step_b, label):
     """
     The EFT target: write the next step as it should be (in the solution's own format, so the judge reuses what the
-    model learned from IFT), check each candidate's arithmetic against it, then the verdict.
+    model learned from IFT), check each candidate's result against it, then the verdict. Each comparison puts the
+    two numbers side by side ("20 vs 14") and the verdict follows B's check just before it: a 1M-parameter model
+    learned neither a comparison across a sentence nor a verdict from a distant word in ~6 minutes (measured on the
+    dev split: verdicts at chance).
     """
-    said = lambda s: s.split(": ", 2)[-1].split(".")[0]  # "Step 2: 3 more: 14 + 3 = 17." -> "14 + 3 = 17"
+    result = lambda s: s.split(" = ")[1].split(".")[0]  # "Step 2: 3 more: 14 + 3 = 17." -> "17"
+    want = result(gold_step)
     ok_a, ok_b = ("right", "wrong") if label == "A" else ("wrong", "right")
-    return f"Want {gold_step.split(' The answer')[0]} A: {said(step_a)}, {ok_a}. B: {said(step_b)}, {ok_b}. [[{label}]]"
+    return (f"Want {gold_step.split(' The answer')[0]} A: {result(step_a)} vs {want}, {ok_a}. "
+            f"B: {result(step_b)} vs {want}, {ok_b}. [[{label}]]")
 
 
 def make_eft(rng, idx, question, steps, facts, chain, label):
@@ -147,13 +153,14 @@ def main():
     parser.add_argument("--num-dev", type=int, default=500)
     parser.add_argument("--num-test", type=int, default=1000)
     parser.add_argument("--num-eft-test", type=int, default=500)
-    # difficulty knobs: chosen so that a ~1M-parameter model lands at 35-75% after a few minutes of SFT
-    parser.add_argument("--max-start", type=int, default=30)
-    parser.add_argument("--max-operand", type=int, default=20)
-    parser.add_argument("--max-value", type=int, default=99)
+    # difficulty knobs, tuned on the dev split so a ~1M-parameter model lands at 35-75% after ~5.5 minutes of SFT
+    # on 2 cores (numbers <= 99 with * and / left it at 3-12%: see README)
+    parser.add_argument("--max-start", type=int, default=12)
+    parser.add_argument("--max-operand", type=int, default=9)
+    parser.add_argument("--max-value", type=int, default=20)
     parser.add_argument("--min-steps", type=int, default=2)
     parser.add_argument("--max-steps", type=int, default=4)
-    parser.add_argument("--ops", default="+-*/")
+    parser.add_argument("--ops", default="+-", help="any of +-*/")
     parser.add_argument("--overwrite", action="store_true")
     args = parser.parse_args()
     if skip_if_done(os.path.join(args.out_dir, "config.json"), args.overwrite):  # written last

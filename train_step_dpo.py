@@ -141,8 +141,12 @@ def main():
             examples.append(dict(id=p["id"], prefix_ids=prefix_ids, chosen_ids=chosen_ids, rejected_ids=rejected_ids))
     if rank == 0:
         print(f"{len(examples)} pairs ({len(pairs) - len(examples)} longer than --max-len dropped)")
-    if not examples:
-        raise DataError(f"{args.pairs}: no preference pair to train on (every step tied or had one candidate?)")
+    if not examples:  # every step tied or had one distinct candidate: there is nothing to prefer
+        print(f"WARNING: {args.pairs} holds no preference pair: M_t+1 = M_t, saved unchanged")
+        if rank == 0:
+            save_model(model, tokenizer, args.out)
+            save_config(args, os.path.join(args.out, "dpo_config.json"))
+        return
     # DDP: equal slices, so every process takes the same number of optimizer steps (else the all-reduce hangs)
     examples = examples[:len(examples) // world * world][rank::world]
     ref_path = f"{args.out.rstrip('/')}.ref_logps{'' if world == 1 else f'.rank{rank}'}.jsonl"

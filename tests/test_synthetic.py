@@ -165,10 +165,11 @@ def test_eft_label_points_at_the_uncorrupted_step(synthetic_dir, name, n):
             assert r["error"] == "operation"
             assert (a, b) == (ga, gb) and op != gop and c == APPLY[op](a, b)
         kinds[r["error"]] += 1
-        want = f"Want {ga} {gop} {gb} = {gc}."
-        assert r["judgment"].startswith(want) and r["judgment"].endswith(f"[[{r['label']}]]")
-        assert f"{r['label']}: {ga} {gop} {gb} = {gc}, right." in r["judgment"]
-        assert f"{'B' if r['label'] == 'A' else 'A'}: {a} {op} {b} = {c}, wrong." in r["judgment"]
+        # the judgment writes the gold step, then compares each candidate's result with the gold result
+        assert r["judgment"].startswith(f"Want Step {k + 1}: ") and f"{ga} {gop} {gb} = {gc}." in r["judgment"]
+        assert r["judgment"].endswith(f"[[{r['label']}]]")
+        assert f"{r['label']}: {gc} vs {gc}, right." in r["judgment"]
+        assert f"{'B' if r['label'] == 'A' else 'A'}: {c} vs {gc}, wrong." in r["judgment"]
     if n >= 200:
         assert set(kinds) == {"arithmetic", "operand", "operation"} and min(kinds.values()) >= 20
 
