@@ -17,6 +17,7 @@ INIT=${INIT:-}                 # an existing M1 to start from (skips SFT), e.g. 
 JUDGE=${JUDGE:-model}          # model: the paper's self-judging | random: the control
 NUM_ITERS=${NUM_ITERS:-3}      # paper: M1 -> M2 -> M3 -> M4
 OVERWRITE=${OVERWRITE:-}       # 1: redo every stage
+# Each stage's flags below can be overridden from the environment (SFT_ARGS=..., SYNTH_ARGS=..., MODEL_ARGS=...).
 # DATA holds questions1..3.jsonl, eft_test.jsonl, ift.jsonl, eft.jsonl; NPROC = processes (CPU cores, or GPUs)
 
 if [ "$PRESET" = tiny ]; then
@@ -24,13 +25,13 @@ if [ "$PRESET" = tiny ]; then
   NPROC=${NPROC:-2}
   PROMPTS="--prompt-reasoning reasoning_tiny"
   JUDGE_PROMPT="--prompt-judge judge_tiny"
-  SFT_ARGS="--epochs 0.7 --lr 2e-3 --batch-size 16 --max-len 512"
+  SFT_ARGS=${SFT_ARGS:-"--epochs 0.7 --lr 2e-3 --batch-size 16 --max-len 512"}
   # --orders 1: the tiny judge is position-biased, so judged in both orders 543 of 1,196 search steps tied and
   # rolled back (10 pairs from 120 questions, measured); the paper does not say it judges both orders
-  GEN_ARGS="--orders 1 --max-step-tokens 40 --judge-max-new-tokens 64 --batch-size 128 --questions-per-chunk 64"
-  DPO_ARGS="--lr 1e-4 --beta 0.1 --batch-size 16 --grad-accum 2 --epochs 1"
-  EVAL_ARGS="--max-new-tokens 160 --batch-size 128"
-  JUDGE_EVAL_ARGS="--max-new-tokens 64 --batch-size 128"
+  GEN_ARGS=${GEN_ARGS:-"--orders 1 --max-step-tokens 40 --judge-max-new-tokens 64 --batch-size 128 --questions-per-chunk 64"}
+  DPO_ARGS=${DPO_ARGS:-"--lr 1e-4 --beta 0.1 --batch-size 16 --grad-accum 2 --epochs 1"}
+  EVAL_ARGS=${EVAL_ARGS:-"--max-new-tokens 160 --batch-size 128"}
+  JUDGE_EVAL_ARGS=${JUDGE_EVAL_ARGS:-"--max-new-tokens 64 --batch-size 128"}
   EVAL_DATA="--data $DATA/test.jsonl"
   TRAIN="python"               # one process, both cores
   export OMP_NUM_THREADS=1     # search/eval of a 1M-parameter model: one process per core beats two threads
@@ -38,7 +39,7 @@ else
   source presets/paper.sh      # sets the same variables for Qwen2.5-Math on GPUs (and MODEL, DATA, NPROC)
 fi
 [ -n "$OVERWRITE" ] && OW="--overwrite" || OW=""
-R=runs/$RUN
+R=${RUN_DIR:-runs/$RUN}
 mkdir -p "$R"
 
 run() { echo "+ $*" >&2; "$@"; }
@@ -63,8 +64,8 @@ evaluate() {  # $1: model dir -> $1/../eval
 # --- data and M0 (the tiny default builds its own; the paper preset reads its files and loads MODEL) ----------------
 if [ "$PRESET" = tiny ]; then
   # questions per iteration: the paper's 400/800/1200 scaled by 0.3 so the loop fits ~25 minutes on 2 cores
-  run python prepare_synthetic.py --out-dir "$DATA" --num-questions 120,240,360
-  [ -z "$MODEL" ] && MODEL=$R/m0 && run python build_tiny_model.py --corpus "$DATA/ift.jsonl" "$DATA/eft.jsonl" --out "$MODEL"
+  run python prepare_synthetic.py --out-dir "$DATA" ${SYNTH_ARGS:---num-questions 120,240,360}
+  [ -z "$MODEL" ] && MODEL=$R/m0 && run python build_tiny_model.py --corpus "$DATA/ift.jsonl" "$DATA/eft.jsonl" --out "$MODEL" ${MODEL_ARGS:-}
 fi
 
 # --- M1: SFT on IFT + EFT (paper §3.2) ---------------------------------------------------------------------------

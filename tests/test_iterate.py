@@ -1,0 +1,102 @@
+"""The loop as a user runs it: `bash iterate.sh` with tiny sizes, a rerun that redoes nothing, and a search stage
+killed halfway that resumes without redoing or duplicating questions."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from conftest import ROOT
+
+TINY = dict(
+    NUM_ITERS="2",
+    SYNTH_ARGS="--num-ift 200 --num-eft 100 --num-questions 4,4,4 --num-dev 10 --num-test 12 --num-eft-test 8",
+    MODEL_ARGS="--hidden 32 --layers 2 --heads 2 --vocab-size 300",
+    SFT_ARGS="--epochs 1 --lr 3e-3 --batch-size 32 --max-len 512",
+    GEN_ARGS="--orders 2 --num-candidates 3 --max-steps 3 --max-step-tokens 24 --judge-max-new-tokens 24 --batch-size 64",
+    DPO_ARGS="--lr 1e-3 --batch-size 4 --grad-accum 1",
+    EVAL_ARGS="--max-new-tokens 48 --batch-size 64",
+    JUDGE_EVAL_ARGS="--max-new-tokens 24 --batch-size 64",
+)
+
+
+def iterate(tmp_path):
+    env = dict(os.environ, RUN_DIR=str(tmp_path / "run"), DATA=str(tmp_path / "data"), **TINY)
+    proc = subprocess.run(["bash", "iterate.sh"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+    return proc
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory):
+    tmp_path = tmp_path_factory.mktemp("iterate")
+    first = iterate(tmp_path)
+    return tmp_path, first
+
+
+def test_two_iterations_write_well_formed_outputs(run_dir):
+    tmp_path, _ = run_dir
+    run = tmp_path / "run"
+    for t in range(3):  # iter0 = M1, iter1 = M2, iter2 = M3
+        assert (run / f"iter{t}" / "model" / "config.json").exists()
+        summary = json.load(open(run / f"iter{t}" / "eval" / "data.summary.json"))
+        assert summary["n"] == 12 and 0.0 <= summary["accuracy"] <= 1.0
+        judge = json.load(open(run / f"iter{t}" / "eval" / "judge_eval.summary.json"))
+        assert judge["n"] == 8
+    for t in (1, 2):
+        trees = [json.loads(l) for l in open(run / f"iter{t}" / "trees.jsonl")]
+        assert [tr["id"] for tr in trees] == [f"questions{t}-{k}" for k in range(4)]  # each question once, in order
+        assert all(tr["stop_reason"] in ("answer", "eos", "max_steps", "empty", "too_long") for tr in trees)
+        pairs = [json.loads(l) for l in open(run / f"iter{t}" / "pairs.jsonl")]
+        assert all(p["chosen"] != p["rejected"] for p in pairs)
+        assert json.load(open(run / f"iter{t}" / "pairs.jsonl.stats.json"))["pairs"] == len(pairs)
+    rows = json.load(open(run / "summary.json"))
+    assert [r["model"] for r in rows] == ["M1", "M2", "M3"]
+    assert all(set(r) >= {"accuracy", "accuracy_se", "judge_accuracy", "steps_per_solution", "pairs"} for r in rows)
+    assert (run / "summary.png").stat().st_size > 1000
+
+
+def test_rerun_redoes_nothing(run_dir):
+    tmp_path, _ = run_dir
+    run = tmp_path / "run"
+    outputs = [run / "iter0" / "model" / "model.safetensors", run / "iter1" / "trees.jsonl",
+               run / "iter1" / "pairs.jsonl", run / "iter2" / "model" / "model.safetensors",
+               run / "iter2" / "eval" / "data.jsonl"]
+    before = [os.path.getmtime(p) for p in outputs]
+    second = iterate(tmp_path)
+    assert [os.path.getmtime(p) for p in outputs] == before
+    assert second.stdout.count("skipping") >= 12  # every stage of M1..M3 said so
+    assert "optimizer steps" not in second.stdout  # no trainer started
+    assert "search (questions done)" not in second.stderr  # no search started
+
+
+def test_search_killed_halfway_resumes_without_duplicates(tiny_model_dir, synthetic_dir, tmp_path, monkeypatch):
+    import generate
+    questions = os.path.join(synthetic_dir, "questions1.jsonl")
+    out = str(tmp_path / "trees.jsonl")
+    argv = ["generate.py", "--model", tiny_model_dir, "--questions", questions, "--out", out,
+            "--prompt-reasoning", "reasoning_tiny", "--prompt-judge", "judge_tiny", "--judge", "random",
+            "--num-candidates", "2", "--max-steps", "2", "--max-step-tokens", "8", "--questions-per-chunk", "2"]
+    real_search, searched = generate.search, []
+
+    def killed_after_one_chunk(model, tokenizer, records, ids, *args):
+        if searched:
+            raise KeyboardInterrupt("killed")
+        searched.extend(ids)
+        return real_search(model, tokenizer, records, ids, *args)
+
+    monkeypatch.setattr(sys, "argv", argv)
+    monkeypatch.setattr(generate, "search", killed_after_one_chunk)
+    with pytest.raises(KeyboardInterrupt):
+        generate.main()
+    assert not os.path.exists(out) and len(open(out + ".partial").readlines()) == 2
+
+    resumed = []
+    monkeypatch.setattr(generate, "search", lambda m, t, r, ids, *a: resumed.extend(ids) or real_search(m, t, r, ids, *a))
+    generate.main()
+    trees = [json.loads(l) for l in open(out)]
+    assert [t["id"] for t in trees] == [f"questions1-{k}" for k in range(6)]  # every question once, in order
+    assert not set(resumed) & set(searched)  # the finished chunk was not searched again
+    assert not os.path.exists(out + ".partial")
