@@ -3,10 +3,12 @@ The table of a run: per model M1, M2, ... its accuracy on the held-out test (± 
 accuracy on the held-out EFT pairs, steps per solution, and for the iteration that produced it the number of
 preference pairs, unparseable verdicts and how often the two judging orders disagreed.
 
-Reads  runs/<name>/iter<t>/{eval/*.summary.json, trees.jsonl.stats.json, pairs.jsonl.stats.json}
+Reads  runs/<name>/iter<t>/{eval/*.summary.json, trees.jsonl, pairs.jsonl.stats.json}
 Writes runs/<name>/summary.json  [{model, accuracy, accuracy_se, judge_accuracy, judge_accuracy_se,
                                    steps_per_solution, pairs, pairs_per_question, unparsed_verdicts,
-                                   order_disagreement, tie_rollbacks, data}]
+                                   order_disagreement, tie_rollbacks, data, pairs_right_over_wrong,
+                                   pairs_wrong_over_right (synthetic task: chosen step right and rejected wrong,
+                                   and the reverse, checked by arithmetic)}]
        runs/<name>/summary.png   accuracy and judge accuracy per model
 
     python report.py --run runs/default
@@ -16,8 +18,30 @@ import argparse
 import glob
 import json
 import os
+import re
 
-from common import write_json
+from common import read_jsonl, write_json
+from generate import summarize
+
+
+ARITH = re.compile(r"(\d+) ([-+*/]) (\d+) = (\d+)")
+
+
+def arithmetic_ok(step):
+    """The synthetic task only: is the step's 'a op b = c' right? None if the step has no such equation."""
+    m = ARITH.search(step)
+    if not m:
+        return None
+    a, op, b, c = int(m[1]), m[2], int(m[3]), int(m[4])
+    return {"+": a + b, "-": a - b, "*": a * b, "/": a // b if b else None}[op] == c
+
+
+def pair_label_check(pairs_path):
+    """How often the judge preferred a right step over a wrong one, and the reverse (synthetic task: labels known)."""
+    if not os.path.exists(pairs_path):
+        return {}
+    checks = [(arithmetic_ok(p["chosen"]), arithmetic_ok(p["rejected"])) for p in read_jsonl(pairs_path)]
+    return dict(pairs_right_over_wrong=checks.count((True, False)), pairs_wrong_over_right=checks.count((False, True)))
 
 
 def load(path):
@@ -31,7 +55,8 @@ def collect(run):
         evals = [load(p) for p in sorted(glob.glob(os.path.join(it, "eval", "*.summary.json")))
                  if not p.endswith("judge_eval.summary.json")]
         judge = load(os.path.join(it, "eval", "judge_eval.summary.json"))
-        search = load(os.path.join(it, "trees.jsonl.stats.json"))
+        trees = os.path.join(it, "trees.jsonl")  # stats recomputed from the merged trees (shards save their own)
+        search = summarize(read_jsonl(trees)) if os.path.exists(trees) else {}
         pairs = load(os.path.join(it, "pairs.jsonl.stats.json"))
         if not evals and not judge:
             break
@@ -43,6 +68,7 @@ def collect(run):
                          pairs=pairs.get("pairs"), pairs_per_question=pairs.get("pairs_per_question"),
                          unparsed_verdicts=search.get("unparsed"), order_disagreement=search.get("order_disagreement"),
                          tie_rollbacks=search.get("tie_rollbacks"), data=test.get("dataset"),
+                         **pair_label_check(os.path.join(it, "pairs.jsonl")),
                          other_datasets={e["dataset"]: e["accuracy"] for e in evals[1:]}))
         t += 1
     return rows
@@ -80,12 +106,13 @@ def main():
     write_json(os.path.join(args.run, "summary.json"), rows)
     plot(rows, os.path.join(args.run, "summary.png"))
     # a model's pairs/verdict columns describe the search that trained it (run by the previous model)
-    print("| model | accuracy % (± se) | judge accuracy % | steps/solution | pairs trained on | unparsed verdicts "
-          "| order disagreement | tie roll-backs |")
-    print("|---|---|---|---|---|---|---|---|")
+    print("| model | accuracy % (± se) | judge accuracy % | steps/solution | pairs trained on | right>wrong / "
+          "wrong>right | unparsed verdicts | order disagreement | tie roll-backs |")
+    print("|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         print(f"| {r['model']} | {fmt(r['accuracy'], True)} ± {fmt(r['accuracy_se'], True)} "
               f"| {fmt(r['judge_accuracy'], True)} | {fmt(r['steps_per_solution'])} | {fmt(r['pairs'])} "
+              f"| {fmt(r.get('pairs_right_over_wrong'))} / {fmt(r.get('pairs_wrong_over_right'))} "
               f"| {fmt(r['unparsed_verdicts'])} | {fmt(r['order_disagreement'])} | {fmt(r['tie_rollbacks'])} |")
     print(f"wrote {args.run}/summary.json and summary.png")
 
