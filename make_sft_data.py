@@ -68,6 +68,7 @@ import statistics
 
 from common import (DataError, chat_prompt, generate, join_steps, judge_context, load_model, load_prompt,
                     read_jsonl, save_config, skip_if_done, split_steps, write_jsonl)
+from evaluate import last_boxed  # one answer extractor for the whole project
 from judge import VERDICT, judge_pairs
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -240,22 +241,6 @@ def parse_model_split(text):
 
 # ----------------------------------------------------------------------------------------------------------------
 # IFT sources
-
-
-def last_boxed(text):
-    """Content of the last \\boxed{...} (braces matched), or None."""
-    i = text.rfind("\\boxed")
-    if i < 0:
-        return None
-    j = text.find("{", i)
-    if j < 0 or text[i + len("\\boxed"):j].strip():
-        return None
-    depth = 0
-    for k in range(j, len(text)):
-        depth += {"{": 1, "}": -1}.get(text[k], 0)
-        if depth == 0:
-            return text[j + 1:k]
-    return None
 
 
 CALCULATOR = re.compile(r"<<[^<>]*>>")
