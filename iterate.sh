@@ -4,7 +4,7 @@
 # Every stage is one printed command; finished stages are skipped on rerun (delete a stage's output, or edit a
 # script and pass OVERWRITE=1, to redo it). Outputs: runs/$RUN/iter0 (M1), runs/$RUN/iter$t (M_{t+1}), summary.
 #
-#   bash iterate.sh                              # the embedded default: tiny model, synthetic task, CPU, ~25 min
+#   bash iterate.sh                              # the embedded default: tiny model, synthetic task, CPU, ~13 min
 #   RUN=random JUDGE=random INIT=runs/default/iter0/model bash iterate.sh   # control: coin-flip judge, same M1
 #   PRESET=paper MODEL=Qwen/Qwen2.5-Math-7B RUN=qwen7b bash iterate.sh      # paper setup on GPUs (see README)
 set -euo pipefail
