@@ -297,6 +297,13 @@ def load_model(path, load_in_4bit=False, attn="sdpa", trainable=False):
     return model, tokenizer
 
 
+def save_trained(model, tokenizer, out_dir, log, args, config_name):
+    """A trainer's outputs: the model, its train_log.jsonl, then its config, written last to mark the stage done."""
+    save_model(model, tokenizer, out_dir)
+    write_jsonl(os.path.join(out_dir, "train_log.jsonl"), log)
+    save_config(args, os.path.join(out_dir, config_name))
+
+
 def save_model(model, tokenizer, out_dir):
     """Full model or LoRA adapter (PEFT saves only the adapter), plus the tokenizer so the dir loads on its own."""
     model = getattr(model, "module", model)  # unwrap DDP

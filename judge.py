@@ -21,7 +21,6 @@ gets: verdicts [{i, j, order, verdict, raw}], scores, chosen, best, worst, and t
 
 import argparse
 import itertools
-import os
 import random
 import re
 

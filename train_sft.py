@@ -17,7 +17,6 @@ Writes --out: a model directory (full weights, or the LoRA adapter under --lora)
 """
 
 import argparse
-import json
 import os
 import random
 import time
@@ -25,9 +24,9 @@ import time
 import torch
 from tqdm import tqdm
 
-from common import (DataError, add_training_args, chat_prompt, cosine_lr, init_distributed, judge_context, load_model,
-                    load_prompt, make_optimizer, padded_batch, prepare_for_training, read_jsonl, save_config,
-                    save_model, skip_if_done)
+from common import (DataError, add_training_args, chat_prompt, cosine_lr, init_distributed, judge_context,
+                    load_model, load_prompt, make_optimizer, padded_batch, prepare_for_training, read_jsonl,
+                    save_trained, skip_if_done)
 
 
 def sft_example(tokenizer, prompt_text, response_text, max_len):
@@ -144,11 +143,8 @@ def main():
                 break
     bar.close()
     if rank == 0:
-        save_model(model, tokenizer, args.out)
-        with open(os.path.join(args.out, "train_log.jsonl"), "w") as f:
-            f.writelines(json.dumps(r) + "\n" for r in log)
+        save_trained(model, tokenizer, args.out, log, args, "sft_config.json")
         print(f"trained {step} steps in {time.time() - t0:.0f}s, final loss {log[-1]['loss']:.4f}")
-        save_config(args, os.path.join(args.out, "sft_config.json"))  # written last: marks the stage as done
     if world > 1:
         torch.distributed.barrier()
 

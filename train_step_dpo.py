@@ -34,9 +34,8 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from common import (DataError, PartialJSONL, add_training_args, chat_prompt, cosine_lr, init_distributed, load_model,
-                    make_optimizer, padded_batch, prepare_for_training, read_jsonl, save_config, save_model,
-                    skip_if_done)
+from common import (PartialJSONL, add_training_args, chat_prompt, cosine_lr, init_distributed, load_model,
+                    make_optimizer, padded_batch, prepare_for_training, read_jsonl, save_trained, skip_if_done)
 
 PAIR_FIELDS = ["id", "prompt", "prefix", "chosen", "rejected", "chosen_final", "rejected_final"]
 
@@ -144,8 +143,7 @@ def main():
     if not examples:  # every step tied or had one distinct candidate: there is nothing to prefer
         print(f"WARNING: {args.pairs} holds no preference pair: M_t+1 = M_t, saved unchanged")
         if rank == 0:
-            save_model(model, tokenizer, args.out)
-            save_config(args, os.path.join(args.out, "dpo_config.json"))
+            save_trained(model, tokenizer, args.out, [], args, "dpo_config.json")
         return
     # DDP: equal slices, so every process takes the same number of optimizer steps (else the all-reduce hangs)
     examples = examples[:len(examples) // world * world][rank::world]
@@ -200,12 +198,8 @@ def main():
                 break
     bar.close()
     if rank == 0:
-        save_model(model, tokenizer, args.out)
-        with open(os.path.join(args.out, "train_log.jsonl"), "w") as f:
-            f.writelines(json.dumps(r) + "\n" for r in log)
-        if log:
-            print(f"{step} steps in {time.time() - t0:.0f}s; last: " + json.dumps(log[-1]))
-        save_config(args, os.path.join(args.out, "dpo_config.json"))  # written last: marks the stage as done
+        save_trained(model, tokenizer, args.out, log, args, "dpo_config.json")
+        print(f"{step} steps in {time.time() - t0:.0f}s; last: " + json.dumps(log[-1]))
     if world > 1:
         torch.distributed.barrier()
 

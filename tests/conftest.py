@@ -50,3 +50,28 @@ def run_script(*args, env=None, check=True):
     if check and proc.returncode != 0:
         raise AssertionError(f"{args} failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
     return proc
+
+
+@pytest.fixture(scope="module")
+def tiny(tiny_model_dir):
+    """The tiny model and tokenizer, loaded as every stage loads a model."""
+    from common import load_model
+    model, tokenizer = load_model(tiny_model_dir)
+    return model.eval(), tokenizer
+
+
+def ids_of(tokenizer, text):
+    return tokenizer(text, add_special_tokens=False)["input_ids"]
+
+
+def eft_step_pairs(synthetic_dir, n):
+    """Step pairs in make_pairs.py's schema from synthetic EFT records: the gold step chosen, the corrupted one not."""
+    from common import BOXED, join_steps, load_prompt, read_jsonl
+    template = load_prompt("reasoning_tiny")
+    pairs = []
+    for r in read_jsonl(os.path.join(synthetic_dir, "eft.jsonl"))[:n]:
+        good, bad = (r["step_a"], r["step_b"]) if r["label"] == "A" else (r["step_b"], r["step_a"])
+        pairs.append(dict(id=r["id"], question_id=r["id"], step=len(r["previous_steps"]) + 1,
+                          prompt=template.format(problem=r["question"]), prefix=join_steps(r["previous_steps"]),
+                          chosen=good, rejected=bad, chosen_final=BOXED in good, rejected_final=BOXED in bad))
+    return pairs

@@ -21,7 +21,8 @@ sys.path.insert(0, REPO)
 import generate  # noqa: E402
 import train_sft  # noqa: E402
 import train_step_dpo  # noqa: E402
-from common import BOXED, join_steps, load_model, load_prompt, read_jsonl, write_jsonl  # noqa: E402
+from conftest import eft_step_pairs  # noqa: E402
+from common import load_model, read_jsonl, write_jsonl  # noqa: E402
 
 TINY_PROMPTS = ["--prompt-reasoning", "reasoning_tiny", "--prompt-judge", "judge_tiny"]
 
@@ -34,17 +35,6 @@ def torchrun(*args, nproc=2):
     assert proc.returncode == 0, f"{args} failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
     return proc
 
-
-def hand_made_pairs(synthetic_dir, n):
-    """Step pairs in make_pairs.py's schema from synthetic EFT records: the correct step chosen, the wrong one not."""
-    prompt = load_prompt("reasoning_tiny")
-    pairs = []
-    for r in read_jsonl(os.path.join(synthetic_dir, "eft.jsonl"))[:n]:
-        good, bad = (r["step_a"], r["step_b"]) if r["label"] == "A" else (r["step_b"], r["step_a"])
-        pairs.append(dict(id=r["id"], prompt=prompt.format(problem=r["question"]),
-                          prefix=join_steps(r["previous_steps"]), chosen=good, rejected=bad,
-                          chosen_final=BOXED in good, rejected_final=BOXED in bad))
-    return pairs
 
 
 def weights(model_dir):
@@ -81,7 +71,7 @@ def test_step_dpo_under_torchrun_syncs_gradients(tiny_model_dir, synthetic_dir, 
     as one process on all 4 pairs: the loss is a mean over pairs and DDP averages the ranks' gradients. One process
     on rank 0's 2 pairs alone makes a different update (what an unsynchronised rank 0 would save).
     """
-    pairs = hand_made_pairs(synthetic_dir, 4)
+    pairs = eft_step_pairs(synthetic_dir, 4)
     all_pairs, rank0_pairs = str(tmp_path / "pairs.jsonl"), str(tmp_path / "rank0_pairs.jsonl")
     write_jsonl(all_pairs, pairs)
     write_jsonl(rank0_pairs, pairs[0::2])  # examples[rank::world]
@@ -145,7 +135,7 @@ def test_sft_ranks_take_the_same_number_of_steps(num_records, tiny_model_dir, sy
 def test_step_dpo_ranks_take_the_same_number_of_steps(num_pairs, tiny_model_dir, synthetic_dir, tmp_path,
                                                       monkeypatch):
     pairs = str(tmp_path / "pairs.jsonl")
-    write_jsonl(pairs, hand_made_pairs(synthetic_dir, num_pairs))
+    write_jsonl(pairs, eft_step_pairs(synthetic_dir, num_pairs))
     counts = rank_step_counts(train_step_dpo, ["--model", tiny_model_dir, "--pairs", pairs, "--batch-size", "2",
                                                "--grad-accum", "1"], tmp_path, monkeypatch)
     assert counts[0] == counts[1], f"optimizer steps per rank: {counts}"

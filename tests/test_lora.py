@@ -22,23 +22,13 @@ sys.path.insert(0, REPO)
 
 import build_tiny_model  # noqa: E402
 import train_step_dpo  # noqa: E402
-from common import (BOXED, DataError, join_steps, load_model, load_prompt, make_optimizer,  # noqa: E402
-                    prepare_for_training, read_jsonl, save_model, write_jsonl)
+from conftest import eft_step_pairs  # noqa: E402
+from common import (DataError, load_model, make_optimizer, prepare_for_training, read_jsonl, save_model,  # noqa: E402
+                    write_jsonl)
 
 LORA_ARGS = types.SimpleNamespace(lora=True, lora_rank=4, lora_alpha=8, lora_dropout=0.0, load_in_4bit=False,
                                   gradient_checkpointing=True, optim="adamw")
 
-
-def hand_made_pairs(synthetic_dir, n):
-    """Step pairs in make_pairs.py's schema from synthetic EFT records: the correct step chosen, the wrong one not."""
-    prompt = load_prompt("reasoning_tiny")
-    pairs = []
-    for r in read_jsonl(os.path.join(synthetic_dir, "eft.jsonl"))[:n]:
-        good, bad = (r["step_a"], r["step_b"]) if r["label"] == "A" else (r["step_b"], r["step_a"])
-        pairs.append(dict(id=r["id"], prompt=prompt.format(problem=r["question"]),
-                          prefix=join_steps(r["previous_steps"]), chosen=good, rejected=bad,
-                          chosen_final=BOXED in good, rejected_final=BOXED in bad))
-    return pairs
 
 
 def pair_batch(tokenizer, pairs):
@@ -67,7 +57,7 @@ def split_weights(model):
 
 def test_gradient_checkpointing_trains_the_adapter_and_nothing_else(tiny_model_dir, synthetic_dir):
     model, tokenizer = load_model(tiny_model_dir, trainable=True)
-    batch = pair_batch(tokenizer, hand_made_pairs(synthetic_dir, 4))
+    batch = pair_batch(tokenizer, eft_step_pairs(synthetic_dir, 4))
     with torch.no_grad():
         ref_logps = train_step_dpo.step_logps(model.eval(), *batch, tokenizer.pad_token_id)  # π_ref = M_t
     model = prepare_for_training(model, LORA_ARGS)
@@ -95,7 +85,7 @@ def test_gradient_checkpointing_trains_the_adapter_and_nothing_else(tiny_model_d
 def test_adapter_round_trip_and_next_iteration(tiny_model_dir, synthetic_dir, tmp_path, monkeypatch):
     """M_t saved as an adapter reloads to the same logits; train_step_dpo.py from it continues that adapter."""
     model, tokenizer = load_model(tiny_model_dir, trainable=True)
-    batch = pair_batch(tokenizer, hand_made_pairs(synthetic_dir, 4))
+    batch = pair_batch(tokenizer, eft_step_pairs(synthetic_dir, 4))
     with torch.no_grad():
         base_logps = train_step_dpo.step_logps(model.eval(), *batch, tokenizer.pad_token_id)
     model = prepare_for_training(model, LORA_ARGS)
@@ -119,14 +109,14 @@ def test_adapter_round_trip_and_next_iteration(tiny_model_dir, synthetic_dir, tm
 
     # iteration t+1 exactly as iterate.sh runs it; the reference is M2 (adapter on), so the first loss is log 2
     pairs = str(tmp_path / "pairs.jsonl")
-    write_jsonl(pairs, hand_made_pairs(synthetic_dir, 4))
+    write_jsonl(pairs, eft_step_pairs(synthetic_dir, 4))
     m3 = str(tmp_path / "m3")
     monkeypatch.setattr(sys, "argv", ["train_step_dpo.py", "--model", m2, "--pairs", pairs, "--out", m3,
                                       "--lora", "--lora-rank", "4", "--lora-alpha", "8", "--gradient-checkpointing",
                                       "--lr", "1e-2", "--batch-size", "2", "--grad-accum", "1"])
     train_step_dpo.main()
     ref = {r["id"]: r for r in read_jsonl(m3 + ".ref_logps.jsonl")}
-    ids = [p["id"] for p in hand_made_pairs(synthetic_dir, 4)]
+    ids = [p["id"] for p in eft_step_pairs(synthetic_dir, 4)]
     ref_m2 = torch.tensor([ref[i]["ref_chosen"] for i in ids] + [ref[i]["ref_rejected"] for i in ids])
     assert torch.allclose(ref_m2, logps_reloaded, atol=1e-4) and not torch.allclose(ref_m2, base_logps, atol=1e-3)
     log = read_jsonl(os.path.join(m3, "train_log.jsonl"))
@@ -168,7 +158,7 @@ def test_qlora_trains_the_adapter_on_a_4bit_base(tiny_model_dir, synthetic_dir):
     import bitsandbytes
     model, tokenizer = load_model(tiny_model_dir, load_in_4bit=True, trainable=True)
     assert any(isinstance(m, bitsandbytes.nn.Linear4bit) for m in model.modules())
-    batch = pair_batch(tokenizer, hand_made_pairs(synthetic_dir, 4))
+    batch = pair_batch(tokenizer, eft_step_pairs(synthetic_dir, 4))
     with torch.no_grad():
         ref_logps = train_step_dpo.step_logps(model.eval(), *batch, tokenizer.pad_token_id)
     model = prepare_for_training(model, types.SimpleNamespace(**{**vars(LORA_ARGS), "load_in_4bit": True}))

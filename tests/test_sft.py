@@ -18,19 +18,10 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 
 import build_tiny_model  # noqa: E402
+from conftest import ids_of  # noqa: E402
 import train_sft  # noqa: E402
 from common import (DataError, chat_prompt, join_steps, load_model, load_prompt, padded_batch,  # noqa: E402
                     read_jsonl, save_model)
-
-
-@pytest.fixture(scope="module")
-def tiny(tiny_model_dir):
-    model, tokenizer = load_model(tiny_model_dir)
-    return model.eval(), tokenizer
-
-
-def ids_of(tokenizer, text):
-    return tokenizer(text, add_special_tokens=False)["input_ids"]
 
 
 def sft_batch(tokenizer, synthetic_dir):

@@ -19,31 +19,10 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 
 import train_step_dpo as dpo  # noqa: E402
-from common import BOXED, DataError, chat_prompt, join_steps, load_model, load_prompt, read_jsonl  # noqa: E402
+from conftest import eft_step_pairs, ids_of  # noqa: E402
+from common import DataError, chat_prompt, load_model, read_jsonl  # noqa: E402
 
 LOG2 = math.log(2)
-
-
-@pytest.fixture(scope="module")
-def tiny(tiny_model_dir):
-    model, tokenizer = load_model(tiny_model_dir)
-    return model.eval(), tokenizer
-
-
-def ids_of(tokenizer, text):
-    return tokenizer(text, add_special_tokens=False)["input_ids"]
-
-
-def eft_pairs(synthetic_dir, n):
-    """Step pairs as make_pairs.py writes them, from EFT records: the gold step chosen, the corrupted one rejected."""
-    template = load_prompt("reasoning_tiny")
-    pairs = []
-    for r in read_jsonl(os.path.join(synthetic_dir, "eft.jsonl"))[:n]:
-        good, bad = (r["step_a"], r["step_b"]) if r["label"] == "A" else (r["step_b"], r["step_a"])
-        pairs.append(dict(id=r["id"], question_id=r["id"], step=len(r["previous_steps"]) + 1,
-                          prompt=template.format(problem=r["question"]), prefix=join_steps(r["previous_steps"]),
-                          chosen=good, rejected=bad, chosen_final=BOXED in good, rejected_final=BOXED in bad))
-    return pairs
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -93,7 +72,7 @@ def test_sequence_logps_sums_the_masked_tokens():
 
 
 def batch_of_different_lengths(tokenizer, synthetic_dir):
-    pairs = eft_pairs(synthetic_dir, 40)
+    pairs = eft_step_pairs(synthetic_dir, 40)
     by_step = {}
     for p in pairs:
         by_step.setdefault(p["step"], p)
@@ -185,7 +164,7 @@ def dpo_argv(model, pairs, out, *extra):
 
 def test_short_dpo_run(tiny, tiny_model_dir, synthetic_dir, tmp_path, monkeypatch, capsys):
     model, tokenizer = tiny
-    pairs = eft_pairs(synthetic_dir, 6)
+    pairs = eft_step_pairs(synthetic_dir, 6)
     pairs_path = str(tmp_path / "pairs.jsonl")
     with open(pairs_path, "w") as f:
         f.writelines(json.dumps(p) + "\n" for p in pairs)
@@ -239,7 +218,7 @@ def test_overwrite_recomputes_the_reference(tiny_model_dir, synthetic_dir, tmp_p
     """
     pairs_path = str(tmp_path / "pairs.jsonl")
     with open(pairs_path, "w") as f:
-        f.writelines(json.dumps(p) + "\n" for p in eft_pairs(synthetic_dir, 4))
+        f.writelines(json.dumps(p) + "\n" for p in eft_step_pairs(synthetic_dir, 4))
     other, out = str(tmp_path / "other"), str(tmp_path / "m2")
     monkeypatch.setattr(sys, "argv", dpo_argv(tiny_model_dir, pairs_path, other, "--epochs", "2"))
     dpo.main()
