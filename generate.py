@@ -138,8 +138,10 @@ def main():
     parser.add_argument("--judge-max-new-tokens", type=int, default=512, help="explanation + verdict")
     parser.add_argument("--orders", type=int, default=2, choices=[1, 2],
                         help="judge both (A,B) and (B,A) (not stated in the paper; 2 cancels position bias)")
-    parser.add_argument("--judge", default="model", choices=["model", "random"],
-                        help="random: coin-flip verdicts, the control that shows the judge's signal matters")
+    parser.add_argument("--judge", default="model", choices=["model", "random", "oracle"],
+                        help="controls, not the method: random = coin-flip verdicts (does the judge's signal "
+                        "matter?); oracle = true step labels of the synthetic task (does Step-DPO work with a "
+                        "perfect judge?)")
     parser.add_argument("--no-dedupe", action="store_true", help="judge identical candidates too (paper)")
     parser.add_argument("--batch-size", type=int, default=64, help="sequences per generate call")
     parser.add_argument("--questions-per-chunk", type=int, default=128, help="questions searched together; the "
@@ -167,7 +169,7 @@ def main():
             # seeded per chunk, so a resumed run samples what the uninterrupted one would have
             seed = zlib.crc32(f"{args.seed}-{chunk[0][0]}".encode())
             torch.manual_seed(seed)
-            rng = random.Random(seed)  # coin flips of --judge random
+            rng = random.Random(seed)  # coin flips of --judge random / oracle
             progress.add(search(model, tokenizer, [r for _, r in chunk], [i for i, _ in chunk], args, rng, bar))
     progress.finish([i for i in ids[shard::num_shards]])
     trees = read_jsonl(out_path)

@@ -17,6 +17,7 @@ gets: verdicts [{i, j, order, verdict, raw}], scores, chosen, best, worst, and t
     python judge.py --model runs/default/iter1/model --trees runs/default/iter1/trees.jsonl \\
         --out runs/default/iter1/trees_rejudged.jsonl --prompt-judge judge_tiny
     python judge.py --judge random --trees ... --out ...     # the control: coin flips instead of the model
+    python judge.py --judge oracle --trees ... --out ...     # the other control: the synthetic task's true labels
 """
 
 import argparse
@@ -28,6 +29,7 @@ from tqdm import tqdm
 
 from common import (chat_prompt, generate, judge_context, load_model, load_prompt, read_jsonl, save_config,
                     skip_if_done, write_jsonl)
+from prepare_synthetic import step_is_right
 
 VERDICT = re.compile(r"\[\[([AB])\]\]")
 
@@ -86,13 +88,24 @@ def distinct_candidates(texts):
     return sorted(first.values())
 
 
+def oracle_verdict(question, step_number, step_a, step_b, rng):
+    """
+    --judge oracle, the synthetic task only: the step that is right (prepare_synthetic.step_is_right) wins; two
+    right or two wrong steps get a coin flip, as a judge that must answer would. Not the paper's method: the upper
+    bound of any self-judge, which tells a failure of the judge from a failure of Step-DPO.
+    """
+    right_a, right_b = step_is_right(question, step_number, step_a), step_is_right(question, step_number, step_b)
+    return ("A" if right_a else "B") if right_a != right_b else rng.choice("AB")
+
+
 def judge_candidates(model, tokenizer, template, jobs, orders=2, judge="model", rng=None, dedupe=True,
                      max_new_tokens=256, batch_size=64, progress=None):
     """
     jobs: [(question, previous_steps, candidate_texts)] -> per job a dict with
       judged (candidate indices compared), verdicts [{i, j, order, verdict, raw}], scores (wins, per candidate),
       best, worst (None if all tie, or worst None if only one distinct candidate), tie, unparsed.
-    All comparisons of all jobs go into one batched generation. judge="random" flips a coin per comparison.
+    All comparisons of all jobs go into one batched generation. judge="random" flips a coin per comparison;
+    judge="oracle" knows the synthetic task's arithmetic (oracle_verdict).
     dedupe (deviation; the paper judges all w candidates): identical candidates are judged once and share a score.
     They carry no preference, and identical texts judged in both orders always tie, which would trigger the
     roll-back on exactly the steps the model is surest of.
@@ -107,6 +120,9 @@ def judge_candidates(model, tokenizer, template, jobs, orders=2, judge="model", 
             index.append((k, keep[a], keep[b], order))
     if judge == "random":
         results = [(rng.choice("AB"), "random") for _ in flat]
+    elif judge == "oracle":
+        results = [(oracle_verdict(jobs[k][0], len(jobs[k][1]) + 1, a, b, rng), "oracle")
+                   for (k, *_), (_, a, b) in zip(index, flat)]
     else:
         results = judge_pairs(model, tokenizer, template, flat, max_new_tokens, batch_size, progress)
     out = [dict(judged=keep, verdicts=[], unparsed=0) for keep in judged]
@@ -141,11 +157,12 @@ def order_disagreement(verdict_list):
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", help="the judge model (required unless --judge random)")
+    parser.add_argument("--model", help="the judge model (required with --judge model)")
     parser.add_argument("--trees", required=True, help="search-tree JSONL from generate.py")
     parser.add_argument("--out", required=True)
     parser.add_argument("--prompt-judge", default="judge", help="paper Fig. 5; the tiny default: judge_tiny")
-    parser.add_argument("--judge", default="model", choices=["model", "random"])
+    parser.add_argument("--judge", default="model", choices=["model", "random", "oracle"],
+                        help="random: coin flips; oracle: the synthetic task's arithmetic (controls, not the method)")
     parser.add_argument("--orders", type=int, default=2, choices=[1, 2], help="judge (A,B) and (B,A), or one order")
     parser.add_argument("--max-new-tokens", type=int, default=256)
     parser.add_argument("--batch-size", type=int, default=64)

@@ -23,6 +23,7 @@ correct one, compares each candidate's result with it (every corruption changes 
 import argparse
 import os
 import random
+import re
 
 from common import save_config, skip_if_done, write_jsonl
 
@@ -90,6 +91,49 @@ def step_text(k, op_n, a, op, b, c, final):
     reason = REASONS[op_n[0]].format(n=op_n[1])
     text = f"Step {k}: {reason}: {a} {op} {b} = {c}."
     return text + f" The answer is \\boxed{{{c}}}." if final else text
+
+
+def _template_regex(template):
+    """'{p} buys {n} more.' -> a regex that matches the sentence and captures n."""
+    pattern = re.escape(template)
+    for field, group in [("n", r"(\d+)"), ("p", r"\w+"), ("o", r"\w+"), ("f", r"\w+")]:
+        pattern = pattern.replace(re.escape("{" + field + "}"), group)
+    return re.compile(pattern + "$")
+
+
+SENTENCE_RES = [(op, _template_regex(t)) for op, templates in SENTENCES.items() for t in templates]
+STEP_EQUATION = re.compile(r"(\d+) ([-+*/]) (\d+) = (\d+)")
+
+
+def solve(question):
+    """The gold running values of a synthetic question: [start, after op 1, ..., answer] (parsed from the text)."""
+    sentences = re.split(r"(?<=[.?]) ", question)
+    start = re.search(r" has (\d+) ", sentences[0])
+    ops = [next(((op, int(m[1])) for op, r in SENTENCE_RES if (m := r.match(s))), None) for s in sentences[1:-1]]
+    if start is None or not ops or None in ops:
+        raise ValueError(f"not a synthetic question: {question[:80]!r}")
+    values = [int(start[1])]
+    for op, n in ops:
+        values.append(apply(op, values[-1], n))
+    return values
+
+
+def step_is_right(question, step_number, step):
+    """
+    The synthetic task's ground truth for one step (the oracle judge, and the check of self-made labels): step k is
+    right when its equation 'a op b = c' holds, c is the true value after k operations, and it gives the boxed
+    answer exactly when it is the last step. A step that copies a wrong earlier value is wrong.
+    """
+    values = solve(question)
+    m = STEP_EQUATION.search(step)
+    if m is None or not 1 <= step_number < len(values):
+        return False
+    a, op, b, c = int(m[1]), m[2], int(m[3]), int(m[4])
+    if (op == "/" and b == 0) or apply(op, a, b) != c or c != values[step_number]:
+        return False
+    boxed = re.search(r"\\boxed\{(\d+)\}", step)
+    final = step_number == len(values) - 1
+    return (boxed is not None and int(boxed[1]) == c) if final else boxed is None
 
 
 def corrupt(rng, question_numbers, fact):

@@ -8,7 +8,7 @@ Writes runs/<name>/summary.json  [{model, accuracy, accuracy_se, judge_accuracy,
                                    steps_per_solution, pairs, pairs_per_question, unparsed_verdicts,
                                    order_disagreement, tie_rollbacks, data, pairs_right_over_wrong,
                                    pairs_wrong_over_right (synthetic task: chosen step right and rejected wrong,
-                                   and the reverse, checked by arithmetic)}]
+                                   and the reverse, by the task's true labels)}]
        runs/<name>/summary.png   accuracy and judge accuracy per model
 
     python report.py --run runs/default
@@ -18,29 +18,22 @@ import argparse
 import glob
 import json
 import os
-import re
 
 from common import read_jsonl, write_json
 from generate import summarize
+from prepare_synthetic import step_is_right
 
 
-ARITH = re.compile(r"(\d+) ([-+*/]) (\d+) = (\d+)")
-
-
-def arithmetic_ok(step):
-    """The synthetic task only: is the step's 'a op b = c' right? None if the step has no such equation."""
-    m = ARITH.search(step)
-    if not m:
-        return None
-    a, op, b, c = int(m[1]), m[2], int(m[3]), int(m[4])
-    return {"+": a + b, "-": a - b, "*": a * b, "/": a // b if b else None}[op] == c
-
-
-def pair_label_check(pairs_path):
-    """How often the judge preferred a right step over a wrong one, and the reverse (synthetic task: labels known)."""
-    if not os.path.exists(pairs_path):
+def pair_label_check(pairs, questions):
+    """
+    Synthetic task only (labels are known): how often a self-made pair put a right step over a wrong one, and the
+    reverse (prepare_synthetic.step_is_right). questions: {question_id: text}. {} for other data.
+    """
+    try:
+        checks = [tuple(step_is_right(questions[p["question_id"]], p["step"], p[side]) for side in ("chosen", "rejected"))
+                  for p in pairs]
+    except ValueError:  # not synthetic questions
         return {}
-    checks = [(arithmetic_ok(p["chosen"]), arithmetic_ok(p["rejected"])) for p in read_jsonl(pairs_path)]
     return dict(pairs_right_over_wrong=checks.count((True, False)), pairs_wrong_over_right=checks.count((False, True)))
 
 
@@ -55,8 +48,11 @@ def collect(run):
         evals = [load(p) for p in sorted(glob.glob(os.path.join(it, "eval", "*.summary.json")))
                  if not p.endswith("judge_eval.summary.json")]
         judge = load(os.path.join(it, "eval", "judge_eval.summary.json"))
-        trees = os.path.join(it, "trees.jsonl")  # stats recomputed from the merged trees (shards save their own)
-        search = summarize(read_jsonl(trees)) if os.path.exists(trees) else {}
+        trees_path, pairs_path = os.path.join(it, "trees.jsonl"), os.path.join(it, "pairs.jsonl")
+        trees = read_jsonl(trees_path) if os.path.exists(trees_path) else []
+        search = summarize(trees) if trees else {}  # recomputed from the merged trees (shards save their own)
+        labels = pair_label_check(read_jsonl(pairs_path), {t["id"]: t["question"] for t in trees}) \
+            if trees and os.path.exists(pairs_path) else {}
         pairs = load(os.path.join(it, "pairs.jsonl.stats.json"))
         if not evals and not judge:
             break
@@ -68,7 +64,7 @@ def collect(run):
                          pairs=pairs.get("pairs"), pairs_per_question=pairs.get("pairs_per_question"),
                          unparsed_verdicts=search.get("unparsed"), order_disagreement=search.get("order_disagreement"),
                          tie_rollbacks=search.get("tie_rollbacks"), data=test.get("dataset"),
-                         **pair_label_check(os.path.join(it, "pairs.jsonl")),
+                         **labels,
                          other_datasets={e["dataset"]: e["accuracy"] for e in evals[1:]}))
         t += 1
     return rows

@@ -149,6 +149,21 @@ def test_random_judge_is_seeded_coin_flips():
     assert len({tuple(r["scores"]) for r in first}) > 1  # the flips differ between jobs
 
 
+def test_oracle_judge_prefers_the_right_step_and_flips_coins_between_equals():
+    q = "Tom has 5 pens. He buys 4 more. He loses 2. How many pens does Tom have now?"
+    cands = ["Step 1: 4 more: 5 + 4 = 10.", "Step 1: 4 more: 5 + 4 = 9.", "Step 1: 4 more: 5 - 4 = 1.",
+             "Step 1: 4 more: 5 + 4 = 9. "]  # two right (different text), two wrong
+    (res,) = judge.judge_candidates(None, None, "t", [(q, [], cands)], orders=2, judge="oracle", rng=random.Random(0))
+    assert all(v["raw"] == "oracle" for v in res["verdicts"]) and res["unparsed"] == 0
+    # each right step wins all 4 comparisons against the wrong ones; the right pair shares 2 wins by coin flips
+    assert res["scores"][1] + res["scores"][3] == 8 + 2 and res["scores"][0] + res["scores"][2] == 2
+    assert res["best"] in (1, 3) and res["worst"] in (0, 2)
+    for v in res["verdicts"]:
+        winner = {"A": v["i"], "B": v["j"]}[v["verdict"]]
+        if {v["i"], v["j"]} & {1, 3} and not {v["i"], v["j"]} <= {1, 3}:
+            assert winner in (1, 3)
+
+
 def test_judge_pairs_with_the_tiny_model(tiny_model_dir):
     model, tokenizer = load_model(tiny_model_dir)
     (res,) = judge.judge_candidates(model, tokenizer, load_prompt("judge_tiny"), [JOB], orders=2, max_new_tokens=6)

@@ -174,6 +174,30 @@ def test_eft_label_points_at_the_uncorrupted_step(synthetic_dir, name, n):
         assert set(kinds) == {"arithmetic", "operand", "operation"} and min(kinds.values()) >= 20
 
 
+def test_step_oracle_agrees_with_the_questions_and_catches_each_error(synthetic_dir):
+    """prepare_synthetic.solve / step_is_right (the oracle judge and the label check) against this file's parser."""
+    for r in read_jsonl(os.path.join(synthetic_dir, "ift.jsonl")):
+        start, facts = gold_chain(r["question"])
+        assert prepare_synthetic.solve(r["question"]) == [start] + [c for *_, c in facts]
+        for k, step in enumerate(r["solution"].split("\n"), 1):
+            assert prepare_synthetic.step_is_right(r["question"], k, step)
+    for r in read_jsonl(os.path.join(synthetic_dir, "eft.jsonl")):  # every corruption kind is caught
+        k = len(r["previous_steps"]) + 1
+        verdicts = [prepare_synthetic.step_is_right(r["question"], k, r[s]) for s in ("step_a", "step_b")]
+        assert verdicts == ([True, False] if r["label"] == "A" else [False, True])
+    q = "Tom has 5 pens. He buys 4 more. He loses 2. How many pens does Tom have now?"
+    right = prepare_synthetic.step_is_right
+    assert right(q, 1, "Step 1: 4 more: 5 + 4 = 9.") and right(q, 2, "Step 2: 2 fewer: 9 - 2 = 7. The answer is \\boxed{7}.")
+    assert not right(q, 1, "Step 1: 4 more: 5 + 4 = 9. The answer is \\boxed{9}.")  # answers too early
+    assert not right(q, 2, "Step 2: 2 fewer: 9 - 2 = 7.")  # last step without the answer
+    assert not right(q, 2, "Step 2: 2 fewer: 9 - 2 = 7. The answer is \\boxed{8}.")  # boxes another number
+    assert not right(q, 1, "Step 1: 4 more: 5 + 3 = 9.")  # right value, false equation
+    assert not right(q, 2, "Step 2: 2 fewer: 10 - 2 = 8. The answer is \\boxed{8}.")  # carries a wrong value on
+    assert not right(q, 3, "Step 3: 1 more: 7 + 1 = 8.") and not right(q, 1, "Step 1: I think it is 9.")
+    with pytest.raises(ValueError, match="not a synthetic question"):
+        prepare_synthetic.solve("Let $x^2 = 4$. Find $x$.")
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # JSONL errors and resumable progress
 
