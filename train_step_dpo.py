@@ -12,6 +12,8 @@ its log-probs are computed once, in a no-grad pass before training, and stored w
 
 Not stated by the paper, chosen here (flags):
   --beta 0.1       Step-DPO (Lai et al. 2024) used 0.05-0.5; 0.1 is the DPO paper's common default.
+  --nll-weight 0    off (the paper's plain DPO). α > 0 adds α · chosen_nll (per token) to each pair's loss, the
+                   Iterative RPO fix for reasoning DPO; measured on the tiny default: see README.
   --final-step-eos a step that ended the solution is scored with the EOS the model produced after it, so DPO also
                    teaches when to stop; an intermediate step is scored with its trailing newline (the model
                    produced "\\n" before the next "Step"), never with EOS (as in Step-DPO).
@@ -20,7 +22,7 @@ Reads  --pairs JSONL {id, prompt, prefix, chosen, rejected, chosen_final, reject
 Writes --out   a model directory (full weights, or the LoRA adapter), train_log.jsonl, ref_logps.jsonl, config
 
     python train_step_dpo.py --model runs/default/m1 --pairs runs/default/iter1/pairs.jsonl \\
-        --out runs/default/m2 --lr 1e-4 --beta 0.1
+        --out runs/default/m2 --lr 1e-5 --beta 0.1
     # paper scale on one GPU (QLoRA): add --load-in-4bit --gradient-checkpointing; two GPUs: torchrun --nproc_per_node 2
 """
 
@@ -58,6 +60,14 @@ def step_dpo_loss(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, 
     rejected_rewards = beta * (policy_rejected_logps - ref_rejected_logps)  # B, Eq. 7
     losses = -F.logsigmoid(chosen_rewards - rejected_rewards)               # Eq. 8
     return losses, chosen_rewards.detach(), rejected_rewards.detach()
+
+
+def chosen_nll(policy_chosen_logps, chosen_lengths):
+    """
+    Per-token negative log-likelihood of the chosen step, [B] (the NLL term of Iterative RPO, Pang et al. 2024).
+    Not in the paper (--nll-weight, 0 = off): DPO alone can lower log π(chosen) along with log π(rejected).
+    """
+    return -policy_chosen_logps / chosen_lengths
 
 
 def tokenize_pair(tokenizer, pair, final_step_eos):
@@ -122,6 +132,8 @@ def main():
     parser.add_argument("--batch-size", type=int, default=8, help="pairs per process per micro-batch")
     parser.add_argument("--grad-accum", type=int, default=4, help="paper batch 32 = batch-size x grad-accum x GPUs")
     parser.add_argument("--warmup", type=float, default=0.1, help="fraction of steps")
+    parser.add_argument("--nll-weight", type=float, default=0.0,
+                        help="α of an added per-token NLL of the chosen step (deviation; 0 = the paper's DPO)")
     parser.add_argument("--no-final-step-eos", action="store_true", help="score a final step without its EOS")
     parser.add_argument("--max-len", type=int, default=2048, help="pairs whose prefix + step is longer are dropped")
     parser.add_argument("--overwrite", action="store_true")
@@ -169,7 +181,7 @@ def main():
                 g["lr"] = lr
             group = micro_batches[g0:g0 + args.grad_accum]
             n_pairs = sum(len(mb) for mb in group)
-            stats = dict(loss=0.0, chosen=0.0, rejected=0.0, accuracy=0.0)
+            stats = dict(loss=0.0, chosen=0.0, rejected=0.0, accuracy=0.0, logp_chosen=0.0, logp_rejected=0.0)
             for k, mb in enumerate(group):
                 n = len(mb)
                 sync = k == len(group) - 1 or world == 1
@@ -180,18 +192,24 @@ def main():
                     ref_c = torch.tensor([ref[e["id"]]["ref_chosen"] for e in mb], device=logps.device)
                     ref_r = torch.tensor([ref[e["id"]]["ref_rejected"] for e in mb], device=logps.device)
                     losses, chosen_r, rejected_r = step_dpo_loss(logps[:n], logps[n:], ref_c, ref_r, args.beta)
+                    if args.nll_weight:
+                        lengths = torch.tensor([len(e["chosen_ids"]) for e in mb], device=logps.device)
+                        losses = losses + args.nll_weight * chosen_nll(logps[:n], lengths)
                     (losses.sum() / n_pairs).backward()
                 stats["loss"] += losses.sum().item() / n_pairs
                 stats["chosen"] += chosen_r.sum().item() / n_pairs
                 stats["rejected"] += rejected_r.sum().item() / n_pairs
                 stats["accuracy"] += (chosen_r > rejected_r).float().sum().item() / n_pairs
+                stats["logp_chosen"] += logps[:n].detach().sum().item() / n_pairs
+                stats["logp_rejected"] += logps[n:].detach().sum().item() / n_pairs
             torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
             step += 1
             log.append({"step": step, "lr": lr, "loss": stats["loss"], "rewards/chosen": stats["chosen"],
                         "rewards/rejected": stats["rejected"], "rewards/margins": stats["chosen"] - stats["rejected"],
-                        "rewards/accuracies": stats["accuracy"]})
+                        "rewards/accuracies": stats["accuracy"], "logps/chosen": stats["logp_chosen"],
+                        "logps/rejected": stats["logp_rejected"]})
             bar.update(1)
             bar.set_postfix(loss=f"{stats['loss']:.3f}", margin=f"{log[-1]['rewards/margins']:.3f}")
             if step >= total_steps:
