@@ -36,6 +36,7 @@ for name in gsm8k math gaokao2023en olympiadbench aime24 amc23; do
   if [ -f "$SHARED/$name/test.jsonl" ]; then EVAL_DATA+=" --data $SHARED/$name/test.jsonl"
   else echo "PRESET=paper: $SHARED/$name/test.jsonl missing, $name not evaluated" >&2; fi
 done
+JUDGE_EVAL_DATA="$DATA/eft_test.jsonl"   # step-judge accuracy on held-out PRM800K pairs (built below)
 
 # --- data (paper §2), built once; eft_test.jsonl is written last, so its presence means all of it is there ---------
 # paper: IFT = 28,889 NuminaMath-CoT solutions split into steps by o1; EFT = 4,167 PRM-found step pairs judged by o1;
