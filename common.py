@@ -321,14 +321,22 @@ def save_model(model, tokenizer, out_dir):
 
 
 class StopAtNextStep:
-    """Stop a sequence once its generated text contains the next step marker (custom step splitting)."""
+    """
+    Stop a sequence once its generated text contains the next step marker (custom step splitting).
+    Called after every new token, it decodes only the last `window` tokens: the marker is completed by the newest
+    token, so it lies among them (decoding the whole continuation each time is quadratic in its length). A marker
+    at the very start of the continuation does not count (as in cut_at_next_step). HF generate keeps a sequence
+    stopped once this fires, so it need not keep firing after the marker leaves the window.
+    """
 
-    def __init__(self, tokenizer, prompt_len):
-        self.tokenizer, self.prompt_len = tokenizer, prompt_len
+    def __init__(self, tokenizer, prompt_len, window=16):
+        self.tokenizer, self.prompt_len, self.window = tokenizer, prompt_len, window
 
     def __call__(self, input_ids, scores, **kwargs):
-        texts = self.tokenizer.batch_decode(input_ids[:, self.prompt_len:], skip_special_tokens=True)
-        return torch.tensor([t.find(NEXT_STEP, 1) >= 0 for t in texts], device=input_ids.device)
+        start = max(self.prompt_len, input_ids.shape[1] - self.window)
+        texts = self.tokenizer.batch_decode(input_ids[:, start:], skip_special_tokens=True)
+        skip = 1 if start == self.prompt_len else 0
+        return torch.tensor([t.find(NEXT_STEP, skip) >= 0 for t in texts], device=input_ids.device)
 
 
 @torch.no_grad()

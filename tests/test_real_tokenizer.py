@@ -188,15 +188,27 @@ def test_steps_round_trip_through_real_ids(tok):
     assert cut_at_next_step(generated) == NEXT_STEPS[0]
 
 
+def first_stop(stop, prompt_ids, generated):
+    """The index of the generated token after which the criterion first fires (None: never)."""
+    return next((k for k in range(len(generated))
+                 if stop(torch.tensor([prompt_ids + generated[:k + 1]]), None)[0]), None)
+
+
 def test_stop_at_next_step_fires_on_the_real_marker_token(tok):
     prompt_ids = ids(tok, prefix_text(tok))
     generated = ids(tok, NEXT_STEPS[3] + "\nStep 4: More.")
-    stop = StopAtNextStep(tok, len(prompt_ids))
-    fired = [bool(stop(torch.tensor([prompt_ids + generated[:k]]), None)[0]) for k in range(1, len(generated) + 1)]
-    first = fired.index(True)
-    assert not any(fired[:first]) and all(fired[first:])
+    assert len(generated) > 16  # the marker lies past the first window: the tail-only decoding is exercised
+    first = first_stop(StopAtNextStep(tok, len(prompt_ids)), prompt_ids, generated)
     text = tok.decode(generated[:first + 1])
     assert text.endswith("\nStep") and cut_at_next_step(text) == NEXT_STEPS[3]
+    # decoding only the last 16 tokens stops exactly where decoding the whole continuation does
+    whole = StopAtNextStep(tok, len(prompt_ids), window=10 ** 9)
+    for continuation in [NEXT_STEPS[3] + "\nStep 4: More.", "\nStep 3: a marker at the start does not count.",
+                         "\nStep 3: " + NEXT_STEPS[0] + "\nStep 4", "x\nStep 3", NEXT_STEPS[1] + " No marker."]:
+        generated = ids(tok, continuation)
+        assert first_stop(StopAtNextStep(tok, len(prompt_ids)), prompt_ids, generated) == \
+            first_stop(whole, prompt_ids, generated), continuation
+    assert first_stop(whole, prompt_ids, ids(tok, "\nStep 3: a marker at the start does not count.")) is None
 
 
 # ----------------------------------------------------------------------------------------------------------------
