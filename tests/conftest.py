@@ -1,6 +1,7 @@
 """Shared fixtures: a tiny synthetic data set and a tiny model built in the test session (no download)."""
 
 import os
+import signal
 import subprocess
 import sys
 
@@ -75,3 +76,23 @@ def eft_step_pairs(synthetic_dir, n):
                           prompt=template.format(problem=r["question"]), prefix=join_steps(r["previous_steps"]),
                           chosen=good, rejected=bad, chosen_final=BOXED in good, rejected_final=BOXED in bad))
     return pairs
+
+
+def ends_within(seconds, main, what):
+    """Run main() and fail if it is still running after `seconds` (a loop that never ends); a DataError is a fine
+    ending too (a clear message that there is nothing to train on)."""
+    from common import DataError
+
+    def too_slow(signum, frame):
+        raise TimeoutError(f"{what} still running after {seconds} s")
+
+    previous = signal.signal(signal.SIGALRM, too_slow)
+    signal.alarm(seconds)
+    try:
+        try:
+            main()
+        except DataError:
+            pass
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, previous)

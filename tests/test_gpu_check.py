@@ -4,26 +4,11 @@ import json
 import math
 import os
 import sys
-import types
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-try:
-    import train_step_dpo  # noqa: F401 (gpu_check imports it)
-except ImportError:  # the trainer is not written yet: its two functions, by their documented signatures
-    def sequence_logps(logits, labels, loss_mask):
-        return (logits.float().log_softmax(-1).gather(2, labels.unsqueeze(-1)).squeeze(-1) * loss_mask).sum(-1)
-
-    def step_dpo_loss(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps, beta):
-        chosen = beta * (policy_chosen_logps - ref_chosen_logps)
-        rejected = beta * (policy_rejected_logps - ref_rejected_logps)
-        return -F.logsigmoid(chosen - rejected), chosen.detach(), rejected.detach()
-
-    sys.modules["train_step_dpo"] = types.SimpleNamespace(sequence_logps=sequence_logps, step_dpo_loss=step_dpo_loss)
 
 import gpu_check  # noqa: E402
 

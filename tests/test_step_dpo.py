@@ -9,7 +9,6 @@ tokenization (EOS only after a final step), and a short in-process run: loss log
 import json
 import math
 import os
-import signal
 import sys
 
 import pytest
@@ -19,8 +18,8 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 
 import train_step_dpo as dpo  # noqa: E402
-from conftest import eft_step_pairs, ids_of  # noqa: E402
-from common import DataError, chat_prompt, load_model, read_jsonl  # noqa: E402
+from conftest import eft_step_pairs, ends_within, ids_of  # noqa: E402
+from common import chat_prompt, load_model, read_jsonl  # noqa: E402
 
 LOG2 = math.log(2)
 
@@ -241,20 +240,8 @@ def test_no_pairs_ends_instead_of_looping_forever(tiny_model_dir, tmp_path, monk
     pairs_path = tmp_path / "pairs.jsonl"
     pairs_path.write_text("")
 
-    def too_slow(signum, frame):
-        raise TimeoutError("train_step_dpo.main() still running after 10 s on an empty pairs file")
-
     monkeypatch.setattr(sys, "argv", dpo_argv(tiny_model_dir, str(pairs_path), str(tmp_path / "m2")))
-    previous = signal.signal(signal.SIGALRM, too_slow)
-    signal.alarm(10)
-    try:
-        try:
-            dpo.main()
-        except DataError:
-            pass  # a clear "no pairs" error is a fine ending too
-    finally:
-        signal.alarm(0)
-        signal.signal(signal.SIGALRM, previous)
+    ends_within(10, dpo.main, "train_step_dpo.main() on an empty pairs file")
 
 
 def test_nll_weight_keeps_the_chosen_step_likely(tiny, tiny_model_dir, synthetic_dir, tmp_path, monkeypatch):
