@@ -461,8 +461,7 @@ def padded_batch(sequences, pad_id, loss_masks=None, left=False):
         ids.append(pad + s if left else s + pad)
         att.append(pad + [1] * len(s) if left else [1] * len(s) + pad)
         lm.append(pad + mask if left else mask + pad)
-    ids = torch.tensor(ids)
-    ids[torch.tensor(att) == 0] = pad_id
-    att = torch.tensor(att)
+    ids, att = torch.tensor(ids), torch.tensor(att)
+    ids[att == 0] = pad_id
     pos = (att.cumsum(-1) - 1).clamp(min=0)
     return ids, att, pos, torch.tensor(lm)

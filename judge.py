@@ -88,13 +88,12 @@ def distinct_candidates(texts):
     return sorted(first.values())
 
 
-def oracle_verdict(question, step_number, step_a, step_b, rng):
+def oracle_verdict(right_a, right_b, rng):
     """
     --judge oracle, the synthetic task only: the step that is right (prepare_synthetic.step_is_right) wins; two
     right or two wrong steps get a coin flip, as a judge that must answer would. Not the paper's method: the upper
     bound of any self-judge, which tells a failure of the judge from a failure of Step-DPO.
     """
-    right_a, right_b = step_is_right(question, step_number, step_a), step_is_right(question, step_number, step_b)
     return ("A" if right_a else "B") if right_a != right_b else rng.choice("AB")
 
 
@@ -120,9 +119,10 @@ def judge_candidates(model, tokenizer, template, jobs, orders=2, judge="model", 
             index.append((k, keep[a], keep[b], order))
     if judge == "random":
         results = [(rng.choice("AB"), "random") for _ in flat]
-    elif judge == "oracle":
-        results = [(oracle_verdict(jobs[k][0], len(jobs[k][1]) + 1, a, b, rng), "oracle")
-                   for (k, *_), (_, a, b) in zip(index, flat)]
+    elif judge == "oracle":  # each candidate checked once, not once per comparison
+        right = [[step_is_right(question, len(previous) + 1, c) for c in candidates]
+                 for question, previous, candidates in jobs]
+        results = [(oracle_verdict(right[k][i], right[k][j], rng), "oracle") for k, i, j, _ in index]
     else:
         results = judge_pairs(model, tokenizer, template, flat, max_new_tokens, batch_size, progress)
     out = [dict(judged=keep, verdicts=[], unparsed=0) for keep in judged]

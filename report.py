@@ -3,12 +3,16 @@ The table of a run: per model M1, M2, ... its accuracy on the held-out test (± 
 accuracy on the held-out EFT pairs, steps per solution, and for the iteration that produced it the number of
 preference pairs, unparseable verdicts and how often the two judging orders disagreed.
 
-Reads  runs/<name>/iter<t>/{eval/*.summary.json, trees.jsonl, pairs.jsonl.stats.json}
+Reads  runs/<name>/iter<t>/{eval/*.summary.json, eval/judge_eval.jsonl, trees.jsonl, pairs.jsonl(.stats.json)}
+       and the EFT test file named in judge_eval.summary.json
 Writes runs/<name>/summary.json  [{model, accuracy, accuracy_se, judge_accuracy, judge_accuracy_se,
                                    steps_per_solution, pairs, pairs_per_question, unparsed_verdicts,
                                    order_disagreement, tie_rollbacks, data, pairs_right_over_wrong,
                                    pairs_wrong_over_right (synthetic task: chosen step right and rejected wrong,
-                                   and the reverse, by the task's true labels)}]
+                                   and the reverse, by the task's true labels), search_b_share,
+                                   search_right_wins, search_wrong_wins, judge_near_accuracy, judge_near_n,
+                                   judge_far_accuracy, judge_far_n (synthetic task: the judge against true
+                                   labels, see verdict_check and judge_gap_check)}]
        runs/<name>/summary.png   accuracy and judge accuracy per model
 
     python report.py --run runs/default
@@ -21,7 +25,7 @@ import os
 
 from common import read_jsonl, write_json
 from generate import summarize
-from prepare_synthetic import step_is_right
+from prepare_synthetic import STEP_EQUATION, step_is_right
 
 
 def pair_label_check(pairs, questions):
@@ -35,6 +39,46 @@ def pair_label_check(pairs, questions):
     except ValueError:  # not synthetic questions
         return {}
     return dict(pairs_right_over_wrong=checks.count((True, False)), pairs_wrong_over_right=checks.count((False, True)))
+
+
+def verdict_check(trees):
+    """
+    Synthetic task only: the self-judge inside the search. Share of its verdicts that name B (position bias), and
+    over comparisons of a right candidate with a wrong one, how often each wins. {} for other data.
+    """
+    b = right_wins = wrong_wins = total = 0
+    try:
+        for tree in trees:
+            for node in tree["steps"]:
+                right = [step_is_right(tree["question"], node["step"], c["text"]) for c in node["candidates"]]
+                for v in node["verdicts"]:
+                    total += 1
+                    b += v["verdict"] == "B"
+                    if v["verdict"] and right[v["i"]] != right[v["j"]]:
+                        winner = v["i"] if v["verdict"] == "A" else v["j"]
+                        right_wins += right[winner]
+                        wrong_wins += not right[winner]
+    except ValueError:  # not synthetic questions
+        return {}
+    return dict(search_b_share=b / total, search_right_wins=right_wins, search_wrong_wins=wrong_wins) if total else {}
+
+
+def judge_gap_check(judge_rows, eft_rows):
+    """
+    Synthetic task only: step-judge accuracy on EFT pairs whose two results differ by at most 2 (near misses, the
+    errors the model itself makes) and by more. {} for other data.
+    """
+    result = lambda step: int(STEP_EQUATION.search(step)[4])
+    eft = {r["id"]: r for r in eft_rows}
+    near, far = [], []
+    try:
+        for r in judge_rows:
+            pair = eft[r["id"]]
+            (near if abs(result(pair["step_a"]) - result(pair["step_b"])) <= 2 else far).append(r["correct"])
+    except TypeError:  # a step without 'a op b = c': not the synthetic task
+        return {}
+    return dict(judge_near_accuracy=sum(near) / len(near) if near else None, judge_near_n=len(near),
+                judge_far_accuracy=sum(far) / len(far) if far else None, judge_far_n=len(far))
 
 
 def load(path):
@@ -53,6 +97,9 @@ def collect(run):
         search = summarize(trees) if trees else {}  # recomputed from the merged trees (shards save their own)
         labels = pair_label_check(read_jsonl(pairs_path), {t["id"]: t["question"] for t in trees}) \
             if trees and os.path.exists(pairs_path) else {}
+        judge_rows = os.path.join(it, "eval", "judge_eval.jsonl")
+        gaps = judge_gap_check(read_jsonl(judge_rows), read_jsonl(judge["data"])) \
+            if os.path.exists(judge_rows) and os.path.exists(judge.get("data", "")) else {}
         pairs = load(os.path.join(it, "pairs.jsonl.stats.json"))
         if not evals and not judge:
             break
@@ -64,7 +111,7 @@ def collect(run):
                          pairs=pairs.get("pairs"), pairs_per_question=pairs.get("pairs_per_question"),
                          unparsed_verdicts=search.get("unparsed"), order_disagreement=search.get("order_disagreement"),
                          tie_rollbacks=search.get("tie_rollbacks"), data=test.get("dataset"),
-                         **labels,
+                         **labels, **verdict_check(trees), **gaps,
                          other_datasets={e["dataset"]: e["accuracy"] for e in evals[1:]}))
         t += 1
     return rows
@@ -110,6 +157,16 @@ def main():
               f"| {fmt(r['judge_accuracy'], True)} | {fmt(r['steps_per_solution'])} | {fmt(r['pairs'])} "
               f"| {fmt(r.get('pairs_right_over_wrong'))} / {fmt(r.get('pairs_wrong_over_right'))} "
               f"| {fmt(r['unparsed_verdicts'])} | {fmt(r['order_disagreement'])} | {fmt(r['tie_rollbacks'])} |")
+    if any("search_b_share" in r or "judge_near_accuracy" in r for r in rows):
+        print("\nsynthetic task, the judge checked against true labels: in the search that trained the model, the "
+              "share of [[B]] verdicts and right-vs-wrong wins; on the EFT test, accuracy by result gap")
+        print("| model | [[B]] share % | right wins / wrong wins | EFT, gap <= 2: % (n) | EFT, gap > 2: % (n) |")
+        print("|---|---|---|---|---|")
+        for r in rows:
+            print(f"| {r['model']} | {fmt(r.get('search_b_share'), True)} "
+                  f"| {fmt(r.get('search_right_wins'))} / {fmt(r.get('search_wrong_wins'))} "
+                  f"| {fmt(r.get('judge_near_accuracy'), True)} ({fmt(r.get('judge_near_n'))}) "
+                  f"| {fmt(r.get('judge_far_accuracy'), True)} ({fmt(r.get('judge_far_n'))}) |")
     print(f"wrote {args.run}/summary.json and summary.png")
 
 

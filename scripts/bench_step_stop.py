@@ -7,7 +7,7 @@ continuation each time (the old way) against only the last 16 tokens.
     python scripts/bench_step_stop.py [--batch 96] [--tokens 256]
 
 Measured 2026-11-26 on the 2-core CPU machine (no GPU), batch 96, 256 new tokens, host time per generate call:
-    whole continuation: 1.30 s      last 16 tokens: 0.22 s   (a first ad-hoc run: 1.69 s / 0.34 s)
+    whole continuation: 1.30 s      last 16 tokens: 0.22 s
 (on a GPU the check runs on the host between forward passes, so this time adds to every candidate batch)
 """
 

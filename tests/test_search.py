@@ -21,6 +21,7 @@ sys.path.insert(0, REPO)
 import generate  # noqa: E402
 import judge  # noqa: E402
 import make_pairs  # noqa: E402
+import report  # noqa: E402
 from common import BOXED, join_steps, load_model, load_prompt, read_jsonl, write_jsonl  # noqa: E402
 
 ARITHMETIC = re.compile(r"(\d+) ([-+*/]) (\d+) = (\d+)")
@@ -162,6 +163,25 @@ def test_oracle_judge_prefers_the_right_step_and_flips_coins_between_equals():
         winner = {"A": v["i"], "B": v["j"]}[v["verdict"]]
         if {v["i"], v["j"]} & {1, 3} and not {v["i"], v["j"]} <= {1, 3}:
             assert winner in (1, 3)
+
+
+def test_report_checks_the_judge_against_true_labels():
+    q = "Tom has 5 pens. He buys 4 more. He loses 2. How many pens does Tom have now?"
+    cands = [dict(text=t) for t in ["Step 1: 4 more: 5 + 4 = 9.", "Step 1: 4 more: 5 + 4 = 10.",
+                                      "Step 1: 4 more: 5 + 4 = 9. "]]
+    verdicts = [dict(i=0, j=1, verdict="B"), dict(i=1, j=0, verdict="B"), dict(i=0, j=2, verdict="B"),
+                dict(i=1, j=2, verdict=None)]
+    check = report.verdict_check([dict(question=q, steps=[dict(step=1, candidates=cands, verdicts=verdicts)])])
+    # right-vs-wrong comparisons: (0,1) wrong won, (1,0) right won; (0,2) is right vs right; None counts nowhere
+    assert check == dict(search_b_share=0.75, search_right_wins=1, search_wrong_wins=1)
+    assert report.verdict_check([dict(question="Find $x$.", steps=[])]) == {}  # no steps: nothing to check
+    eft = [dict(id="a", step_a="Step 1: 4 more: 5 + 4 = 9.", step_b="Step 1: 4 more: 5 + 4 = 10."),
+           dict(id="b", step_a="Step 1: 4 more: 5 + 4 = 9.", step_b="Step 1: 4 more: 5 - 4 = 1."),
+           dict(id="c", step_a="Step 1: 4 more: 5 + 4 = 7.", step_b="Step 1: 4 more: 5 + 4 = 9.")]
+    rows = [dict(id="a", correct=True), dict(id="b", correct=False), dict(id="c", correct=False)]
+    assert report.judge_gap_check(rows, eft) == dict(judge_near_accuracy=0.5, judge_near_n=2, judge_far_accuracy=0.0,
+                                                     judge_far_n=1)
+    assert report.judge_gap_check([dict(id="a", correct=True)], [dict(id="a", step_a="x = 2", step_b="y")]) == {}
 
 
 def test_judge_pairs_with_the_tiny_model(tiny_model_dir):
