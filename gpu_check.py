@@ -9,7 +9,10 @@ below as numbers) with random weights, so nothing is downloaded. For each size i
   (b) tokens/s of HF generate for step candidates (w candidates x questions, sampled) and for judge prompts
       (greedy), in bf16 and in 4 bit with the LoRA adapter on (M_t under QLoRA);
   (c) that the adapter trains: every LoRA tensor changed, the base weights did not, and the loss starts at log 2;
-  (d) the settings that fit 24, 40 and 80 GB cards, from the measured peaks.
+  (d) the settings that fit 24, 40 and 80 GB cards, from the measured peaks;
+  (e) hours per iteration of the paper's loop (400/800/1,200 questions), estimated from the measured parts: the
+      search's token count (the paper's measured solution shape, w, both orders; see search_tokens) over the
+      measured 4-bit+LoRA tokens/s, plus Step-DPO at the measured seconds per step.
 Writes --out (JSON), rewritten after every measurement, so a run cut short still leaves what it measured.
 Random weights never stop early: generation lengths are fixed with min_new_tokens = max_new_tokens.
 
@@ -53,6 +56,10 @@ SHAPES = dict(seq_lens=("512,1024,2048", "32,64"), step_tokens=(128, 8), questio
 # GiB a program can allocate on a card of each size (an L4/A10 "24 GB" shows ~22.5 GiB), less the CUDA context
 BUDGETS_GIB = {"24GB": 22.0, "40GB": 39.0, "80GB": 78.5}
 GIB = 2 ** 30
+# The search's shape for the time estimate: 7B M1 writes 9.35 steps of 61.6 tokens on MATH (the paper's step analysis;
+# M4: 5.21 of 113.1, about the same tokens per solution). The judge's explanation length is not reported: ours,
+# --judge-tokens (assumed 300).
+PAPER_STEPS, PAPER_STEP_TOKENS = 9.35, 61.6
 T0 = time.perf_counter()  # reset by main()
 
 
@@ -256,6 +263,37 @@ def fits(dpo_rows, gen_rows):
     return table
 
 
+def search_tokens(questions, steps, step_tokens, w, judge_tokens, orders):
+    """
+    New tokens one search iteration generates (paper §3.3): at each of `steps` rounds per question, w candidate steps
+    and C(w, 2) judge comparisons in each order. An upper bound: identical candidates are not judged, and roll-backs
+    (which add rounds) are rare in the paper's setting. -> (candidate tokens, judge tokens)
+    """
+    rounds = questions * steps
+    return rounds * w * step_tokens, rounds * math.comb(w, 2) * orders * judge_tokens
+
+
+def iteration_hours(gen_rows, dpo_rows, args, questions):
+    """
+    Estimated hours of one iteration from measured parts: search tokens over the measured tokens/s of the model as
+    the search runs it (4 bit + LoRA, the preset's GEN_ARGS), plus Step-DPO with one pair per step (at most one pair
+    per round) at the measured seconds per optimizer step of the longest length run. On one GPU: with N GPUs the
+    search shards N ways and DDP splits Step-DPO. None without the rows.
+    """
+    speed = {r["name"]: r["tokens_per_s"] for r in gen_rows if r["weights"].endswith("+lora")}
+    if not dpo_rows or set(speed) != {"step candidates", "judge"}:
+        return None
+    cand, judge = search_tokens(questions, PAPER_STEPS, PAPER_STEP_TOKENS, args.num_candidates, args.judge_tokens,
+                                args.orders)
+    dpo = max(dpo_rows, key=lambda r: r["seq_len"])
+    pairs = questions * PAPER_STEPS
+    search_s = cand / speed["step candidates"] + judge / speed["judge"]
+    dpo_s = pairs / dpo["pairs"] * dpo["seconds_per_step"]
+    return dict(questions=questions, candidate_tokens=cand, judge_tokens=judge, search_hours=search_s / 3600,
+                step_dpo_pairs=pairs, step_dpo_seq_len=dpo["seq_len"], step_dpo_hours=dpo_s / 3600,
+                hours=(search_s + dpo_s) / 3600)
+
+
 def versions():
     import peft
     import transformers
@@ -286,6 +324,8 @@ def parse_args(argv=None):
     p.add_argument("--judge-batch", type=int, help="judge prompts per batch (default 96)")
     p.add_argument("--judge-prompt-tokens", type=int, help="judge prompt length (default 600)")
     p.add_argument("--new-tokens", type=int, help="new tokens per sequence, exactly (default 64)")
+    p.add_argument("--judge-tokens", type=float, default=300, help="time estimate: judge explanation (assumed)")
+    p.add_argument("--orders", type=int, default=2, help="time estimate: judging orders (the paper preset's 2)")
     p.add_argument("--time-budget", type=float, default=420, help="seconds; later measurements are skipped after")
     p.add_argument("--out", default="gpu_check.json")
     p.add_argument("--tiny", action="store_true", help="CPU: a 2-layer hidden-64 Qwen2, no 4 bit, in seconds")
@@ -388,11 +428,15 @@ def check_model(size, r, args, device, dtype, save):
     model.eval()
     r["generation"] += list(generation_rows(model, weights + "+lora", args, vocab, device))
     r["fits"] = fits(r["step_dpo"], r["generation"])
+    r["iteration_estimate"] = [iteration_hours(r["generation"], r["step_dpo"], args, q) for q in (400, 800, 1200)]
     save()
     for budget, entry in r["fits"].items():
         dpo = entry["step_dpo"] or {}
         log(f"{size} in {budget}: Step-DPO at {dpo.get('seq_len', 'no measured')} tokens "
             f"(~{dpo.get('pairs_estimated', 0)} pairs, estimated); generation: {entry['generation']}")
+    for est in filter(None, r["iteration_estimate"]):
+        log(f"{size}, {est['questions']} questions: ~{est['hours']:.1f} h per iteration on one GPU (estimated: search "
+            f"{est['search_hours']:.1f} h, Step-DPO {est['step_dpo_hours']:.1f} h)")
 
 
 if __name__ == "__main__":

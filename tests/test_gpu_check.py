@@ -38,6 +38,8 @@ def check_result(result, out, sizes, seq_lens):
         assert r["checks"] == dict(lora_changed=True, base_unchanged=True, adapter_trains=True,
                                    loss_starts_at_log2=True)
         assert set(r["fits"]) == set(gpu_check.BUDGETS_GIB)
+        assert [e["questions"] for e in r["iteration_estimate"]] == [400, 800, 1200]
+        assert all(e["hours"] > 0 for e in r["iteration_estimate"])
     assert result["checks_passed"] is True
 
 
@@ -85,3 +87,19 @@ def test_4bit_qlora_on_gpu(tmp_path):
                              "--judge-batch", "8", "--new-tokens", "8", "--out", out])
     check_result(result, out, ["1.5b"], [256])
     assert [row["weights"] for row in result["models"]["1.5b"]["generation"]][-1] == "nf4+lora"
+
+
+def test_search_tokens_and_iteration_hours_by_hand():
+    # 2 questions x 3 rounds: 6 candidates of 10 tokens, C(6,2)=15 comparisons x 2 orders x 100 tokens per round
+    assert gpu_check.search_tokens(2, 3, 10, 6, 100, 2) == (360, 18000)
+    args = gpu_check.parse_args(["--tiny", "--judge-tokens", "100"])
+    gen = [dict(name="step candidates", weights="float32", tokens_per_s=1.0),  # before LoRA: not the search's model
+           dict(name="step candidates", weights="float32+lora", tokens_per_s=100.0),
+           dict(name="judge", weights="float32+lora", tokens_per_s=1000.0)]
+    dpo = [dict(seq_len=32, pairs=1, seconds_per_step=9.0), dict(seq_len=64, pairs=2, seconds_per_step=4.0)]
+    est = gpu_check.iteration_hours(gen, dpo, args, 400)
+    cand, judge = 400 * 9.35 * 6 * 61.6, 400 * 9.35 * 15 * 2 * 100
+    assert math.isclose(est["search_hours"], (cand / 100 + judge / 1000) / 3600)
+    assert est["step_dpo_seq_len"] == 64 and math.isclose(est["step_dpo_hours"], 400 * 9.35 / 2 * 4.0 / 3600)
+    assert math.isclose(est["hours"], est["search_hours"] + est["step_dpo_hours"])
+    assert gpu_check.iteration_hours(gen[:1], dpo, args, 400) is None  # no measured speed of the LoRA model
