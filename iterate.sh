@@ -78,7 +78,7 @@ fi
 if [ -n "$INIT" ]; then
   mkdir -p "$R/iter0" && [ -e "$R/iter0/model" ] || ln -s "$(realpath "$INIT")" "$R/iter0/model"
 else
-  OMP_NUM_THREADS= run $TRAIN train_sft.py --model "$MODEL" --ift "$DATA/ift.jsonl" --eft "$DATA/eft.jsonl" \
+  run env -u OMP_NUM_THREADS $TRAIN train_sft.py --model "$MODEL" --ift "$DATA/ift.jsonl" --eft "$DATA/eft.jsonl" \
       --out "$R/iter0/model" $PROMPTS $JUDGE_PROMPT $SFT_ARGS $OW
 fi
 evaluate "$R/iter0/model"
@@ -90,7 +90,7 @@ for t in $(seq 1 "$NUM_ITERS"); do
   sharded python generate.py --model "$prev" --questions "$DATA/questions$t.jsonl" --out "$it/trees.jsonl" \
       $PROMPTS $JUDGE_PROMPT $GEN_ARGS --judge "$JUDGE" $OW
   run python make_pairs.py --trees "$it/trees.jsonl" --out "$it/pairs.jsonl" $OW
-  OMP_NUM_THREADS= run $TRAIN train_step_dpo.py --model "$prev" --pairs "$it/pairs.jsonl" --out "$it/model" \
+  run env -u OMP_NUM_THREADS $TRAIN train_step_dpo.py --model "$prev" --pairs "$it/pairs.jsonl" --out "$it/model" \
       $DPO_ARGS $OW
   evaluate "$it/model"
 done

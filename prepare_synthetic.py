@@ -15,7 +15,8 @@ Writes, into --out-dir, from disjoint seeds (a problem never appears in two file
 Corruptions (the errors a judge must catch): wrong arithmetic (result off), wrong operand (a number from
 elsewhere in the problem), wrong operation (+ instead of -, ...). The judgment checks each step against the
 correct one, compares each candidate's result with it (every corruption changes the result), then the verdict:
-"Want Step 2: 3 fewer: 17 - 3 = 14. A: 14 vs 14, right. B: 20 vs 14, wrong. [[A]]".
+"Want Step 2: 3 fewer: 17 - 3 = 14. A: 14 vs 14, right. B: 20 vs 14, wrong. [[A]]" (--judgment-check diff:
+"A: 14 vs 14, off by 0, right. B: 20 vs 14, off by 6, wrong.").
 
     python prepare_synthetic.py --out-dir data/synthetic
 """
@@ -162,29 +163,39 @@ def corrupt(rng, question_numbers, fact):
     return a, op, b, c + 1, "arithmetic"
 
 
-def judgment(gold_step, step_a, step_b, label):
+def judgment(gold_step, step_a, step_b, label, check="vs"):
     """
     The EFT target: write the next step as it should be (in the solution's own format, so the judge reuses what the
     model learned from IFT), check each candidate's result against it, then the verdict. Each comparison puts the
     two numbers side by side ("20 vs 14") and the verdict follows B's check just before it: a 1M-parameter model
     learned neither a comparison across a sentence nor a verdict from a distant word in ~6 minutes (measured on the
     dev split: verdicts at chance).
+    check="diff" also writes the difference ("20 vs 14, off by 6, wrong"), so right/wrong follows from one digit
+    written just before it (0 or not) instead of an equality test of two numbers, which the 4-layer model gets wrong
+    on near misses ("12 vs 11, right"). Measured (README): with one more SFT pass judge accuracy 86.6 % vs 68.0 %,
+    but within the default SFT budget the judge did not learn it (50 %), so the default stays "vs".
     """
     result = lambda s: s.split(" = ")[1].split(".")[0]  # "Step 2: 3 more: 14 + 3 = 17." -> "17"
     want = result(gold_step)
+
+    def check_one(step, ok):
+        got = result(step)
+        off = f", off by {abs(int(got) - int(want))}" if check == "diff" else ""
+        return f"{got} vs {want}{off}, {ok}."
+
     ok_a, ok_b = ("right", "wrong") if label == "A" else ("wrong", "right")
-    return (f"Want {gold_step.split(' The answer')[0]} A: {result(step_a)} vs {want}, {ok_a}. "
-            f"B: {result(step_b)} vs {want}, {ok_b}. [[{label}]]")
+    return (f"Want {gold_step.split(' The answer')[0]} A: {check_one(step_a, ok_a)} "
+            f"B: {check_one(step_b, ok_b)} [[{label}]]")
 
 
-def make_eft(rng, idx, question, steps, facts, chain, label):
+def make_eft(rng, idx, question, steps, facts, chain, label, check="vs"):
     k = rng.randrange(len(facts))  # which step is judged
     numbers = [int(t.rstrip(".")) for t in question.split() if t.rstrip(".").isdigit()]
     a, op, b, c, kind = corrupt(rng, numbers, facts[k])
     bad = step_text(k + 1, chain[k], a, op, b, c, final=k == len(facts) - 1)
     step_a, step_b = (steps[k], bad) if label == "A" else (bad, steps[k])
     return dict(id=idx, question=question, previous_steps=steps[:k], step_a=step_a, step_b=step_b, label=label,
-                judgment=judgment(steps[k], step_a, step_b, label), error=kind)
+                judgment=judgment(steps[k], step_a, step_b, label, check), error=kind)
 
 
 def main():
@@ -205,6 +216,8 @@ def main():
     parser.add_argument("--min-steps", type=int, default=2)
     parser.add_argument("--max-steps", type=int, default=4)
     parser.add_argument("--ops", default="+-", help="any of +-*/")
+    parser.add_argument("--judgment-check", default="vs", choices=["vs", "diff"],
+                        help='EFT target: "14 vs 20, wrong" or "14 vs 20, off by 6, wrong" (see judgment)')
     parser.add_argument("--overwrite", action="store_true")
     args = parser.parse_args()
     if skip_if_done(os.path.join(args.out_dir, "config.json"), args.overwrite):  # written last
@@ -234,7 +247,8 @@ def main():
         rng, probs = problems(split, n, seed)
         labels = ["A", "B"] * (n // 2) + ["A"] * (n % 2)  # exactly balanced positions
         rng.shuffle(labels)
-        files[split] = [make_eft(rng, i, q, s, f, c, lab) for (i, q, s, f, c, _), lab in zip(probs, labels)]
+        files[split] = [make_eft(rng, i, q, s, f, c, lab, args.judgment_check)
+                        for (i, q, s, f, c, _), lab in zip(probs, labels)]
     _, ift = problems("ift", args.num_ift, 5)
     files["ift"] = [dict(id=i, question=q, solution="\n".join(s), answer=str(a)) for i, q, s, _, _, a in ift]
     for t, n in enumerate(map(int, args.num_questions.split(",")), 1):

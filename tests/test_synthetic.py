@@ -174,6 +174,19 @@ def test_eft_label_points_at_the_uncorrupted_step(synthetic_dir, name, n):
         assert set(kinds) == {"arithmetic", "operand", "operation"} and min(kinds.values()) >= 20
 
 
+def test_judgment_check_diff_writes_the_distance_before_each_verdict():
+    gold, right, near, far = ("Step 2: 4 fewer: 16 - 4 = 12.", "Step 2: 4 fewer: 16 - 4 = 12.",
+                              "Step 2: 4 fewer: 16 - 4 = 13.", "Step 2: 4 more: 16 + 4 = 20.")
+    assert prepare_synthetic.judgment(gold, near, right, "B") == \
+        "Want Step 2: 4 fewer: 16 - 4 = 12. A: 13 vs 12, wrong. B: 12 vs 12, right. [[B]]"
+    assert prepare_synthetic.judgment(gold, right, near, "A", check="diff") == \
+        "Want Step 2: 4 fewer: 16 - 4 = 12. A: 12 vs 12, off by 0, right. B: 13 vs 12, off by 1, wrong. [[A]]"
+    assert "B: 20 vs 12, off by 8, wrong. [[A]]" in prepare_synthetic.judgment(gold, right, far, "A", check="diff")
+    final = "Step 3: 2 more: 12 + 2 = 14. The answer is \\boxed{14}."
+    assert prepare_synthetic.judgment(final, final, final.replace("14", "15"), "A", check="diff").startswith(
+        "Want Step 3: 2 more: 12 + 2 = 14. A: 14 vs 14, off by 0, right. B: 15 vs 14, off by 1, wrong.")
+
+
 def test_step_oracle_agrees_with_the_questions_and_catches_each_error(synthetic_dir):
     """prepare_synthetic.solve / step_is_right (the oracle judge and the label check) against this file's parser."""
     for r in read_jsonl(os.path.join(synthetic_dir, "ift.jsonl")):
