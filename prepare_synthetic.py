@@ -174,18 +174,29 @@ def judgment(gold_step, step_a, step_b, label, check="vs"):
     written just before it (0 or not) instead of an equality test of two numbers, which the 4-layer model gets wrong
     on near misses ("12 vs 11, right"). Measured (README): with one more SFT pass judge accuracy 86.6 % vs 68.0 %,
     but within the default SFT budget the judge did not learn it (50 %), so the default stays "vs".
+    check="inverse" verifies without solving the step: the judge writes the step without its result ("Want Step 2:
+    3 fewer: 17 - 3."), then undoes each candidate's result ("A: 14 + 3 = 17 vs 17, off by 0, right."). A judge that
+    recomputes the step shares the policy's error exactly where candidates disagree (scripts/judge_recompute_check.py);
+    the inverse operation is a different computation. + and - only (integer division does not undo *): other
+    operations fall back to "diff". Its judgments run to ~68 tokens: give the judge --judge-max-new-tokens 96.
+    Measured (README): not learned better than "vs" (judge 59.8 % after one more SFT pass).
     """
     result = lambda s: s.split(" = ")[1].split(".")[0]  # "Step 2: 3 more: 14 + 3 = 17." -> "17"
     want = result(gold_step)
+    a, op, b, _ = STEP_EQUATION.search(gold_step).groups()
+    inverse = {"+": "-", "-": "+"}.get(op) if check == "inverse" else None
 
     def check_one(step, ok):
         got = result(step)
-        off = f", off by {abs(int(got) - int(want))}" if check == "diff" else ""
+        if inverse:
+            back = apply(inverse, int(got), int(b))
+            return f"{got} {inverse} {b} = {back} vs {a}, off by {abs(back - int(a))}, {ok}."
+        off = f", off by {abs(int(got) - int(want))}" if check in ("diff", "inverse") else ""
         return f"{got} vs {want}{off}, {ok}."
 
+    head = gold_step.split(" = ")[0] + "." if inverse else gold_step.split(" The answer")[0]
     ok_a, ok_b = ("right", "wrong") if label == "A" else ("wrong", "right")
-    return (f"Want {gold_step.split(' The answer')[0]} A: {check_one(step_a, ok_a)} "
-            f"B: {check_one(step_b, ok_b)} [[{label}]]")
+    return f"Want {head} A: {check_one(step_a, ok_a)} B: {check_one(step_b, ok_b)} [[{label}]]"
 
 
 def make_eft(rng, idx, question, steps, facts, chain, label, check="vs"):
@@ -216,8 +227,9 @@ def main():
     parser.add_argument("--min-steps", type=int, default=2)
     parser.add_argument("--max-steps", type=int, default=4)
     parser.add_argument("--ops", default="+-", help="any of +-*/")
-    parser.add_argument("--judgment-check", default="vs", choices=["vs", "diff"],
-                        help='EFT target: "14 vs 20, wrong" or "14 vs 20, off by 6, wrong" (see judgment)')
+    parser.add_argument("--judgment-check", default="vs", choices=["vs", "diff", "inverse"],
+                        help='EFT target: "20 vs 14, wrong", "20 vs 14, off by 6, wrong" or "20 + 3 = 23 vs 17, '
+                             'off by 6, wrong" (see judgment)')
     parser.add_argument("--overwrite", action="store_true")
     args = parser.parse_args()
     if skip_if_done(os.path.join(args.out_dir, "config.json"), args.overwrite):  # written last

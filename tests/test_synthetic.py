@@ -187,6 +187,25 @@ def test_judgment_check_diff_writes_the_distance_before_each_verdict():
         "Want Step 3: 2 more: 12 + 2 = 14. A: 14 vs 14, off by 0, right. B: 15 vs 14, off by 1, wrong.")
 
 
+def test_judgment_check_inverse_undoes_each_candidate_without_solving_the_step():
+    gold = "Step 2: 3 fewer: 17 - 3 = 14."
+    near, operation, operand = ("Step 2: 3 fewer: 17 - 3 = 13.", "Step 2: 3 more: 17 + 3 = 20.",
+                                "Step 2: 3 fewer: 17 - 5 = 12.")
+    text = prepare_synthetic.judgment(gold, gold, near, "A", check="inverse")
+    assert text == ("Want Step 2: 3 fewer: 17 - 3. A: 14 + 3 = 17 vs 17, off by 0, right. "
+                    "B: 13 + 3 = 16 vs 17, off by 1, wrong. [[A]]")
+    assert "= 14" not in text.split(" A: ")[0]  # the judge never writes the step's result itself
+    assert "A: 20 + 3 = 23 vs 17, off by 6, wrong." in prepare_synthetic.judgment(gold, operation, gold, "B", "inverse")
+    assert "A: 12 + 3 = 15 vs 17, off by 2, wrong." in prepare_synthetic.judgment(gold, operand, gold, "B", "inverse")
+    final = "Step 3: 2 more: 12 + 2 = 14. The answer is \\boxed{14}."
+    assert prepare_synthetic.judgment(final, final, final, "A", "inverse").startswith(
+        "Want Step 3: 2 more: 12 + 2. A: 14 - 2 = 12 vs 12, off by 0, right.")
+    # no exact inverse for * under integer division: the "diff" check instead
+    assert prepare_synthetic.judgment("Step 1: 2 times as many: 4 * 2 = 8.", "Step 1: 2 times as many: 4 * 2 = 8.",
+                                      "Step 1: 2 times as many: 4 * 2 = 9.", "A", "inverse") == (
+        "Want Step 1: 2 times as many: 4 * 2 = 8. A: 8 vs 8, off by 0, right. B: 9 vs 8, off by 1, wrong. [[A]]")
+
+
 def test_step_oracle_agrees_with_the_questions_and_catches_each_error(synthetic_dir):
     """prepare_synthetic.solve / step_is_right (the oracle judge and the label check) against this file's parser."""
     for r in read_jsonl(os.path.join(synthetic_dir, "ift.jsonl")):
