@@ -179,7 +179,8 @@ def judgment(gold_step, step_a, step_b, label, check="vs"):
     recomputes the step shares the policy's error exactly where candidates disagree (scripts/judge_recompute_check.py);
     the inverse operation is a different computation. + and - only (integer division does not undo *): other
     operations fall back to "diff". Its judgments run to ~68 tokens: give the judge --judge-max-new-tokens 96.
-    Measured (README): not learned better than "vs" (judge 59.8 % after one more SFT pass).
+    Measured (README): its undo lines become reliable, but its verdicts do not (judge 59.8 % after one more SFT
+    pass, 74.2 % after two): the last comparison of two numbers is still the limit.
     """
     result = lambda s: s.split(" = ")[1].split(".")[0]  # "Step 2: 3 more: 14 + 3 = 17." -> "17"
     want = result(gold_step)
