@@ -182,9 +182,8 @@ def judgment(gold_step, step_a, step_b, label, check="vs"):
     Measured (README): its undo lines become reliable, but its verdicts do not (judge 59.8 % after one more SFT
     pass, 74.2 % after two): the last comparison of two numbers is still the limit.
     """
-    result = lambda s: s.split(" = ")[1].split(".")[0]  # "Step 2: 3 more: 14 + 3 = 17." -> "17"
-    want = result(gold_step)
-    a, op, b, _ = STEP_EQUATION.search(gold_step).groups()
+    result = lambda s: STEP_EQUATION.search(s)[4]  # "Step 2: 3 more: 14 + 3 = 17." -> "17"
+    a, op, b, want = STEP_EQUATION.search(gold_step).groups()
     inverse = {"+": "-", "-": "+"}.get(op) if check == "inverse" else None
 
     def check_one(step, ok):

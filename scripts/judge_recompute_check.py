@@ -4,7 +4,7 @@ right candidate with a wrong one (true labels: prepare_synthetic.step_is_right),
 was right, split by whether the judge's own work in its explanation was right:
   "vs"/"diff" judgments recompute the step ("Want Step 2: ... = 14."): is that value the true one?
   "inverse" judgments undo each candidate ("A: 13 + 3 = 16 vs 17"): is each line true to the candidate's result,
-  the true inverse operation and operand, the arithmetic, and the true previous value?
+  the true inverse operation and operand, the arithmetic, and the true previous value? (tasks with + and - only)
 
     python scripts/judge_recompute_check.py runs/default/iter1/trees.jsonl runs/default/iter2/trees.jsonl
 """
@@ -16,8 +16,8 @@ from collections import Counter
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from prepare_synthetic import STEP_EQUATION, apply, solve, step_is_right  # noqa: E402
 from common import read_jsonl  # noqa: E402
+from prepare_synthetic import STEP_EQUATION, apply, solve, step_is_right  # noqa: E402
 
 WANT = re.compile(r"Want Step \d+: [^:]*: \d+ [-+*/] \d+ = (\d+)")
 UNDO = re.compile(r"([AB]): (-?\d+) ([-+]) (\d+) = (-?\d+) vs (-?\d+)")
@@ -47,13 +47,12 @@ def recompute_check(trees):
         values = solve(t["question"])
         for st in t["steps"]:
             k, cands = st["step"], st["candidates"]
-            for v in st["verdicts"]:
-                a, b = (v["i"], v["j"]) if v["order"] == "ab" else (v["j"], v["i"])  # a was shown as A
-                right_a, right_b = (step_is_right(t["question"], k, cands[x]["text"]) for x in (a, b))
-                if right_a == right_b or v["verdict"] is None:
+            right = [step_is_right(t["question"], k, c["text"]) for c in cands]
+            for v in st["verdicts"]:  # i was shown as A, j as B, in either order (judge.pairs_to_judge)
+                if right[v["i"]] == right[v["j"]] or v["verdict"] is None:
                     continue
-                work = own_work_ok(v["raw"], values, k, {"A": cands[a]["text"], "B": cands[b]["text"]})
-                verdict_ok = (v["verdict"] == "A") == right_a
+                work = own_work_ok(v["raw"], values, k, {"A": cands[v["i"]]["text"], "B": cands[v["j"]]["text"]})
+                verdict_ok = (v["verdict"] == "A") == right[v["i"]]
                 counts["work " + ("right" if work else "wrong"), "verdict " + ("right" if verdict_ok else "wrong")] += 1
     return counts
 
