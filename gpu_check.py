@@ -14,6 +14,8 @@ below as numbers) with random weights, so nothing is downloaded. For each size i
       search's token count (the paper's measured solution shape, w, both orders; see search_tokens) over the
       measured 4-bit+LoRA tokens/s, plus Step-DPO at the measured seconds per step.
 Writes --out (JSON), rewritten after every measurement, so a run cut short still leaves what it measured.
+scripts/estimate_memory.py estimates the same Step-DPO rows on a CPU (scripts/estimate_memory.json, pairs = 1):
+set its peak_gib beside peak_allocated_gib here to see how far the estimate is off.
 Random weights never stop early: generation lengths are fixed with min_new_tokens = max_new_tokens.
 
 Here, once (the GPU machine has no network):  bash scripts/fetch_gpu_wheels.sh
@@ -85,15 +87,15 @@ def peaks():
                 peak_reserved_gib=torch.cuda.max_memory_reserved() / GIB if cuda else 0.0)
 
 
-def build_model(size, tiny, device, dtype):
+def build_model(size, tiny, device, dtype, attn="sdpa", **overrides):
     """
     Qwen2ForCausalLM from the config with random weights, created straight on the GPU (seconds for the 7B; no
     15 GB host copy or disk round trip). The 4-bit model is made from this one by quantize_nf4_in_place.
     """
     from transformers import AutoModelForCausalLM, Qwen2Config
-    config = Qwen2Config(**{**BOTH, **QWEN25_MATH[size], **(TINY if tiny else {})})
+    config = Qwen2Config(**{**BOTH, **QWEN25_MATH[size], **(TINY if tiny else {}), **overrides})
     with device:
-        model = AutoModelForCausalLM.from_config(config, dtype=dtype, attn_implementation="sdpa")
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype, attn_implementation=attn)
     return model.eval()
 
 
