@@ -14,8 +14,8 @@ below as numbers) with random weights, so nothing is downloaded. For each size i
       search's token count (the paper's measured solution shape, w, both orders; see search_tokens) over the
       measured 4-bit+LoRA tokens/s, plus Step-DPO at the measured seconds per step.
 Writes --out (JSON), rewritten after every measurement, so a run cut short still leaves what it measured.
-scripts/estimate_memory.py estimates the same Step-DPO rows on a CPU (scripts/estimate_memory.json, pairs = 1):
-set its peak_gib beside peak_allocated_gib here to see how far the estimate is off.
+scripts/estimate_memory.py estimates the same Step-DPO rows on a CPU (scripts/estimate_memory.json); after a run,
+`python scripts/estimate_memory.py --compare gpu_check.json` prints the two side by side.
 Random weights never stop early: generation lengths are fixed with min_new_tokens = max_new_tokens.
 
 Here, once (the GPU machine has no network):  bash scripts/fetch_gpu_wheels.sh

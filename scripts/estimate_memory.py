@@ -33,10 +33,12 @@ static = weights + LoRA + AdamW state, peak) per length and pairs per micro-batc
 checkpointing; generation rows (prefill peak, peak) per shape and batch; the largest settings that fit 24/40/80 GB.
 
     python scripts/estimate_memory.py --out scripts/estimate_memory.json      # ~10 min on 2 CPU cores
+    python scripts/estimate_memory.py --compare gpu_check.json                # after a GPU run: estimate vs measured
 """
 
 import argparse
 import datetime
+import json
 import os
 import platform
 import sys
@@ -309,6 +311,38 @@ def generation_fit_table(rows, budgets, headroom):
     return table
 
 
+def read_json(path, key):
+    """A JSON file written by this script or gpu_check.py (`key` is one of its fields), or a one-line error."""
+    try:
+        with open(path) as f:
+            obj = json.load(f)
+    except OSError as e:
+        raise common.DataError(f"{path}: cannot read ({e.strerror})") from None
+    except json.JSONDecodeError as e:
+        raise common.DataError(f"{path}: not valid JSON ({e.msg} at line {e.lineno})") from None
+    if not isinstance(obj, dict) or key not in obj:
+        raise common.DataError(f"{path}: no {key!r} field; is it the right file?")
+    return obj
+
+
+def compare(estimate, measured):
+    """
+    gpu_check.py's measured Step-DPO rows beside this script's estimate of the same (size, length, pairs, step
+    tokens): how far the estimate is from torch.cuda.max_memory_allocated, and what the allocator reserved on top.
+    """
+    rows = []
+    for size, model in measured["models"].items():
+        for m in model.get("step_dpo", []):
+            match = [r for r in estimate["step_dpo"] if r["size"] == size and r["gradient_checkpointing"] and
+                     (r["seq_len"], r["pairs"], r["step_tokens"]) == (m["seq_len"], m["pairs"], m["step_tokens"])]
+            if match:
+                est = match[0]["peak_gib"]
+                rows.append(dict(size=size, seq_len=m["seq_len"], pairs=m["pairs"], estimated_gib=est,
+                                 allocated_gib=m["peak_allocated_gib"], reserved_gib=m["peak_reserved_gib"],
+                                 estimate_over_allocated=est / m["peak_allocated_gib"]))
+    return rows
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--sizes", default="7b,1.5b", help="comma-separated, of: " + ", ".join(gpu_check.QWEN25_MATH))
@@ -327,7 +361,16 @@ def main(argv=None):
     p.add_argument("--headroom", type=float, default=0.1,
                    help="fit tables: allocator rounding and fragmentation, as a fraction of the peak (assumed)")
     p.add_argument("--out", default="scripts/estimate_memory.json")
+    p.add_argument("--compare", metavar="GPU_CHECK_JSON",
+                   help="estimate nothing: print gpu_check.py's measured Step-DPO peaks beside those in --out")
     args = p.parse_args(argv)
+    if args.compare:
+        rows = compare(read_json(args.out, "step_dpo"), read_json(args.compare, "models"))
+        for r in rows:
+            print(f"{r['size']} Step-DPO {r['pairs']} pair(s) x {r['seq_len']}: estimated {r['estimated_gib']:.2f} GiB,"
+                  f" measured {r['allocated_gib']:.2f} allocated / {r['reserved_gib']:.2f} reserved "
+                  f"(estimate / allocated = {r['estimate_over_allocated']:.2f})")
+        return rows
     ints = lambda text: [int(x) for x in text.split(",")]  # noqa: E731
     sizes = args.sizes.split(",")
     start, dpo, sft, gen = time.perf_counter(), [], [], []

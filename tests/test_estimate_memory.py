@@ -2,6 +2,7 @@
 
 import ctypes
 import ctypes.util
+import json
 import os
 import sys
 
@@ -145,3 +146,26 @@ def test_fit_table_takes_longest_length_then_most_pairs():
     assert table["small"] == dict(seq_len=1024, pairs=1, peak_gib=7.0, usable_gib=10.0)  # 9.5 x 1.1 > 10
     assert table["mid"] == dict(seq_len=2048, pairs=2, peak_gib=14.0, usable_gib=16.0)
     assert table["tiny"] is None  # rows without checkpointing are not candidates
+
+
+def test_compare_sets_measured_rows_beside_the_estimate(tmp_path, capsys):
+    estimate = dict(step_dpo=[dict(size="7b", seq_len=1024, pairs=1, step_tokens=128, gradient_checkpointing=True,
+                                   peak_gib=6.0),
+                              dict(size="7b", seq_len=1024, pairs=1, step_tokens=128, gradient_checkpointing=False,
+                                   peak_gib=20.0)])
+    measured = dict(models={"7b": dict(step_dpo=[
+        dict(seq_len=1024, pairs=1, step_tokens=128, peak_allocated_gib=7.5, peak_reserved_gib=8.0),
+        dict(seq_len=2048, pairs=1, step_tokens=128, peak_allocated_gib=9.0, peak_reserved_gib=9.5)]),
+        "1.5b": dict(skipped="time budget")})
+    est_path, gpu_path = tmp_path / "estimate.json", tmp_path / "gpu_check.json"
+    est_path.write_text(json.dumps(estimate))
+    gpu_path.write_text(json.dumps(measured))
+    rows = estimate_memory.main(["--out", str(est_path), "--compare", str(gpu_path)])
+    assert rows == [dict(size="7b", seq_len=1024, pairs=1, estimated_gib=6.0, allocated_gib=7.5, reserved_gib=8.0,
+                         estimate_over_allocated=0.8)]  # 2,048 was not estimated: left out, not guessed
+    assert "estimate / allocated = 0.80" in capsys.readouterr().out
+    gpu_path.write_text('{"models": ')
+    with pytest.raises(estimate_memory.common.DataError, match="gpu_check.json: not valid JSON"):
+        estimate_memory.main(["--out", str(est_path), "--compare", str(gpu_path)])
+    with pytest.raises(estimate_memory.common.DataError, match="no 'models' field"):
+        estimate_memory.main(["--out", str(est_path), "--compare", str(est_path)])
