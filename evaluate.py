@@ -269,6 +269,9 @@ def main():
     parser.add_argument("--out-dir", help="where {name}.jsonl and {name}.summary.json go")
     parser.add_argument("--limit", type=int, help="only the first N items of each data set (and of --judge-eval)")
     parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--prefill-chunk", type=int, default=0,
+                        help="prompt tokens per prefill forward (0: all at once); caps the prefill's "
+                             "activations, the memory peak of large batches (README, GPU section)")
     parser.add_argument("--max-new-tokens", type=int, default=512)
     parser.add_argument("--prompt-reasoning", default="reasoning",
                         help="prompt file or name in prompts/ (paper Fig. 4); the tiny default uses reasoning_tiny")
@@ -292,6 +295,8 @@ def main():
     model = tokenizer = None
     if not args.oracle:
         model, tokenizer = load_model(args.model, load_in_4bit=args.load_in_4bit)
+        if args.prefill_chunk:  # HF generate's chunked prefill
+            model.generation_config.prefill_chunk_size = args.prefill_chunk
         template = load_prompt(args.prompt_reasoning)
 
     summaries = []

@@ -144,6 +144,9 @@ def main():
                         "perfect judge?)")
     parser.add_argument("--no-dedupe", action="store_true", help="judge identical candidates too (paper)")
     parser.add_argument("--batch-size", type=int, default=64, help="sequences per generate call")
+    parser.add_argument("--prefill-chunk", type=int, default=0,
+                        help="prompt tokens per prefill forward (0: all at once); caps the prefill's "
+                             "activations, the memory peak of large batches (README, GPU section)")
     parser.add_argument("--questions-per-chunk", type=int, default=128, help="questions searched together; the "
                         "unit of progress saved for resuming")
     parser.add_argument("--limit", type=int, default=None)
@@ -162,6 +165,8 @@ def main():
     progress = PartialJSONL(out_path)
     todo = [(i, r) for i, r in list(zip(ids, records))[shard::num_shards] if i not in progress.done]
     model, tokenizer = load_model(args.model, load_in_4bit=args.load_in_4bit, attn=args.attn)
+    if args.prefill_chunk:  # HF generate's chunked prefill
+        model.generation_config.prefill_chunk_size = args.prefill_chunk
     t0 = time.time()
     with tqdm(total=len(todo), desc="search (questions done)") as bar:
         for c in range(0, len(todo), args.questions_per_chunk):

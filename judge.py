@@ -166,6 +166,9 @@ def main():
     parser.add_argument("--orders", type=int, default=2, choices=[1, 2], help="judge (A,B) and (B,A), or one order")
     parser.add_argument("--max-new-tokens", type=int, default=256)
     parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--prefill-chunk", type=int, default=0,
+                        help="prompt tokens per prefill forward (0: all at once); caps the prefill's "
+                             "activations, the memory peak of large batches (README, GPU section)")
     parser.add_argument("--load-in-4bit", action="store_true")
     parser.add_argument("--attn", default="sdpa")
     parser.add_argument("--no-dedupe", action="store_true", help="judge identical candidates too (paper)")
@@ -178,6 +181,8 @@ def main():
     model = tokenizer = None
     if args.judge == "model":
         model, tokenizer = load_model(args.model, load_in_4bit=args.load_in_4bit, attn=args.attn)
+        if args.prefill_chunk:  # HF generate's chunked prefill
+            model.generation_config.prefill_chunk_size = args.prefill_chunk
     template, rng = load_prompt(args.prompt_judge), random.Random(args.seed)
     jobs, where = [], []
     for t, tree in enumerate(trees):

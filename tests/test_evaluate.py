@@ -163,6 +163,15 @@ def test_shards_merge(tmp_path, monkeypatch, fake_model):
     assert json.loads((out / "toy.summary.json").read_text())["accuracy"] == 0.6
 
 
+def test_prefill_chunk_reaches_the_model_only_when_asked(tmp_path, monkeypatch, fake_model):
+    data = write_lines(tmp_path / "toy.jsonl", [{"id": 0, "question": "q0", "answer": "0"}])
+    for argv, chunk in [([], None), (["--prefill-chunk", "256"], 256)]:
+        model = types.SimpleNamespace(generation_config=types.SimpleNamespace(prefill_chunk_size=None))
+        monkeypatch.setattr(evaluate, "load_model", lambda *a, **k: (model, None))
+        run_main(monkeypatch, "--model", "m", "--data", data, "--out-dir", str(tmp_path / str(chunk)), *argv)
+        assert model.generation_config.prefill_chunk_size == chunk
+
+
 def test_judge_eval(tmp_path, monkeypatch, fake_model):
     pairs = [dict(id=i, question="q", previous_steps=["Step 1: a"], step_a="A", step_b="B", label=label, judgment="")
              for i, label in enumerate("AABB")]

@@ -192,6 +192,41 @@ def test_judge_pairs_with_the_tiny_model(tiny_model_dir):
     assert res["unparsed"] == sum(v["verdict"] is None for v in res["verdicts"])
 
 
+@pytest.mark.parametrize("temperature", [0.0, 0.7])
+def test_chunked_prefill_generates_the_same_text(tiny_model_dir, temperature):
+    """
+    --prefill-chunk (HF generate's chunked prefill) only splits the prompt's forward pass: with left-padded prompts of
+    different lengths, chunks shorter than the padding, and sampling under one seed, the texts do not change.
+    """
+    from common import chat_prompt, generate as generate_texts
+    model, tokenizer = load_model(tiny_model_dir)
+    template = load_prompt("reasoning_tiny")
+    questions = ["What is 3 + 4?", "Compute (12 + 7) * 3 - 5 * 2 + 8, then add 40 and subtract 9.", "2 * 9 = ?"]
+    prompts = [chat_prompt(tokenizer, template.format(problem=q)) for q in questions]
+    lengths = [len(tokenizer(p, add_special_tokens=False)["input_ids"]) for p in prompts]
+    assert max(lengths) - min(lengths) > 8  # the shortest prompt's whole first chunk is padding
+
+    widths = []  # tokens per forward pass: the chunks show up here, so the flag cannot be silently ignored
+    model.register_forward_pre_hook(lambda module, args, kwargs: widths.append(kwargs["input_ids"].shape[1]),
+                                    with_kwargs=True)
+
+    def run(chunk):
+        model.generation_config.prefill_chunk_size = chunk
+        widths.clear()
+        torch.manual_seed(0)
+        texts = generate_texts(model, tokenizer, prompts, max_new_tokens=24, temperature=temperature, top_p=0.95,
+                               one_step=True)
+        first_decode_step = widths.index(1) if 1 in widths else len(widths)
+        return texts, widths[:first_decode_step]
+    whole, prefill = run(None)
+    assert prefill == [max(lengths)]
+    for chunk in (4, 7):
+        texts, prefill = run(chunk)
+        assert texts == whole
+        assert sum(prefill) == max(lengths) and max(prefill) == chunk
+    model.generation_config.prefill_chunk_size = None
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # the search rules (§3.3)
 
