@@ -7,15 +7,15 @@ DATA=${DATA:-data/real}
 NPROC=${NPROC:-$(nvidia-smi -L 2>/dev/null | wc -l || true)}  # a process per GPU: search/eval shards, DDP training
 [ "$NPROC" -gt 0 ] || { echo "PRESET=paper: no GPU found (nvidia-smi -L); set NPROC to override" >&2; exit 1; }
 
-# Generation batch (sequences per generate call) by the smallest GPU's memory, from scripts/estimate_memory.py's
-# estimate for 7B in 4 bit + LoRA (not yet measured on a GPU): the prefill of ~1.5k-token judge prompts is the peak,
-# 64 prompts ~35 GiB (80 GB; at 40 GB it would leave 0.2 GiB, so 32 there), 32 ~20 GiB, 16 ~13 GiB (24 GB).
+# Generation memory, from scripts/estimate_memory.py's estimate for 7B in 4 bit + LoRA (not yet measured on a GPU):
+# the peak is the prefill of ~1.5k-token judge prompts, 35 GiB for 64 of them at once. --prefill-chunk 256 runs
+# each prompt's forward 256 tokens at a time (same texts; tests/test_search.py): 64 prompts ~15 GiB (fits 24 GB),
+# 128 ~24 GiB (40 and 80 GB). The batch is picked by the smallest GPU's memory; set GEN_BATCH to override.
 # The training batches below fit 24 GB: SFT 2 x 2,048 tokens ~13 GiB, Step-DPO 4 pairs x 2,048 ~16 GiB.
 GPU_GIB=${GPU_GIB:-$(nvidia-smi --query-gpu=memory.total --format=csv,noheader,nounits 2>/dev/null | sort -n | head -1 \
   | awk '{print int($1 / 1024)}')}
-if [ "${GPU_GIB:-0}" -ge 70 ]; then GEN_BATCH=${GEN_BATCH:-64}
-elif [ "${GPU_GIB:-0}" -ge 36 ]; then GEN_BATCH=${GEN_BATCH:-32}
-else GEN_BATCH=${GEN_BATCH:-16}; fi
+if [ "${GPU_GIB:-0}" -ge 36 ]; then GEN_BATCH=${GEN_BATCH:-128}; else GEN_BATCH=${GEN_BATCH:-64}; fi
+PREFILL="--prefill-chunk 256"
 
 PROMPTS="--prompt-reasoning reasoning"           # Fig. 4
 JUDGE_PROMPT="--prompt-judge judge"              # Fig. 5
@@ -29,14 +29,14 @@ QLORA="--load-in-4bit --lora --lora-rank 16 --lora-alpha 32 --gradient-checkpoin
 SFT_ARGS="$QLORA --lr 1e-4 --epochs 3 --batch-size 2 --grad-accum $((16 / NPROC)) --max-len 2048"
 # search (§3.3, §4): w=6 candidates, T=0.5, top_p 0.95, at most 20 rounds. Token limits are ours (not stated).
 GEN_ARGS="--load-in-4bit --num-candidates 6 --temperature 0.5 --top-p 0.95 --max-steps 20 --max-step-tokens 512 \
---judge-max-new-tokens 1024 --batch-size $GEN_BATCH --questions-per-chunk 32"
+--judge-max-new-tokens 1024 --batch-size $GEN_BATCH --questions-per-chunk 32 $PREFILL"
 # Step-DPO (§3.4): paper 1 epoch at lr 5e-7 (full FT), beta not stated (0.1; Step-DPO used 0.05-0.5). Under LoRA:
 # 5e-6, 10x the full-FT rate for the same reason as above; LoRA/QLoRA DPO recipes use 5e-6..5e-5. A larger rate
 # risks drifting far from pi_ref in one epoch: watch rewards/margins and the judge accuracy of M2.
 DPO_ARGS="$QLORA --lr 5e-6 --beta 0.1 --epochs 1 --batch-size 4 --grad-accum $((8 / NPROC)) --max-len 2048"
 # evaluation (Table 1): greedy, answer in the last \boxed{}, 2048 new tokens (Qwen2.5-Math math_eval.py's default).
-EVAL_ARGS="--load-in-4bit --max-new-tokens 2048 --batch-size 64"
-JUDGE_EVAL_ARGS="--load-in-4bit --max-new-tokens 1024 --batch-size $GEN_BATCH"   # room for the explanation before [[A]]
+EVAL_ARGS="--load-in-4bit --max-new-tokens 2048 --batch-size 64 $PREFILL"
+JUDGE_EVAL_ARGS="--load-in-4bit --max-new-tokens 1024 --batch-size $GEN_BATCH $PREFILL"  # room for the explanation
 TRAIN="torchrun --standalone --nproc_per_node $NPROC"                    # DDP over the GPUs (1 GPU: one process)
 # "MATH" = Qwen2.5-Math's `math` set, the full 5,000-problem MATH test (its `math500` is a separate set; the paper
 # names the Qwen2.5-Math evaluation and says "MATH"). 76 of its problems are in our EFT data (below), as judge

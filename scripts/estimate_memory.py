@@ -261,13 +261,14 @@ def kv_cache_bytes(config, tokens, dtype_bytes=2):
 
 
 @torch.no_grad()
-def estimate_generation(size, batch, prompt_tokens, new_tokens, four_bit=True, device="meta", config=None,
-                        dtype=torch.bfloat16):
+def estimate_generation(size, batch, prompt_tokens, new_tokens, prefill_chunk=0, four_bit=True, device="meta",
+                        config=None, dtype=torch.bfloat16):
     """
     Peak bytes of one HF generate call as common.generate makes it (M_t: 4-bit + LoRA, `batch` left-padded prompts
-    of prompt_tokens, up to new_tokens each). The prefill, one forward over batch x prompt_tokens with logits for
-    the last position only (generate's logits_to_keep=1), is run and counted; each decoding step then adds one
-    token's keys and values per sequence (kv_cache_bytes; a one-token forward's activations are small). -> dict of GiB
+    of prompt_tokens, up to new_tokens each). The prefill, a forward over batch x prompt_tokens (or, with
+    prefill_chunk, one per chunk of that many tokens, as --prefill-chunk makes generate do) with logits for the last
+    position only (generate's logits_to_keep=1), is run and counted; each decoding step then adds one token's keys
+    and values per sequence (kv_cache_bytes; a one-token forward's activations are small). -> dict of GiB
     """
     model, _ = build(size, torch.device(device), four_bit, lora_rank=16, checkpointing=False, config=config,
                      dtype=dtype)
@@ -277,13 +278,19 @@ def estimate_generation(size, batch, prompt_tokens, new_tokens, four_bit=True, d
     ids = torch.zeros(batch, prompt_tokens, dtype=torch.long, device=device)
     with mem:
         mem.add(ids)
-        out = model(input_ids=ids, attention_mask={"full_attention": None}, use_cache=True, logits_to_keep=1)
+        cache = None
+        for chunk in ids.split(prefill_chunk or prompt_tokens, dim=1):
+            # past_key_values: the name transformers 5.17 knows (5.24 calls it `cache` and warns)
+            out = model(input_ids=chunk, attention_mask={"full_attention": None}, past_key_values=cache,
+                        use_cache=True, logits_to_keep=1)
+            cache = out.past_key_values
         after_prefill = mem.now
     decoded = after_prefill + kv_cache_bytes(model.config, batch * new_tokens, torch.finfo(dtype).bits // 8)
-    del out
-    return dict(size=size, batch=batch, prompt_tokens=prompt_tokens, new_tokens=new_tokens, four_bit=four_bit,
-                weights_gib=weights / GIB, prefill_peak_gib=mem.peak / GIB, cache_after_prefill_gib=
-                (after_prefill - weights) / GIB, peak_gib=max(mem.peak, decoded) / GIB)
+    del out, cache
+    return dict(size=size, batch=batch, prompt_tokens=prompt_tokens, new_tokens=new_tokens,
+                prefill_chunk=prefill_chunk, four_bit=four_bit, weights_gib=weights / GIB,
+                prefill_peak_gib=mem.peak / GIB, cache_after_prefill_gib=(after_prefill - weights) / GIB,
+                peak_gib=max(mem.peak, decoded) / GIB)
 
 
 def fit_table(rows, budgets, headroom, count="pairs"):
@@ -355,9 +362,11 @@ def main(argv=None):
     # prompt and new-token lengths of presets/paper.sh's generation calls: the policy's prompt (question + steps so
     # far) and --max-step-tokens 512; the judge's prompt (Fig. 5 + question + steps + two candidates) and
     # --judge-max-new-tokens 1024; evaluation's question and --max-new-tokens 2048. Prompt lengths are assumed.
-    p.add_argument("--gen-shapes", default="candidates:1024:512,judge:1536:1024,evaluation:256:2048",
-                   help="generation: name:prompt_tokens:new_tokens, comma-separated")
-    p.add_argument("--gen-batches", default="8,16,32,64", help="generation: sequences per generate call (--batch-size)")
+    p.add_argument("--gen-shapes", default="candidates:1024:512,judge:1536:1024,evaluation:256:2048,"
+                   "candidates:1024:512:256,judge:1536:1024:256",
+                   help="generation: name:prompt_tokens:new_tokens[:prefill_chunk], comma-separated")
+    p.add_argument("--gen-batches", default="8,16,32,64,128",
+                   help="generation: sequences per generate call (--batch-size)")
     p.add_argument("--headroom", type=float, default=0.1,
                    help="fit tables: allocator rounding and fragmentation, as a fraction of the peak (assumed)")
     p.add_argument("--out", default="scripts/estimate_memory.json")
@@ -390,9 +399,11 @@ def main(argv=None):
                                          lora_rank=args.lora_rank))
             print(f"{size} without gradient checkpointing, 1 pair x {seq_len}: peak {dpo[-1]['peak_gib']:.2f} GiB")
         for shape in args.gen_shapes.split(","):
-            name, prompt_tokens, new_tokens = shape.split(":")
+            name, prompt_tokens, new_tokens, chunk = (shape.split(":") + ["0"])[:4]
+            name += f", prefill chunks of {chunk}" if int(chunk) else ""
             for batch in ints(args.gen_batches):
-                gen.append(dict(name=name, **estimate_generation(size, batch, int(prompt_tokens), int(new_tokens))))
+                gen.append(dict(name=name, **estimate_generation(size, batch, int(prompt_tokens), int(new_tokens),
+                                                                 int(chunk))))
                 r = gen[-1]
                 print(f"{size} 4-bit+LoRA generate, {name}: {batch} x ({prompt_tokens} + {new_tokens}) tokens: "
                       f"prefill peak {r['prefill_peak_gib']:.2f} GiB, peak {r['peak_gib']:.2f} GiB", flush=True)

@@ -136,6 +136,11 @@ def test_generation_keeps_exactly_the_kv_cache_after_prefill():
     decoded = meta["weights_gib"] + (kept + estimate_memory.kv_cache_bytes(small, batch * new, 4)) / 2 ** 30
     assert meta["peak_gib"] == pytest.approx(max(meta["prefill_peak_gib"], decoded))
     assert meta["prefill_peak_gib"] > meta["weights_gib"] + meta["cache_after_prefill_gib"]  # activations on top
+    # --prefill-chunk: the same cache in the end, a lower peak on the way (activations of one chunk at a time)
+    chunked = estimate_memory.estimate_generation("7b", batch, prompt, new, prefill_chunk=16, config=SMALL,
+                                                  dtype=torch.float32)
+    assert chunked["cache_after_prefill_gib"] == meta["cache_after_prefill_gib"]
+    assert chunked["prefill_peak_gib"] < meta["prefill_peak_gib"]
 
 
 def test_fit_table_takes_longest_length_then_most_pairs():
