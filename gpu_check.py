@@ -7,7 +7,8 @@ below as numbers) with random weights, so nothing is downloaded. For each size i
       reserved) and seconds per optimizer step at each --seq-lens, --pairs 1 (one prefix with a chosen and a
       rejected step), reference log-probs precomputed in a no-grad pass, the loss from train_step_dpo;
   (b) tokens/s of HF generate for step candidates (w candidates x questions, sampled) and for judge prompts
-      (greedy), in bf16 and in 4 bit with the LoRA adapter on (M_t under QLoRA);
+      (greedy), in bf16 and in 4 bit with the LoRA adapter on (M_t under QLoRA), and the judge once more with
+      --prefill-chunk (the paper preset's chunked prefill), for its cost in speed;
   (c) that the adapter trains: every LoRA tensor changed, the base weights did not, and the loss starts at log 2;
   (d) the settings that fit 24, 40 and 80 GB cards, from the measured peaks;
   (e) hours per iteration of the paper's loop (400/800/1,200 questions), estimated from the measured parts: the
@@ -54,7 +55,8 @@ TINY = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_atte
             vocab_size=1024, bos_token_id=1023, eos_token_id=1023)
 # flags left unset: (GPU value, --tiny value)
 SHAPES = dict(seq_lens=("512,1024,2048", "32,64"), step_tokens=(128, 8), questions=(16, 2), prompt_tokens=(256, 16),
-              judge_batch=(96, 12), judge_prompt_tokens=(600, 32), new_tokens=(64, 8))
+              judge_batch=(96, 12), judge_prompt_tokens=(600, 32), new_tokens=(64, 8), prefill_chunk=(256, 8))
+CHUNKED_JUDGE = "judge, chunked prefill"
 # GiB a program can allocate on a card of each size (an L4/A10 "24 GB" shows ~22.5 GiB), less the CUDA context
 BUDGETS_GIB = {"24GB": 22.0, "40GB": 39.0, "80GB": 78.5}
 GIB = 2 ** 30
@@ -190,12 +192,12 @@ def measure_step_dpo(model, optimizer, seq_len, args, vocab, device):
 
 
 @torch.no_grad()
-def measure_generation(model, name, weights, batch, prompt_tokens, args, vocab, device, temperature):
+def measure_generation(model, name, weights, batch, prompt_tokens, args, vocab, device, temperature, chunk=None):
     ids = torch.randint(vocab, (batch, prompt_tokens), device=device)
     sampling = dict(do_sample=True, temperature=temperature, top_p=args.top_p) if temperature > 0 else \
         dict(do_sample=False, temperature=None, top_p=None, top_k=None)
     mask = torch.ones_like(ids)
-    kwargs = dict(use_cache=True, pad_token_id=model.config.eos_token_id, **sampling)
+    kwargs = dict(use_cache=True, pad_token_id=model.config.eos_token_id, prefill_chunk_size=chunk, **sampling)
     model.generate(ids[:, :8], attention_mask=mask[:, :8], max_new_tokens=2, **kwargs)  # warm-up: kernels, cuBLAS
     reset_peak()
     sync()
@@ -206,14 +208,17 @@ def measure_generation(model, name, weights, batch, prompt_tokens, args, vocab, 
     seconds = time.perf_counter() - start
     assert out.shape == (batch, prompt_tokens + args.new_tokens), out.shape
     return dict(name=name, weights=weights, batch=batch, prompt_tokens=prompt_tokens, new_tokens=args.new_tokens,
-                temperature=temperature, seconds=seconds, tokens_per_s=batch * args.new_tokens / seconds, **peaks())
+                temperature=temperature, prefill_chunk=chunk, seconds=seconds,
+                tokens_per_s=batch * args.new_tokens / seconds, **peaks())
 
 
 def generation_rows(model, weights, args, vocab, device):
-    runs = [("step candidates", args.questions * args.num_candidates, args.prompt_tokens, args.temperature),
-            ("judge", args.judge_batch, args.judge_prompt_tokens, 0.0)]
-    for name, batch, prompt_tokens, temperature in runs:
-        row = measure_generation(model, name, weights, batch, prompt_tokens, args, vocab, device, temperature)
+    runs = [("step candidates", args.questions * args.num_candidates, args.prompt_tokens, args.temperature, None),
+            ("judge", args.judge_batch, args.judge_prompt_tokens, 0.0, None)]
+    if args.prefill_chunk and weights.endswith("+lora"):  # the paper preset's --prefill-chunk: what it costs in speed
+        runs.append((CHUNKED_JUDGE, args.judge_batch, args.judge_prompt_tokens, 0.0, args.prefill_chunk))
+    for name, batch, prompt_tokens, temperature, chunk in runs:
+        row = measure_generation(model, name, weights, batch, prompt_tokens, args, vocab, device, temperature, chunk)
         log(f"  generate {name} ({weights}): {batch} x ({prompt_tokens} + {args.new_tokens}) tokens, "
             f"{row['tokens_per_s']:.0f} new tokens/s, peak {row['peak_reserved_gib']:.1f} GiB reserved")
         yield row
@@ -283,8 +288,9 @@ def iteration_hours(gen_rows, dpo_rows, args, questions):
     search shards N ways and DDP splits Step-DPO. None without the rows.
     """
     speed = {r["name"]: r["tokens_per_s"] for r in gen_rows if r["weights"].endswith("+lora")}
-    if not dpo_rows or set(speed) != {"step candidates", "judge"}:
+    if not dpo_rows or not {"step candidates", "judge"} <= set(speed):
         return None
+    speed["judge"] = speed.get(CHUNKED_JUDGE, speed["judge"])  # as the preset runs it, when measured
     cand, judge = search_tokens(questions, PAPER_STEPS, PAPER_STEP_TOKENS, args.num_candidates, args.judge_tokens,
                                 args.orders)
     dpo = max(dpo_rows, key=lambda r: r["seq_len"])
@@ -326,6 +332,7 @@ def parse_args(argv=None):
     p.add_argument("--judge-batch", type=int, help="judge prompts per batch (default 96)")
     p.add_argument("--judge-prompt-tokens", type=int, help="judge prompt length (default 600)")
     p.add_argument("--new-tokens", type=int, help="new tokens per sequence, exactly (default 64)")
+    p.add_argument("--prefill-chunk", type=int, help="judge again with this --prefill-chunk (default 256; 0: not)")
     p.add_argument("--judge-tokens", type=float, default=300, help="time estimate: judge explanation (assumed)")
     p.add_argument("--orders", type=int, default=2, help="time estimate: judging orders (the paper preset's 2)")
     p.add_argument("--time-budget", type=float, default=420, help="seconds; later measurements are skipped after")

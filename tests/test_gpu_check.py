@@ -31,7 +31,10 @@ def check_result(result, out, sizes, seq_lens):
             assert numbers(row, ["seconds_per_step", "ref_pass_seconds", "peak_allocated_gib", "peak_reserved_gib",
                                  "static_allocated_gib", "loss_first"])
             assert row["seconds_per_step"] > 0
-        assert len(r["generation"]) == 4  # candidates and judge, before and after LoRA
+        # candidates and judge, before and after LoRA, then the judge with chunked prefill
+        chunk = result["args"]["prefill_chunk"]
+        assert [(row["name"], row["prefill_chunk"]) for row in r["generation"]] == \
+            [("step candidates", None), ("judge", None)] * 2 + [(gpu_check.CHUNKED_JUDGE, chunk)]
         for row in r["generation"]:
             assert numbers(row, ["seconds", "tokens_per_s", "peak_allocated_gib", "peak_reserved_gib"])
             assert row["tokens_per_s"] > 0
@@ -103,3 +106,6 @@ def test_search_tokens_and_iteration_hours_by_hand():
     assert est["step_dpo_seq_len"] == 64 and math.isclose(est["step_dpo_hours"], 400 * 9.35 / 2 * 4.0 / 3600)
     assert math.isclose(est["hours"], est["search_hours"] + est["step_dpo_hours"])
     assert gpu_check.iteration_hours(gen[:1], dpo, args, 400) is None  # no measured speed of the LoRA model
+    chunked = dict(name=gpu_check.CHUNKED_JUDGE, weights="float32+lora", tokens_per_s=500.0)  # the preset's setting
+    est = gpu_check.iteration_hours(gen + [chunked], dpo, args, 400)
+    assert math.isclose(est["search_hours"], (cand / 100 + judge / 500) / 3600)
