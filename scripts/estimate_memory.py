@@ -148,12 +148,15 @@ def fused_attention(module, query, key, value, attention_mask, scaling=None, dro
 def build(size, device, four_bit, lora_rank, checkpointing, config, dtype):
     """
     gpu_check's Qwen2 from the exact config (with `config` overrides: the tests' small shapes), its frozen linears
-    as 4-bit stand-ins, LoRA as the trainers set it.
+    as 4-bit stand-ins, LoRA as the trainers set it. four_bit="bitsandbytes" quantizes with bitsandbytes itself
+    instead (real tensors only; its CPU backend lets the tests check the stand-in against it).
     """
     from transformers import AttentionInterface
     AttentionInterface.register("fused_estimate", fused_attention)
     model = gpu_check.build_model(size, False, device, dtype, attn="fused_estimate", **(config or {}))
-    if four_bit:
+    if four_bit == "bitsandbytes":
+        model = gpu_check.quantize_nf4_in_place(model)
+    elif four_bit:
         for name, m in list(model.named_modules()):
             if type(m) is torch.nn.Linear and not name.endswith("lm_head"):
                 new = Linear4bitStandIn(m.in_features, m.out_features, bias=m.bias is not None, device="meta")
@@ -166,12 +169,20 @@ def build(size, device, four_bit, lora_rank, checkpointing, config, dtype):
 
 
 def count_weights(model):
-    """A LiveBytes holding the model's parameters and buffers, 4-bit stand-ins at NF4's size."""
+    """
+    A LiveBytes holding the model's parameters and buffers: 4-bit stand-ins at NF4's size, bitsandbytes' packed
+    weights with their quantization state (absmax, code, offset).
+    """
     mem = LiveBytes()
     for w in [m.weight for m in model.modules() if isinstance(m, Linear4bitStandIn)]:
         mem.counted_as[w] = nf4_bytes(w.numel())
     for t in list(model.parameters()) + list(model.buffers()):
         mem.add(t)
+    for state in [p.quant_state for p in model.parameters() if getattr(p, "quant_state", None) is not None]:
+        for t in (state.absmax, state.code, state.offset, *((state.state2.absmax, state.state2.code)
+                                                              if state.nested else ())):
+            if isinstance(t, torch.Tensor):
+                mem.add(t)
     return mem
 
 
