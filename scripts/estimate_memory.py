@@ -41,6 +41,7 @@ import datetime
 import json
 import os
 import platform
+import re
 import sys
 import time
 import weakref
@@ -361,14 +362,26 @@ def compare(estimate, measured):
     return rows
 
 
+def int_list(text):
+    """argparse type: "512,1024" -> [512, 1024]."""
+    try:
+        return [int(x) for x in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: want comma-separated integers") from None
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--sizes", default="7b,1.5b", help="comma-separated, of: " + ", ".join(gpu_check.QWEN25_MATH))
-    p.add_argument("--seq-lens", default="512,1024,2048", help="Step-DPO: prefix + step tokens per row")
-    p.add_argument("--pairs", default="1,2,4,8", help="Step-DPO: pairs per micro-batch (train_step_dpo --batch-size)")
+    p.add_argument("--seq-lens", default="512,1024,2048", type=int_list,
+                   help="Step-DPO: prefix + step tokens per row")
+    p.add_argument("--pairs", default="1,2,4,8", type=int_list,
+                   help="Step-DPO: pairs per micro-batch (train_step_dpo --batch-size)")
     p.add_argument("--step-tokens", type=int, default=128, help="Step-DPO: tokens of each step (chosen, rejected)")
-    p.add_argument("--sft-seq-lens", default="1024,2048", help="SFT: tokens per row (presets/paper.sh: --max-len 2048)")
-    p.add_argument("--sft-batches", default="1,2,4", help="SFT: rows per micro-batch (train_sft --batch-size)")
+    p.add_argument("--sft-seq-lens", default="1024,2048", type=int_list,
+                   help="SFT: tokens per row (presets/paper.sh: --max-len 2048)")
+    p.add_argument("--sft-batches", default="1,2,4", type=int_list,
+                   help="SFT: rows per micro-batch (train_sft --batch-size)")
     p.add_argument("--lora-rank", type=int, default=16, help="LoRA r (alpha = 2r), as the trainers' default")
     # prompt and new-token lengths of presets/paper.sh's generation calls: the policy's prompt (question + steps so
     # far) and --max-step-tokens 512; the judge's prompt (Fig. 5 + question + steps + two candidates) and
@@ -376,7 +389,7 @@ def main(argv=None):
     p.add_argument("--gen-shapes", default="candidates:1024:512,judge:1536:1024,evaluation:256:2048,"
                    "candidates:1024:512:256,judge:1536:1024:256",
                    help="generation: name:prompt_tokens:new_tokens[:prefill_chunk], comma-separated")
-    p.add_argument("--gen-batches", default="8,16,32,64,128",
+    p.add_argument("--gen-batches", default="8,16,32,64,128", type=int_list,
                    help="generation: sequences per generate call (--batch-size)")
     p.add_argument("--headroom", type=float, default=0.1,
                    help="fit tables: allocator rounding and fragmentation, as a fraction of the peak (assumed)")
@@ -391,28 +404,31 @@ def main(argv=None):
                   f" measured {r['allocated_gib']:.2f} allocated / {r['reserved_gib']:.2f} reserved "
                   f"(estimate / allocated = {r['estimate_over_allocated']:.2f})")
         return rows
-    ints = lambda text: [int(x) for x in text.split(",")]  # noqa: E731
     sizes = args.sizes.split(",")
+    if not set(sizes) <= set(gpu_check.QWEN25_MATH):
+        raise common.DataError(f"--sizes {args.sizes}: known sizes are {', '.join(gpu_check.QWEN25_MATH)}")
+    if not all(re.fullmatch(r"\w+:\d+:\d+(:\d+)?", shape) for shape in args.gen_shapes.split(",")):
+        raise common.DataError(f"--gen-shapes {args.gen_shapes}: want name:prompt_tokens:new_tokens[:prefill_chunk]")
     start, dpo, sft, gen = time.perf_counter(), [], [], []
     for size in sizes:
-        for seq_len in ints(args.sft_seq_lens):
-            for batch in ints(args.sft_batches):
+        for seq_len in args.sft_seq_lens:
+            for batch in args.sft_batches:
                 sft.append(estimate_sft(size, seq_len, batch, lora_rank=args.lora_rank))
                 print(f"{size} QLoRA SFT, {batch} x {seq_len} tokens: peak {sft[-1]['peak_gib']:.2f} GiB", flush=True)
-        for seq_len in ints(args.seq_lens):
-            for pairs in ints(args.pairs):
+        for seq_len in args.seq_lens:
+            for pairs in args.pairs:
                 dpo.append(estimate_step_dpo(size, seq_len, pairs, args.step_tokens, lora_rank=args.lora_rank))
                 r = dpo[-1]
                 print(f"{size} QLoRA Step-DPO, {pairs} pair(s) x {seq_len} tokens: weights {r['weights_gib']:.2f} "
                       f"GiB, static {r['static_gib']:.2f}, peak {r['peak_gib']:.2f} GiB", flush=True)
-        for seq_len in ints(args.seq_lens):  # what gradient checkpointing saves, at the smallest micro-batch
+        for seq_len in args.seq_lens:  # what gradient checkpointing saves, at the smallest micro-batch
             dpo.append(estimate_step_dpo(size, seq_len, 1, args.step_tokens, checkpointing=False,
                                          lora_rank=args.lora_rank))
             print(f"{size} without gradient checkpointing, 1 pair x {seq_len}: peak {dpo[-1]['peak_gib']:.2f} GiB")
         for shape in args.gen_shapes.split(","):
             name, prompt_tokens, new_tokens, chunk = (shape.split(":") + ["0"])[:4]
             name += f", prefill chunks of {chunk}" if int(chunk) else ""
-            for batch in ints(args.gen_batches):
+            for batch in args.gen_batches:
                 gen.append(dict(name=name, **estimate_generation(size, batch, int(prompt_tokens), int(new_tokens),
                                                                  int(chunk))))
                 r = gen[-1]
