@@ -129,20 +129,12 @@ def quantize_nf4_in_place(model):
     return model
 
 
-def prepare_lora(model, args, load_in_4bit):
-    """The trainers' setup (common.prepare_for_training: LoRA r=16 on all linear layers) with gradient checkpointing."""
+def prepare_lora(model, args, load_in_4bit, checkpointing=True):
+    """The trainers' setup (common.prepare_for_training: LoRA r=args.lora_rank on all linear layers)."""
     train_args = argparse.Namespace(lora=True, lora_rank=args.lora_rank, lora_alpha=2 * args.lora_rank,
-                                    lora_dropout=0.0, load_in_4bit=load_in_4bit, gradient_checkpointing=True,
+                                    lora_dropout=0.0, load_in_4bit=load_in_4bit, gradient_checkpointing=checkpointing,
                                     optim="adamw")
-    if hasattr(model, "activation_checkpointing_enable"):
-        return common.prepare_for_training(model, train_args), train_args
-    # transformers 5.17 (the GPU image's) has only the older name, which common.prepare_for_training does not call
-    train_args.gradient_checkpointing = False
-    model = common.prepare_for_training(model, train_args)
-    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    model.config.use_cache = False
-    model.enable_input_require_grads()
-    return model, train_args
+    return common.prepare_for_training(model, train_args), train_args
 
 
 def dpo_batch(pairs, seq_len, step_tokens, vocab, device):

@@ -163,10 +163,9 @@ def build(size, device, four_bit, lora_rank, checkpointing, config, dtype):
                 new = Linear4bitStandIn(m.in_features, m.out_features, bias=m.bias is not None, device="meta")
                 new.weight, new.bias = m.weight, m.bias
                 model.set_submodule(name, new)
-    args = argparse.Namespace(lora=True, lora_rank=lora_rank, lora_alpha=2 * lora_rank, lora_dropout=0.0,
-                              load_in_4bit=False, gradient_checkpointing=checkpointing, optim="adamw")
-    model = common.prepare_for_training(model, args)
-    return model, common.make_optimizer(model, args, lr=1e-4)
+    model, train_args = gpu_check.prepare_lora(model, argparse.Namespace(lora_rank=lora_rank), load_in_4bit=False,
+                                               checkpointing=checkpointing)
+    return model, common.make_optimizer(model, train_args, lr=1e-4)
 
 
 def count_weights(model):
