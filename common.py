@@ -1,22 +1,22 @@
 """
-The one shared module: what every stage needs and nothing else.
+What every stage shares, with no torch (a pure JSON-to-JSON stage such as make_pairs.py imports only this):
 
-- JSONL I/O that names the file and line of bad input, atomic writes, and a resumable progress file
-  (`<out>.partial`) so a stage killed halfway goes on where it stopped without duplicating records.
-- Prompts (plain text files in prompts/, filled with str.format) and the chat template.
-- Steps: the paper's `Step n: ` format, splitting a solution into steps and joining steps back.
-- Model loading exactly as for a hub model (AutoModelForCausalLM / AutoTokenizer), with the optional
-  4-bit (QLoRA), flash-attention and LoRA-adapter paths imported only when asked for.
-- Batched generation with a stopping rule at the next step marker.
-- Sharding across processes (`--shard i/n` or torchrun) with a deterministic merge.
+- errors: bad input is a one-line message naming file and line (`cli(main)` prints it and exits 2);
+- JSONL I/O, atomic writes, and a resumable progress file (`<out>.partial`) so a stage killed halfway goes on where
+  it stopped without duplicating records;
+- sharding across processes (`--shard i/n` or torchrun) with a deterministic merge;
+- prompts (plain text files in prompts/, filled with str.format) and steps (the paper's `Step n: ` format);
+- the judge's arithmetic (paper §3.1, Eqs. 1-5): verdict parsing, the comparisons among w candidates, win counts,
+  best and worst, and `judge_candidates`, which scores every search step given any verdict function;
+- the flags several stages share, each defined once.
+The model side (loading, generation, the training loop) is in modeling.py.
 """
 
+import itertools
 import json
 import os
 import re
 import sys
-
-import torch
 
 # ----------------------------------------------------------------------------------------------------------------
 # errors: bad input is a one-line message naming file and line, not a traceback
@@ -26,14 +26,14 @@ class DataError(ValueError):
     """Bad input (a malformed JSONL line, a missing field, a wrong flag). Printed without a traceback."""
 
 
-def _excepthook(kind, value, tb):
-    if issubclass(kind, DataError):
-        print(f"error: {value}", file=sys.stderr)
+def cli(main):
+    """Run a stage's main(); a DataError ends it with its one-line message and exit code 2."""
+    try:
+        main()
+    except DataError as e:
+        print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
-    sys.__excepthook__(kind, value, tb)
 
-
-sys.excepthook = _excepthook
 
 # ----------------------------------------------------------------------------------------------------------------
 # JSONL
@@ -172,7 +172,7 @@ def merge_shards(out_path, num_shards, keys, key="id"):
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# prompts and steps
+# prompts, steps and answers
 
 PROMPT_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "prompts")
 
@@ -225,243 +225,217 @@ def judge_context(question, steps):
     return question.strip() + ("\n" + "\n".join(steps) if steps else "")
 
 
-# ----------------------------------------------------------------------------------------------------------------
-# models
+BOX = re.compile(r"\\(?:boxed|fbox)\b")
 
 
-def device_and_dtype():
-    # This CPU has no fast bf16 (bf16 training measured ~30x slower than fp32), so fp32 on CPU, bf16 on GPU.
-    if torch.cuda.is_available():
-        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))), torch.bfloat16
-    return torch.device("cpu"), torch.float32
-
-
-def _require(module, flag, what):
-    try:
-        __import__(module)
-    except ImportError:
-        raise DataError(f"{flag} needs {what}: pip install -r requirements-gpu.txt") from None
-
-
-def bnb_4bit_config():
-    """QLoRA's quantization (Dettmers et al. 2023): NF4 weights, double quantization, bf16 compute."""
-    from transformers import BitsAndBytesConfig
-    return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
-                              bnb_4bit_compute_dtype=torch.bfloat16)
-
-
-def load_tokenizer(path):
-    from transformers import AutoTokenizer
-    try:
-        tok = AutoTokenizer.from_pretrained(path)
-    except OSError as e:
-        raise DataError(f"cannot load tokenizer {path!r}: it is not a local model directory and the hub is not "
-                        f"reachable from here (it needs hub access or a local path) [{str(e).splitlines()[0]}]")
-    if tok.pad_token is None:
-        tok.pad_token = tok.eos_token  # e.g. Llama; Qwen already has pad = <|endoftext|> = its base EOS
-    return tok
-
-
-def load_model(path, load_in_4bit=False, attn="sdpa", trainable=False):
-    """
-    A causal LM and its tokenizer, loaded as from the hub. If `path` holds a LoRA adapter (adapter_config.json),
-    its base model is loaded first (in 4 bit if asked) and the adapter put on top: that is M_t under (Q)LoRA.
-    """
-    from transformers import AutoModelForCausalLM
-    device, dtype = device_and_dtype()
-    adapter = path if os.path.exists(os.path.join(path, "adapter_config.json")) else None
-    base = json.load(open(os.path.join(path, "adapter_config.json")))["base_model_name_or_path"] if adapter else path
-    kwargs = dict(dtype=dtype, attn_implementation=attn)
-    if attn == "flash_attention_2":
-        _require("flash_attn", "--attn flash_attention_2", "flash-attn on a CUDA machine")
-    if load_in_4bit:
-        if not torch.cuda.is_available():
-            raise DataError("--load-in-4bit needs a CUDA GPU (bitsandbytes 4-bit); on CPU drop the flag")
-        _require("bitsandbytes", "--load-in-4bit", "bitsandbytes")
-        kwargs.update(quantization_config=bnb_4bit_config(), device_map={"": device})
-    try:
-        model = AutoModelForCausalLM.from_pretrained(base, **kwargs)
-    except OSError as e:
-        raise DataError(f"cannot load model {base!r}: it is not a local model directory and the hub is not "
-                        f"reachable from here (it needs hub access or a local path) [{str(e).splitlines()[0]}]")
-    if not load_in_4bit:
-        model.to(device)
-    if adapter:
-        from peft import PeftModel
-        try:
-            model = PeftModel.from_pretrained(model, adapter, is_trainable=trainable)
-        except (RuntimeError, ValueError, KeyError) as e:
-            raise DataError(f"adapter {adapter!r} does not fit base model {base!r}: {str(e).splitlines()[0]}")
-    tokenizer = load_tokenizer(adapter or path)
-    model.generation_config.pad_token_id = tokenizer.pad_token_id
-    return model, tokenizer
-
-
-def save_trained(model, tokenizer, out_dir, log, args, config_name):
-    """A trainer's outputs: the model, its train_log.jsonl, then its config, written last to mark the stage done."""
-    save_model(model, tokenizer, out_dir)
-    write_jsonl(os.path.join(out_dir, "train_log.jsonl"), log)
-    save_config(args, os.path.join(out_dir, config_name))
-
-
-def save_model(model, tokenizer, out_dir):
-    """Full model or LoRA adapter (PEFT saves only the adapter), plus the tokenizer so the dir loads on its own."""
-    model = getattr(model, "module", model)  # unwrap DDP
-    tmp = out_dir.rstrip("/") + ".tmp"
-    model.save_pretrained(tmp)
-    tokenizer.save_pretrained(tmp)
-    if os.path.exists(out_dir):
-        import shutil
-        shutil.rmtree(out_dir)
-    os.replace(tmp, out_dir)
+def last_boxed(text):
+    """Content of the last \\boxed{...} (or \\fbox{...}, or `\\boxed 5`), nested braces matched; None if none."""
+    matches = list(BOX.finditer(text or ""))
+    if not matches:
+        return None
+    i = matches[-1].end()
+    if not text[i:].lstrip().startswith("{"):
+        m = re.match(r"\s+([^\s$]+)", text[i:])  # `\boxed 5`
+        return m.group(1) if m else None
+    i = text.index("{", i)
+    depth = 0
+    for j in range(i, len(text)):
+        if text[j - 1] == "\\" and j > i:  # \{ and \} are set braces, not grouping
+            continue
+        depth += {"{": 1, "}": -1}.get(text[j], 0)
+        if depth == 0:
+            return text[i + 1:j].strip()
+    return None  # cut off inside the box (hit max_new_tokens): no answer
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# batched generation
+# the judge's arithmetic (paper §3.1, Eqs. 1-5); the model call that writes verdicts is modeling.judge_pairs
+
+VERDICT = re.compile(r"\[\[([AB])\]\]")
 
 
-class StopAtNextStep:
+def parse_verdict(text):
+    """'[[A]]' -> 'A', '[[B]]' -> 'B'; none, or both letters present -> None (unparseable)."""
+    found = set(VERDICT.findall(text))
+    return found.pop() if len(found) == 1 else None
+
+
+def pairs_to_judge(num_candidates, orders):
+    """All (i, j, order) comparisons among w candidates: i shown as A and j as B, plus the swap if orders == 2."""
+    pairs = []
+    for i, j in itertools.combinations(range(num_candidates), 2):
+        pairs.append((i, j, "ab"))
+        if orders == 2:
+            pairs.append((j, i, "ba"))
+    return pairs
+
+
+def win_counts(num_candidates, verdicts):
     """
-    Stop a sequence once its generated text contains the next step marker (custom step splitting).
-    Called after every new token, it decodes only the last `window` tokens: the marker is completed by the newest
-    token, so it lies among them (decoding the whole continuation each time is quadratic in its length). A marker
-    at the very start of the continuation does not count (as in cut_at_next_step). HF generate keeps a sequence
-    stopped once this fires, so it need not keep firing after the marker leaves the window.
+    Eqs. 1-5: the score of candidate i is its number of pairwise wins. verdicts: [(i, j, verdict)] where i was
+    shown as A and j as B. With both orders judged each unordered pair is worth up to 2 wins. An unparseable verdict
+    gives no win to either side (the paper does not say; a flag-free choice that only costs that comparison).
     """
-
-    def __init__(self, tokenizer, prompt_len, window=16):
-        self.tokenizer, self.prompt_len, self.window = tokenizer, prompt_len, window
-
-    def __call__(self, input_ids, scores, **kwargs):
-        start = max(self.prompt_len, input_ids.shape[1] - self.window)
-        texts = self.tokenizer.batch_decode(input_ids[:, start:], skip_special_tokens=True)
-        skip = 1 if start == self.prompt_len else 0
-        return torch.tensor([t.find(NEXT_STEP, skip) >= 0 for t in texts], device=input_ids.device)
+    scores = [0] * num_candidates
+    for i, j, verdict in verdicts:
+        if verdict == "A":
+            scores[i] += 1
+        elif verdict == "B":
+            scores[j] += 1
+    return scores
 
 
-@torch.no_grad()
-def generate(model, tokenizer, prompts, max_new_tokens, temperature=0.0, top_p=1.0, batch_size=64,
-             one_step=False, progress=None):
+def best_and_worst(scores):
+    """argmax / argmin of the scores, first index on ties (the paper leaves ties open); None if all are equal."""
+    if max(scores) == min(scores):
+        return None, None  # all tied: the search rolls back (paper §3.3)
+    return scores.index(max(scores)), scores.index(min(scores))
+
+
+def distinct_candidates(texts):
+    """Indices of the first occurrence of each distinct candidate text."""
+    first = {}
+    for i, t in enumerate(texts):
+        first.setdefault(t, i)
+    return sorted(first.values())
+
+
+def judge_candidates(jobs, verdict_fn, orders=2, dedupe=True):
     """
-    Batched generation for a list of prompt strings (already chat-formatted). Greedy if temperature == 0.
-    Returns one dict per prompt: text (special tokens dropped), eos (did it end with EOS), new_tokens.
-    Prompts are sorted by length so batches pad little; left padding, as decoder-only generation needs.
-    With one_step=True each sequence stops at the next 'Step' marker and the text is cut to one step.
+    Score every job's candidates by pairwise wins. jobs: [(question, previous_steps, candidate_texts)];
+    verdict_fn([(question, previous_steps, step_a, step_b)]) -> [(verdict or None, raw text)] is called once with
+    all comparisons of all jobs (one batched generation for the model judge). Returns per job
+      judged (candidate indices compared), verdicts [{i, j, order, verdict, raw}], scores (wins, per candidate),
+      best, worst (None if all tie, or worst None if only one distinct candidate), tie, unparsed.
+    dedupe (deviation; the paper judges all w candidates): identical candidates are judged once and share a score.
+    They carry no preference, and identical texts judged in both orders always tie, which would trigger the
+    roll-back on exactly the steps the model is surest of.
     """
-    tokenizer.padding_side = "left"
-    order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
-    results = [None] * len(prompts)
-    eos_ids = set(model.generation_config.eos_token_id if isinstance(model.generation_config.eos_token_id, list)
-                  else [model.generation_config.eos_token_id or tokenizer.eos_token_id])
-    for b in range(0, len(order), batch_size):
-        idx = order[b:b + batch_size]
-        enc = tokenizer([prompts[i] for i in idx], return_tensors="pt", padding=True, add_special_tokens=False)
-        enc = enc.to(model.device)
-        plen = enc["input_ids"].shape[1]
-        sampling = dict(do_sample=True, temperature=temperature, top_p=top_p) if temperature > 0 else \
-            dict(do_sample=False, temperature=None, top_p=None, top_k=None)
-        out = model.generate(**enc, max_new_tokens=max_new_tokens, pad_token_id=tokenizer.pad_token_id,
-                             stopping_criteria=[StopAtNextStep(tokenizer, plen)] if one_step else None,
-                             **sampling)
-        new = out[:, plen:].tolist()
-        for i, ids in zip(idx, new):
-            ended = next((k for k, t in enumerate(ids) if t in eos_ids), None)
-            kept = ids if ended is None else ids[:ended]
-            kept = [t for t in kept if t != tokenizer.pad_token_id]
-            text = tokenizer.decode(kept, skip_special_tokens=True)
-            results[i] = dict(text=cut_at_next_step(text) if one_step else text.strip(),
-                              eos=ended is not None, new_tokens=len(kept) + (ended is not None))
-        if progress is not None:
-            progress.update(len(idx))
-    return results
+    index, comparisons, judged = [], [], []
+    for k, (question, previous, candidates) in enumerate(jobs):
+        keep = distinct_candidates(candidates) if dedupe else list(range(len(candidates)))
+        judged.append(keep)
+        for a, b, order in pairs_to_judge(len(keep), orders):
+            index.append((k, keep[a], keep[b], order))
+            comparisons.append((question, previous, candidates[keep[a]], candidates[keep[b]]))
+    results = verdict_fn(comparisons) if comparisons else []
+    out = [dict(judged=keep, verdicts=[], unparsed=0) for keep in judged]
+    for (k, i, j, order), (verdict, raw) in zip(index, results):
+        out[k]["verdicts"].append(dict(i=i, j=j, order=order, verdict=verdict, raw=raw))
+        out[k]["unparsed"] += verdict is None
+    for (question, previous, candidates), o in zip(jobs, out):
+        keep = o["judged"]
+        wins = win_counts(len(candidates), [(v["i"], v["j"], v["verdict"]) for v in o["verdicts"]])
+        rep = {t: i for i, t in reversed(list(enumerate(candidates)))} if dedupe else None
+        o["scores"] = [wins[rep[t]] for t in candidates] if dedupe else wins
+        if len(keep) == 1:  # one distinct candidate: nothing to compare, it is the step
+            o["best"], o["worst"], o["tie"] = keep[0], None, False
+        elif not keep:
+            o["best"], o["worst"], o["tie"] = None, None, False
+        else:
+            best, worst = best_and_worst([wins[i] for i in keep])
+            o["tie"] = best is None
+            o["best"], o["worst"] = (None, None) if o["tie"] else (keep[best], keep[worst])
+    return out
+
+
+def random_verdicts(rng):
+    """--judge random, a control (not the method): a coin flip per comparison (does the judge's signal matter?)."""
+    return lambda comparisons: [(rng.choice("AB"), "random") for _ in comparisons]
+
+
+def oracle_verdicts(rng):
+    """
+    --judge oracle, a control for the synthetic task only: the step that is right by the task's true labels
+    (prepare/synthetic.py: step_is_right) wins; two right or two wrong steps get a coin flip, as a judge that must
+    answer would. Not the paper's method: the upper bound of any self-judge, which tells a failure of the judge from
+    a failure of Step-DPO. Each candidate is checked once, not once per comparison.
+    """
+    from prepare.synthetic import step_is_right  # the task's labels, imported only by this control
+    right = {}
+
+    def is_right(question, previous, step):
+        key = (question, len(previous), step)
+        if key not in right:
+            right[key] = step_is_right(question, len(previous) + 1, step)
+        return right[key]
+
+    def verdicts(comparisons):
+        out = []
+        for question, previous, a, b in comparisons:
+            ra, rb = is_right(question, previous, a), is_right(question, previous, b)
+            out.append((("A" if ra else "B") if ra != rb else rng.choice("AB"), "oracle"))
+        return out
+    return verdicts
+
+
+def order_disagreement(verdict_list):
+    """Share of unordered pairs judged in both orders whose two verdicts name different candidates."""
+    by_pair = {}
+    for v in verdict_list:
+        winner = {"A": v["i"], "B": v["j"]}.get(v["verdict"])
+        by_pair.setdefault((min(v["i"], v["j"]), max(v["i"], v["j"])), []).append(winner)
+    both = [w for w in by_pair.values() if len(w) == 2 and None not in w]
+    return sum(w[0] != w[1] for w in both) / len(both) if both else None
+
+
+def search_stats(trees):
+    """Counts over search trees (generate.py): stop reasons, steps per solution, roll-backs, unparsed verdicts."""
+    nodes = [n for t in trees for n in t["steps"]]
+    # candidate indices restart at every step: key each comparison by (step, candidate)
+    verdicts = [dict(v, i=(k, v["i"]), j=(k, v["j"])) for k, n in enumerate(nodes) for v in n["verdicts"]]
+    stop = {}
+    for t in trees:
+        stop[t["stop_reason"]] = stop.get(t["stop_reason"], 0) + 1
+    return dict(questions=len(trees), stop_reasons=stop,
+                steps_per_solution=sum(len(t["solution_steps"]) for t in trees) / max(1, len(trees)),
+                rounds=sum(t["rounds"] for t in trees), tie_rollbacks=sum(n["outcome"] == "tie_rollback" for n in nodes),
+                verdicts=len(verdicts), unparsed=sum(v["verdict"] is None for v in verdicts),
+                order_disagreement=order_disagreement(verdicts))
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# training setup shared by train_sft.py and train_step_dpo.py
+# flags several stages share, each defined once (one name and one default per setting)
+
+
+def add_model_args(parser, required=True):
+    """The model a stage loads: M_t as a directory (full weights or a LoRA adapter naming its base) or a hub name."""
+    parser.add_argument("--model", required=required, help="model directory (or LoRA adapter directory) or hub name")
+    parser.add_argument("--load-in-4bit", action="store_true", help="QLoRA: NF4 base weights (CUDA + bitsandbytes)")
+    parser.add_argument("--attn", default="sdpa", help="sdpa | flash_attention_2 (CUDA + flash-attn) | eager")
+
+
+def add_generation_args(parser):
+    parser.add_argument("--batch-size", type=int, default=64, help="sequences per generate call")
+    parser.add_argument("--prefill-chunk", type=int, default=0,
+                        help="prompt tokens per prefill forward (0: all at once); caps the prefill's activations, "
+                             "the memory peak of large batches (docs/gpu.md)")
+
+
+def add_judge_args(parser, search=True):
+    """The step judge (paper §3.1, Fig. 5); search=True adds how the search uses it (the re-judge CLI too)."""
+    parser.add_argument("--prompt-judge", default="judge", help="paper Fig. 5; the tiny default: judge_tiny")
+    parser.add_argument("--judge-max-new-tokens", type=int, default=512, help="the judge's explanation + verdict")
+    if not search:
+        return
+    parser.add_argument("--orders", type=int, default=2, choices=[1, 2],
+                        help="judge both (A,B) and (B,A) (not stated in the paper; 2 cancels position bias)")
+    parser.add_argument("--judge", default="model", choices=["model", "random", "oracle"],
+                        help="controls, not the method: random = coin-flip verdicts (does the judge's signal "
+                        "matter?); oracle = true step labels of the synthetic task (does Step-DPO work with a "
+                        "perfect judge?)")
+    parser.add_argument("--no-dedupe", action="store_true", help="judge identical candidates too (paper)")
 
 
 def add_training_args(parser):
     """Flags of both trainers: full fine-tuning by default, (Q)LoRA for large models, DDP under torchrun."""
+    add_model_args(parser)
     parser.add_argument("--lora", action="store_true", help="train a LoRA adapter instead of all weights")
     parser.add_argument("--lora-rank", type=int, default=16, help="LoRA r")
     parser.add_argument("--lora-alpha", type=int, default=32, help="LoRA alpha (scale = alpha / r)")
     parser.add_argument("--lora-dropout", type=float, default=0.0,
                         help="0 by default so policy and reference agree exactly at step 0 (DPO loss = log 2)")
-    parser.add_argument("--load-in-4bit", action="store_true", help="QLoRA: NF4 base weights (CUDA + bitsandbytes)")
-    parser.add_argument("--attn", default="sdpa", help="sdpa | flash_attention_2 (CUDA + flash-attn) | eager")
     parser.add_argument("--gradient-checkpointing", action="store_true", help="recompute activations in backward")
     parser.add_argument("--optim", default="adamw", help="adamw | paged_adamw_8bit (bitsandbytes, CUDA)")
     parser.add_argument("--seed", type=int, default=0)
-
-
-def prepare_for_training(model, args):
-    """
-    Full fine-tuning, or LoRA on all linear projections (QLoRA when the base is 4-bit). A model loaded from an
-    adapter directory (M_t under LoRA) keeps training that same adapter. With gradient checkpointing, PEFT needs
-    the embedding output to require grad or no gradient reaches the adapters through the checkpointed blocks.
-    """
-    if hasattr(model, "peft_config"):  # a PeftModel (checked without importing peft: ~8 s per process)
-        for name, p in model.named_parameters():
-            p.requires_grad = "lora_" in name
-    elif args.lora or args.load_in_4bit:
-        from peft import LoraConfig, get_peft_model
-        # paper: full fine-tuning (32 H100s); here LoRA r=16 on every linear layer (fits one 24 GB GPU in 4 bit)
-        config = LoraConfig(r=args.lora_rank, lora_alpha=args.lora_alpha, lora_dropout=args.lora_dropout,
-                            target_modules="all-linear", task_type="CAUSAL_LM")
-        model = get_peft_model(model, config)
-    if args.gradient_checkpointing:
-        model.config.use_cache = False
-        if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.2x
-            model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
-        else:  # older name, e.g. transformers 5.17 on the GPU image
-            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        model.enable_input_require_grads()
-    model.train()
-    return model
-
-
-def make_optimizer(model, args, lr, weight_decay=0.0):
-    params = [p for p in model.parameters() if p.requires_grad]
-    if args.optim == "paged_adamw_8bit":
-        _require("bitsandbytes", "--optim paged_adamw_8bit", "bitsandbytes")
-        import bitsandbytes as bnb
-        return bnb.optim.PagedAdamW8bit(params, lr=lr, weight_decay=weight_decay)
-    return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, betas=(0.9, 0.95))
-
-
-def cosine_lr(step, total_steps, max_lr, warmup_steps):
-    """Linear warmup, then cosine decay to 10% of max_lr."""
-    if step < warmup_steps:
-        return max_lr * (step + 1) / warmup_steps
-    progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
-    return max_lr * (0.1 + 0.9 * 0.5 * (1 + torch.cos(torch.tensor(progress * torch.pi)).item()))
-
-
-def init_distributed():
-    """(rank, world_size); under torchrun this joins the process group (nccl on GPU, gloo on CPU)."""
-    world = int(os.environ.get("WORLD_SIZE", 1))
-    if world > 1 and not torch.distributed.is_initialized():
-        torch.distributed.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
-        if torch.cuda.is_available():
-            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
-    return int(os.environ.get("RANK", 0)), world
-
-
-def padded_batch(sequences, pad_id, loss_masks=None, left=False):
-    """
-    Lists of token ids -> input_ids, attention_mask, position_ids (and the padded loss mask). The attention mask
-    comes from the lengths, never from pad_id (Qwen's pad token is its EOS). position_ids are explicit because
-    with left padding HF's default positions would count the pads.
-    """
-    T = max(len(s) for s in sequences)
-    ids, att, lm = [], [], []
-    for i, s in enumerate(sequences):
-        pad = [0] * (T - len(s))
-        mask = loss_masks[i] if loss_masks is not None else [0] * len(s)
-        ids.append(pad + s if left else s + pad)
-        att.append(pad + [1] * len(s) if left else [1] * len(s) + pad)
-        lm.append(pad + mask if left else mask + pad)
-    ids, att = torch.tensor(ids), torch.tensor(att)
-    ids[att == 0] = pad_id
-    pos = (att.cumsum(-1) - 1).clamp(min=0)
-    return ids, att, pos, torch.tensor(lm)
+    parser.add_argument("--overwrite", action="store_true")

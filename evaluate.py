@@ -34,35 +34,13 @@ import os
 import re
 import threading
 
-from common import (DataError, PartialJSONL, chat_prompt, generate, judge_context, load_model, load_prompt,
-                    merge_shards, parse_shard, read_jsonl, save_config, shard_path, skip_if_done, split_steps,
-                    write_json)
+from common import (DataError, PartialJSONL, add_generation_args, add_judge_args, add_model_args, chat_prompt, cli,
+                    judge_context, last_boxed, load_prompt, merge_shards, parse_shard, read_jsonl, save_config,
+                    shard_path, skip_if_done, split_steps, write_json)
+from modeling import generate, judge_pairs, load_model
 
 # ----------------------------------------------------------------------------------------------------------------
 # answers: extraction and equivalence
-
-BOX = re.compile(r"\\(?:boxed|fbox)\b")
-
-
-def last_boxed(text):
-    """Content of the last \\boxed{...} (or \\fbox{...}, or `\\boxed 5`), nested braces matched; None if none."""
-    matches = list(BOX.finditer(text or ""))
-    if not matches:
-        return None
-    i = matches[-1].end()
-    if not text[i:].lstrip().startswith("{"):
-        m = re.match(r"\s+([^\s$]+)", text[i:])  # `\boxed 5`
-        return m.group(1) if m else None
-    i = text.index("{", i)
-    depth = 0
-    for j in range(i, len(text)):
-        if text[j - 1] == "\\" and j > i:  # \{ and \} are set braces, not grouping
-            continue
-        depth += {"{": 1, "}": -1}.get(text[j], 0)
-        if depth == 0:
-            return text[i + 1:j].strip()
-    return None  # cut off inside the box (hit max_new_tokens): no answer
-
 
 def strip_dollars(s):
     return re.sub(r"(?<!\\)\$", "", str(s)).strip()
@@ -233,7 +211,6 @@ def oracle(items, name):
 
 def evaluate_judge(model, tokenizer, args):
     """The judge's pairwise accuracy on EFT pairs (paper Table 3); unparsed verdicts count as wrong."""
-    import judge
     out_path = os.path.join(args.out_dir, "judge_eval.jsonl")
     summary_path = os.path.join(args.out_dir, "judge_eval.summary.json")
     if skip_if_done(summary_path, args.overwrite):
@@ -246,8 +223,7 @@ def evaluate_judge(model, tokenizer, args):
 
     def process(batch):
         items = [(judge_context(p["question"], p["previous_steps"]), p["step_a"], p["step_b"]) for p in batch]
-        verdicts = judge.judge_pairs(model, tokenizer, template, items, max_new_tokens=args.max_new_tokens,
-                                     batch_size=args.batch_size)
+        verdicts = judge_pairs(model, tokenizer, template, items, args.judge_max_new_tokens, args.batch_size)
         return [dict(id=p["id"], label=p["label"], verdict=v, correct=v == p["label"], raw=raw)
                 for p, (v, raw) in zip(batch, verdicts)]
 
@@ -264,21 +240,17 @@ def evaluate_judge(model, tokenizer, args):
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--model", help="model directory (or LoRA adapter directory); not with --oracle")
+    add_model_args(parser, required=False)
     parser.add_argument("--data", action="append", default=[], help="benchmark JSONL or hub:NAME[:CONFIG]; repeatable")
     parser.add_argument("--out-dir", help="where {name}.jsonl and {name}.summary.json go")
     parser.add_argument("--limit", type=int, help="only the first N items of each data set (and of --judge-eval)")
-    parser.add_argument("--batch-size", type=int, default=64)
-    parser.add_argument("--prefill-chunk", type=int, default=0,
-                        help="prompt tokens per prefill forward (0: all at once); caps the prefill's "
-                             "activations, the memory peak of large batches (README, GPU section)")
-    parser.add_argument("--max-new-tokens", type=int, default=512)
+    add_generation_args(parser)
+    parser.add_argument("--max-new-tokens", type=int, default=512, help="tokens per solution")
     parser.add_argument("--prompt-reasoning", default="reasoning",
                         help="prompt file or name in prompts/ (paper Fig. 4); the tiny default uses reasoning_tiny")
-    parser.add_argument("--prompt-judge", default="judge", help="judge prompt for --judge-eval (paper Fig. 5)")
     parser.add_argument("--judge-eval", help="EFT test pairs: report the judge's accuracy on them")
+    add_judge_args(parser, search=False)
     parser.add_argument("--oracle", action="store_true", help="grade the gold solutions themselves; no model")
-    parser.add_argument("--load-in-4bit", action="store_true", help="QLoRA-style 4-bit base model (CUDA only)")
     parser.add_argument("--shard", help="i/n: this process takes items i::n (default: torchrun's RANK/WORLD_SIZE)")
     parser.add_argument("--overwrite", action="store_true")
     args = parser.parse_args()
@@ -294,9 +266,8 @@ def main():
         save_config(args, os.path.join(args.out_dir, "evaluate_config.json"))
     model = tokenizer = None
     if not args.oracle:
-        model, tokenizer = load_model(args.model, load_in_4bit=args.load_in_4bit)
-        if args.prefill_chunk:  # HF generate's chunked prefill
-            model.generation_config.prefill_chunk_size = args.prefill_chunk
+        model, tokenizer = load_model(args.model, load_in_4bit=args.load_in_4bit, attn=args.attn,
+                                      prefill_chunk=args.prefill_chunk)
         template = load_prompt(args.prompt_reasoning)
 
     summaries = []
@@ -334,4 +305,4 @@ def main():
 
 
 if __name__ == "__main__":
-    main()
+    cli(main)

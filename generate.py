@@ -34,10 +34,10 @@ import zlib
 import torch
 from tqdm import tqdm
 
-from common import (BOXED, PartialJSONL, chat_prompt, generate, join_steps, load_model, load_prompt,
-                    merge_shards, parse_shard, read_jsonl, record_ids, save_config, shard_path, skip_if_done,
-                    write_json)
-from judge import judge_candidates, order_disagreement
+from common import (BOXED, PartialJSONL, add_generation_args, add_judge_args, add_model_args, chat_prompt, cli,
+                    join_steps, judge_candidates, load_prompt, merge_shards, parse_shard, read_jsonl, record_ids,
+                    save_config, search_stats, shard_path, skip_if_done, write_json)
+from modeling import generate, load_model, verdict_fn
 
 
 def new_tree(rid, record, prompt):
@@ -97,11 +97,10 @@ def search(model, tokenizer, records, ids, args, rng, bar):
                      for o in outs[k * args.num_candidates:(k + 1) * args.num_candidates] if o["text"]]
             nodes.append(dict(round=t["rounds"] + 1, step=len(t["solution_steps"]) + 1,
                               prefix_steps=list(t["solution_steps"]), candidates=cands, rolled_back=False))
-        judgments = judge_candidates(model, tokenizer, judge_template,
-                                     [(t["question"], n["prefix_steps"], [c["text"] for c in n["candidates"]])
+        judgments = judge_candidates([(t["question"], n["prefix_steps"], [c["text"] for c in n["candidates"]])
                                       for t, n in zip(active, nodes)],
-                                     args.orders, args.judge, rng, not args.no_dedupe, args.judge_max_new_tokens,
-                                     args.batch_size)
+                                     verdict_fn(args, model, tokenizer, judge_template, rng), args.orders,
+                                     not args.no_dedupe)
         for t, node, judgment in zip(active, nodes, judgments):
             node.update(judgment)
             t["steps"].append(node)
@@ -109,50 +108,23 @@ def search(model, tokenizer, records, ids, args, rng, bar):
         bar.update(sum(t["finished"] for t in active))
 
 
-def summarize(trees):
-    nodes = [n for t in trees for n in t["steps"]]
-    # candidate indices restart at every step: key each comparison by (step, candidate)
-    verdicts = [dict(v, i=(k, v["i"]), j=(k, v["j"])) for k, n in enumerate(nodes) for v in n["verdicts"]]
-    stop = {}
-    for t in trees:
-        stop[t["stop_reason"]] = stop.get(t["stop_reason"], 0) + 1
-    return dict(questions=len(trees), stop_reasons=stop,
-                steps_per_solution=sum(len(t["solution_steps"]) for t in trees) / max(1, len(trees)),
-                rounds=sum(t["rounds"] for t in trees), tie_rollbacks=sum(n["outcome"] == "tie_rollback" for n in nodes),
-                verdicts=len(verdicts), unparsed=sum(v["verdict"] is None for v in verdicts),
-                order_disagreement=order_disagreement(verdicts))
-
-
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", required=True, help="M_t: model directory (or LoRA adapter directory)")
+    add_model_args(parser)
     parser.add_argument("--questions", required=True)
     parser.add_argument("--out", required=True)
     parser.add_argument("--prompt-reasoning", default="reasoning", help="paper Fig. 4; the tiny default: reasoning_tiny")
-    parser.add_argument("--prompt-judge", default="judge", help="paper Fig. 5; the tiny default: judge_tiny")
     parser.add_argument("--num-candidates", type=int, default=6, help="w, paper §4")
     parser.add_argument("--temperature", type=float, default=0.5, help="paper §4")
     parser.add_argument("--top-p", type=float, default=0.95, help="paper §4")
     parser.add_argument("--max-steps", type=int, default=20, help="paper: max iteration number 20 (search rounds)")
     parser.add_argument("--max-step-tokens", type=int, default=256, help="new tokens per candidate step")
-    parser.add_argument("--judge-max-new-tokens", type=int, default=512, help="explanation + verdict")
-    parser.add_argument("--orders", type=int, default=2, choices=[1, 2],
-                        help="judge both (A,B) and (B,A) (not stated in the paper; 2 cancels position bias)")
-    parser.add_argument("--judge", default="model", choices=["model", "random", "oracle"],
-                        help="controls, not the method: random = coin-flip verdicts (does the judge's signal "
-                        "matter?); oracle = true step labels of the synthetic task (does Step-DPO work with a "
-                        "perfect judge?)")
-    parser.add_argument("--no-dedupe", action="store_true", help="judge identical candidates too (paper)")
-    parser.add_argument("--batch-size", type=int, default=64, help="sequences per generate call")
-    parser.add_argument("--prefill-chunk", type=int, default=0,
-                        help="prompt tokens per prefill forward (0: all at once); caps the prefill's "
-                             "activations, the memory peak of large batches (README, GPU section)")
+    add_judge_args(parser)
+    add_generation_args(parser)
     parser.add_argument("--questions-per-chunk", type=int, default=128, help="questions searched together; the "
                         "unit of progress saved for resuming")
     parser.add_argument("--limit", type=int, default=None)
     parser.add_argument("--shard", default=None, help="i/n: take every n-th question from the i-th (default: torchrun rank)")
-    parser.add_argument("--load-in-4bit", action="store_true")
-    parser.add_argument("--attn", default="sdpa")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--overwrite", action="store_true")
     args = parser.parse_args()
@@ -164,9 +136,8 @@ def main():
     out_path = shard_path(args.out, shard, num_shards)
     progress = PartialJSONL(out_path)
     todo = [(i, r) for i, r in list(zip(ids, records))[shard::num_shards] if i not in progress.done]
-    model, tokenizer = load_model(args.model, load_in_4bit=args.load_in_4bit, attn=args.attn)
-    if args.prefill_chunk:  # HF generate's chunked prefill
-        model.generation_config.prefill_chunk_size = args.prefill_chunk
+    model, tokenizer = load_model(args.model, load_in_4bit=args.load_in_4bit, attn=args.attn,
+                                  prefill_chunk=args.prefill_chunk)
     t0 = time.time()
     with tqdm(total=len(todo), desc="search (questions done)") as bar:
         for c in range(0, len(todo), args.questions_per_chunk):
@@ -178,7 +149,7 @@ def main():
             progress.add(search(model, tokenizer, [r for _, r in chunk], [i for i, _ in chunk], args, rng, bar))
     progress.finish([i for i in ids[shard::num_shards]])
     trees = read_jsonl(out_path)
-    stats = summarize(trees) | dict(seconds=round(time.time() - t0, 1))
+    stats = search_stats(trees) | dict(seconds=round(time.time() - t0, 1))
     print(stats)
     write_json(out_path + ".stats.json", stats)
     save_config(args, out_path + ".config.json")
@@ -187,4 +158,4 @@ def main():
 
 
 if __name__ == "__main__":
-    main()
+    cli(main)

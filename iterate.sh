@@ -14,7 +14,7 @@ cd "$(dirname "$0")"
 
 RUN=${RUN:-default}            # outputs go to runs/$RUN
 PRESET=${PRESET:-tiny}         # tiny: the embedded default on CPU | paper: Qwen2.5-Math + QLoRA on GPUs
-MODEL=${MODEL:-}               # M0; empty with PRESET=tiny: built here (build_tiny_model.py)
+MODEL=${MODEL:-}               # M0; empty with PRESET=tiny: built here (prepare/tiny_model.py)
 INIT=${INIT:-}                 # an existing M1 to start from (skips SFT), e.g. to compare judges from one M1
 JUDGE=${JUDGE:-model}          # model: the paper's self-judging | controls: random (coin flips), oracle (true labels)
 NUM_ITERS=${NUM_ITERS:-3}      # paper: M1 -> M2 -> M3 -> M4
@@ -35,7 +35,7 @@ if [ "$PRESET" = tiny ]; then
   # M1 58.0 -> 63.0 -> 70.8 -> 74.0. 3e-5 gave 70.0, 73.6, then 58.2 (more pairs, more steps); 1e-4 52.8 at once
   DPO_ARGS=${DPO_ARGS:-"--lr 1e-5 --beta 0.1 --batch-size 16 --grad-accum 2 --epochs 1"}
   EVAL_ARGS=${EVAL_ARGS:-"--max-new-tokens 160 --batch-size 128"}
-  JUDGE_EVAL_ARGS=${JUDGE_EVAL_ARGS:-"--max-new-tokens 64 --batch-size 128"}
+  JUDGE_EVAL_ARGS=${JUDGE_EVAL_ARGS:-"--judge-max-new-tokens 64 --batch-size 128"}
   SPLIT=${SPLIT:-test}         # dev: the tuning split (dev.jsonl, eft_dev.jsonl)
   EVAL_DATA="--data $DATA/$SPLIT.jsonl"
   JUDGE_EVAL_DATA="$DATA/eft_$SPLIT.jsonl"
@@ -67,11 +67,13 @@ evaluate() {  # $1: model dir -> $1/../eval
       $JUDGE_EVAL_ARGS $OW
 }
 
-# --- data and M0 (the tiny default builds its own; the paper preset reads its files and loads MODEL) ----------------
+# --- data and M0 (the tiny default builds both; the paper preset builds its data and loads MODEL) --------------------
 if [ "$PRESET" = tiny ]; then
   # questions per iteration: the paper's 400/800/1200 scaled by 0.3 so the loop fits ~25 minutes on 2 cores
-  run python prepare_synthetic.py --out-dir "$DATA" ${SYNTH_ARGS:---num-questions 120,240,360}
-  [ -z "$MODEL" ] && MODEL=$R/m0 && run python build_tiny_model.py --corpus "$DATA/ift.jsonl" "$DATA/eft.jsonl" --out "$MODEL" ${MODEL_ARGS:-}
+  run python -m prepare.synthetic --out-dir "$DATA" ${SYNTH_ARGS:---num-questions 120,240,360}
+  [ -z "$MODEL" ] && MODEL=$R/m0 && run python -m prepare.tiny_model --corpus "$DATA/ift.jsonl" "$DATA/eft.jsonl" --out "$MODEL" ${MODEL_ARGS:-}
+else
+  run python -m prepare.paper_data --source "$SHARED" --out-dir "$DATA"
 fi
 
 # --- M1: SFT on IFT + EFT (paper §3.2) ---------------------------------------------------------------------------

@@ -23,7 +23,7 @@ and <out>.stats.json with the counts below (pairs per question, why steps gave n
 import argparse
 from collections import Counter
 
-from common import DataError, join_steps, read_jsonl, save_config, skip_if_done, write_json, write_jsonl
+from common import DataError, cli, join_steps, read_jsonl, save_config, skip_if_done, write_json, write_jsonl
 
 TREE_FIELDS = ["id", "question", "prompt", "steps", "finished", "stop_reason"]
 NODE_FIELDS = ["step", "prefix_steps", "candidates", "scores", "best", "worst", "outcome", "rolled_back"]
@@ -107,4 +107,4 @@ def main():
 
 
 if __name__ == "__main__":
-    main()
+    cli(main)

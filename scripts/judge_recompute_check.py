@@ -1,23 +1,20 @@
 """
 Synthetic task only: does the self-judge fail where its own arithmetic fails? For every in-search comparison of a
-right candidate with a wrong one (true labels: prepare_synthetic.step_is_right), this counts whether the verdict
+right candidate with a wrong one (true labels: prepare/synthetic.py: step_is_right), this counts whether the verdict
 was right, split by whether the judge's own work in its explanation was right:
   "vs"/"diff" judgments recompute the step ("Want Step 2: ... = 14."): is that value the true one?
   "inverse" judgments undo each candidate ("A: 13 + 3 = 16 vs 17"): is each line true to the candidate's result,
   the true inverse operation and operand, the arithmetic, and the true previous value? (tasks with + and - only)
 
-    python scripts/judge_recompute_check.py runs/default/iter1/trees.jsonl runs/default/iter2/trees.jsonl
+    python -m scripts.judge_recompute_check runs/default/iter1/trees.jsonl runs/default/iter2/trees.jsonl
 """
 
-import os
 import re
 import sys
 from collections import Counter
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from common import read_jsonl  # noqa: E402
-from prepare_synthetic import STEP_EQUATION, apply, solve, step_is_right  # noqa: E402
+from common import read_jsonl
+from prepare.synthetic import STEP_EQUATION, apply, solve, step_is_right
 
 WANT = re.compile(r"Want Step \d+: [^:]*: \d+ [-+*/] \d+ = (\d+)")
 UNDO = re.compile(r"([AB]): (-?\d+) ([-+]) (\d+) = (-?\d+) vs (-?\d+)")

@@ -15,14 +15,14 @@ torch.set_num_threads(1)  # tiny models: one thread is faster, and CI has 2 core
 
 @pytest.fixture(scope="session")
 def synthetic_dir(tmp_path_factory):
-    """A small synthetic data set from prepare_synthetic.py (same generator as the default, fewer records)."""
-    import prepare_synthetic
+    """A small synthetic data set from prepare/synthetic.py (same generator as the default, fewer records)."""
+    from prepare import synthetic
     out = tmp_path_factory.mktemp("synthetic")
     argv = sys.argv
-    sys.argv = ["prepare_synthetic.py", "--out-dir", str(out), "--num-ift", "300", "--num-eft", "200",
+    sys.argv = ["synthetic.py", "--out-dir", str(out), "--num-ift", "300", "--num-eft", "200",
                 "--num-questions", "6,6,6", "--num-dev", "20", "--num-test", "20", "--num-eft-test", "20"]
     try:
-        prepare_synthetic.main()
+        synthetic.main()
     finally:
         sys.argv = argv
     return str(out)
@@ -31,12 +31,12 @@ def synthetic_dir(tmp_path_factory):
 @pytest.fixture(scope="session")
 def tiny_model_dir(synthetic_dir, tmp_path_factory):
     """A 2-layer, hidden-32 Llama with a BPE tokenizer trained on the synthetic corpus, saved like a hub model."""
-    import build_tiny_model
+    from prepare import tiny_model
     out = str(tmp_path_factory.mktemp("tiny") / "m0")
-    texts = build_tiny_model.corpus_texts([os.path.join(synthetic_dir, "ift.jsonl"),
+    texts = tiny_model.corpus_texts([os.path.join(synthetic_dir, "ift.jsonl"),
                                            os.path.join(synthetic_dir, "eft.jsonl")])
-    tokenizer = build_tiny_model.build_tokenizer(texts, vocab_size=300)
-    model = build_tiny_model.build_model(tokenizer, hidden=32, layers=2, heads=2, max_len=512, seed=0)
+    tokenizer = tiny_model.build_tokenizer(texts, vocab_size=300)
+    model = tiny_model.build_model(tokenizer, hidden=32, layers=2, heads=2, max_len=512, seed=0)
     model.generation_config.eos_token_id = tokenizer.eos_token_id
     model.generation_config.pad_token_id = tokenizer.pad_token_id
     tokenizer.save_pretrained(out)
@@ -56,7 +56,7 @@ def run_script(*args, env=None, check=True):
 @pytest.fixture(scope="module")
 def tiny(tiny_model_dir):
     """The tiny model and tokenizer, loaded as every stage loads a model."""
-    from common import load_model
+    from modeling import load_model
     model, tokenizer = load_model(tiny_model_dir)
     return model.eval(), tokenizer
 

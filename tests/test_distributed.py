@@ -22,7 +22,9 @@ import generate  # noqa: E402
 import train_sft  # noqa: E402
 import train_step_dpo  # noqa: E402
 from conftest import eft_step_pairs  # noqa: E402
-from common import load_model, read_jsonl, write_jsonl  # noqa: E402
+from common import read_jsonl, write_jsonl  # noqa: E402
+import modeling  # noqa: E402
+from modeling import load_model  # noqa: E402
 
 TINY_PROMPTS = ["--prompt-reasoning", "reasoning_tiny", "--prompt-judge", "judge_tiny"]
 
@@ -107,13 +109,13 @@ def rank_step_counts(script, argv, tmp_path, monkeypatch):
         def __new__(cls, model):
             return model
 
-    real_lr = script.cosine_lr
+    real_lr = modeling.cosine_lr
     monkeypatch.setattr(torch.nn.parallel, "DistributedDataParallel", NoDDP)
     monkeypatch.setattr(torch.distributed, "barrier", lambda: None)
     counts = []
     for rank in (0, 1):
         calls = []
-        monkeypatch.setattr(script, "cosine_lr", lambda *a: calls.append(1) or real_lr(*a))
+        monkeypatch.setattr(modeling, "cosine_lr", lambda *a: calls.append(1) or real_lr(*a))
         monkeypatch.setattr(script, "init_distributed", lambda: (rank, 2))
         monkeypatch.setattr(sys, "argv", [script.__name__ + ".py", *argv, "--out", str(tmp_path / f"rank{rank}")])
         script.main()

@@ -4,15 +4,13 @@ import ctypes
 import ctypes.util
 import json
 import os
-import sys
 
 import pytest
 import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, os.path.join(ROOT, "scripts"))
 
-import estimate_memory  # noqa: E402
+from scripts import estimate_memory  # noqa: E402
 
 # small enough for seconds on CPU, large enough that tensors dwarf the allocator's bookkeeping
 SMALL = dict(hidden_size=256, intermediate_size=1024, num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2,
@@ -184,7 +182,7 @@ def test_compare_sets_measured_rows_beside_the_estimate(tmp_path, capsys):
                          estimate_over_allocated=0.8)]  # 2,048 was not estimated: left out, not guessed
     assert "estimate / allocated = 0.80" in capsys.readouterr().out
     gpu_path.write_text('{"models": ')
-    with pytest.raises(estimate_memory.common.DataError, match="gpu_check.json: not valid JSON"):
+    with pytest.raises(estimate_memory.DataError, match="gpu_check.json: not valid JSON"):
         estimate_memory.main(["--out", str(est_path), "--compare", str(gpu_path)])
-    with pytest.raises(estimate_memory.common.DataError, match="no 'models' field"):
+    with pytest.raises(estimate_memory.DataError, match="no 'models' field"):
         estimate_memory.main(["--out", str(est_path), "--compare", str(est_path)])

@@ -4,7 +4,6 @@ import json
 import os
 import sys
 import threading
-import types
 
 import pytest
 
@@ -165,22 +164,20 @@ def test_shards_merge(tmp_path, monkeypatch, fake_model):
 
 def test_prefill_chunk_reaches_the_model_only_when_asked(tmp_path, monkeypatch, fake_model):
     data = write_lines(tmp_path / "toy.jsonl", [{"id": 0, "question": "q0", "answer": "0"}])
-    for argv, chunk in [([], None), (["--prefill-chunk", "256"], 256)]:
-        model = types.SimpleNamespace(generation_config=types.SimpleNamespace(prefill_chunk_size=None))
-        monkeypatch.setattr(evaluate, "load_model", lambda *a, **k: (model, None))
+    for argv, chunk in [([], 0), (["--prefill-chunk", "256"], 256)]:
+        asked = {}
+        monkeypatch.setattr(evaluate, "load_model", lambda *a, **k: asked.update(k) or (None, None))
         run_main(monkeypatch, "--model", "m", "--data", data, "--out-dir", str(tmp_path / str(chunk)), *argv)
-        assert model.generation_config.prefill_chunk_size == chunk
+        assert asked["prefill_chunk"] == chunk  # load_model sets it on the model (tests/test_search.py)
 
 
 def test_judge_eval(tmp_path, monkeypatch, fake_model):
     pairs = [dict(id=i, question="q", previous_steps=["Step 1: a"], step_a="A", step_b="B", label=label, judgment="")
              for i, label in enumerate("AABB")]
     data = write_lines(tmp_path / "eft_test.jsonl", pairs)
-    fake_judge = types.ModuleType("judge")
     # verdicts: right, wrong, unparsed, right
-    fake_judge.judge_pairs = lambda model, tok, template, items, max_new_tokens, batch_size: \
-        [("A", "[[A]]"), ("B", "[[B]]"), (None, "?"), ("B", "[[B]]")][:len(items)]
-    monkeypatch.setitem(sys.modules, "judge", fake_judge)
+    monkeypatch.setattr(evaluate, "judge_pairs", lambda model, tok, template, items, max_new_tokens, batch_size:
+                        [("A", "[[A]]"), ("B", "[[B]]"), (None, "?"), ("B", "[[B]]")][:len(items)])
     run_main(monkeypatch, "--model", "m", "--judge-eval", data, "--out-dir", str(tmp_path / "eval"))
     summary = json.loads((tmp_path / "eval" / "judge_eval.summary.json").read_text())
     assert summary["n"] == 4 and summary["judge_accuracy"] == 0.5 and summary["unparsed"] == 1

@@ -10,7 +10,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-import gpu_check  # noqa: E402
+from scripts import gpu_check  # noqa: E402
 
 
 def numbers(row, keys):
@@ -75,7 +75,7 @@ def test_nf4_lora_path_on_cpu_where_bitsandbytes_is_installed():
     assert model.model.layers[0].mlp.down_proj.weight.dtype == torch.uint8 and type(model.lm_head) is torch.nn.Linear
     model, train_args = gpu_check.prepare_lora(model, args, load_in_4bit=True)
     assert type(model.base_model.model.model.layers[0].mlp.down_proj).__module__ == "peft.tuners.lora.bnb"
-    optimizer = gpu_check.common.make_optimizer(model, train_args, lr=1e-3)
+    optimizer = gpu_check.modeling.make_optimizer(model, train_args, lr=1e-3)
     before = gpu_check.snapshot(model)
     rows = [gpu_check.measure_step_dpo(model, optimizer, 32, args, vocab, device)]
     assert gpu_check.adapter_checks(model, before, rows) == dict(lora_changed=True, base_unchanged=True,

@@ -18,7 +18,7 @@ TINY = dict(
     GEN_ARGS="--orders 2 --num-candidates 3 --max-steps 3 --max-step-tokens 24 --judge-max-new-tokens 24 --batch-size 64",
     DPO_ARGS="--lr 1e-3 --batch-size 4 --grad-accum 1",
     EVAL_ARGS="--max-new-tokens 48 --batch-size 64",
-    JUDGE_EVAL_ARGS="--max-new-tokens 24 --batch-size 64",
+    JUDGE_EVAL_ARGS="--judge-max-new-tokens 24 --batch-size 64",
 )
 
 

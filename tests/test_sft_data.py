@@ -17,9 +17,9 @@ import pytest
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 
-import judge  # noqa: E402
-import make_sft_data as msd  # noqa: E402
-from common import join_steps, read_jsonl, split_steps  # noqa: E402
+import modeling  # noqa: E402
+from common import join_steps, parse_verdict, read_jsonl, split_steps  # noqa: E402
+from prepare import paper_data as msd  # noqa: E402
 
 DATA_DIRS = [d for d in (os.environ.get("PSRLM_DATA"), os.path.join(REPO, "data"), "/work/shared/data") if d]
 
@@ -281,7 +281,7 @@ def test_eft_records_balanced_and_label_is_the_good_step(prm_rows):
         pair = [p for p in PRM_ROWS if p["instruction"] == r["question"] and p["rating"] == 1 and
                 good_step(r) == f"Step {k}: {p['next_response']}"]
         assert pair, r  # the labelled step is the +1 step
-        assert r["judgment"].endswith(f"[[{r['label']}]]") and judge.parse_verdict(r["judgment"]) == r["label"]
+        assert r["judgment"].endswith(f"[[{r['label']}]]") and parse_verdict(r["judgment"]) == r["label"]
     assert len({r["id"] for r in records}) == 4
     again, _ = msd.make_eft(prm_rows, eft_args())
     assert again == records  # deterministic
@@ -311,18 +311,18 @@ def is_good(step):
 
 def test_explainer_filters(prm_rows, monkeypatch):
     tok = types.SimpleNamespace(chat_template=None)
-    monkeypatch.setattr(judge, "generate", judge_by(lambda a, b: "A is right. [[A]] trailing" if is_good(a)
+    monkeypatch.setattr(modeling, "generate", judge_by(lambda a, b: "A is right. [[A]] trailing" if is_good(a)
                                                   else "B is right. [[B]]"))
     records, counts = msd.make_eft(prm_rows, eft_args(), model=object(), tokenizer=tok)
     assert counts["kept"] == 4 and sum(r["label"] == "A" for r in records) == 2
     assert all(r["judgment"].endswith(f"[[{r['label']}]]") for r in records)  # cut after the verdict
 
-    monkeypatch.setattr(judge, "generate", judge_by(lambda a, b: "[[A]]"))  # position bias
+    monkeypatch.setattr(modeling, "generate", judge_by(lambda a, b: "[[A]]"))  # position bias
     records, counts = msd.make_eft(prm_rows, eft_args(), model=object(), tokenizer=tok)
     assert records == [] and counts["dropped by filter 1 (verdict != label)"] == 2
     assert counts["dropped by filter 2 (verdict changes with A/B swapped)"] == 2
 
-    monkeypatch.setattr(judge, "generate", judge_by(lambda a, b: "no verdict, or both [[A]] [[B]]"))
+    monkeypatch.setattr(modeling, "generate", judge_by(lambda a, b: "no verdict, or both [[A]] [[B]]"))
     records, counts = msd.make_eft(prm_rows, eft_args(), model=object(), tokenizer=tok)
     assert records == [] and counts["unparsed verdicts"] == 8
 
@@ -341,7 +341,7 @@ def test_cli_writes_both_outputs_and_skips_when_done(tmp_path, monkeypatch, caps
     prm.write_text("".join(json.dumps(r) + "\n" for r in PRM_ROWS))
     test_set = tmp_path / "test.jsonl"
     test_set.write_text(json.dumps(dict(problem=Q2)) + "\n")
-    argv = ["make_sft_data.py", "--math", str(math), "--prm800k", str(prm), "--out-ift", str(tmp_path / "ift.jsonl"),
+    argv = ["paper_data.py", "--math", str(math), "--prm800k", str(prm), "--out-ift", str(tmp_path / "ift.jsonl"),
             "--out-eft", str(tmp_path / "eft.jsonl"), "--test-set", str(test_set), "--min-step-chars", "0"]
     monkeypatch.setattr(sys, "argv", argv)
     msd.main()

@@ -19,7 +19,8 @@ sys.path.insert(0, REPO)
 
 import train_step_dpo as dpo  # noqa: E402
 from conftest import eft_step_pairs, ends_within, ids_of  # noqa: E402
-from common import chat_prompt, load_model, read_jsonl  # noqa: E402
+from common import chat_prompt, read_jsonl  # noqa: E402
+from modeling import load_model  # noqa: E402
 
 LOG2 = math.log(2)
 

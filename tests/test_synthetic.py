@@ -1,5 +1,5 @@
 """
-prepare_synthetic.py and the JSONL plumbing of common.py: the generated data is reproducible, well formed and
+prepare/synthetic.py and the JSONL plumbing of common.py: the generated data is reproducible, well formed and
 arithmetically right (checked against the numbers re-read from each question's sentences, not against the
 generator's own bookkeeping), the EFT labels point at the uncorrupted step, and bad input fails with file:line.
 
@@ -17,7 +17,7 @@ import pytest
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 
-import prepare_synthetic  # noqa: E402
+from prepare import synthetic as prepare_synthetic  # noqa: E402
 from common import BOXED, DataError, PartialJSONL, read_jsonl, split_steps  # noqa: E402
 
 MIN_STEPS, MAX_STEPS = 2, 4  # the fixture's (default) knobs

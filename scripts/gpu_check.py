@@ -16,15 +16,15 @@ below as numbers) with random weights, so nothing is downloaded. For each size i
       measured 4-bit+LoRA tokens/s, plus Step-DPO at the measured seconds per step.
 Writes --out (JSON), rewritten after every measurement, so a run cut short still leaves what it measured.
 scripts/estimate_memory.py estimates the same Step-DPO rows on a CPU (scripts/estimate_memory.json); after a run,
-`python scripts/estimate_memory.py --compare gpu_check.json` prints the two side by side.
+`python -m scripts.estimate_memory --compare gpu_check.json` prints the two side by side.
 Random weights never stop early: generation lengths are fixed with min_new_tokens = max_new_tokens.
 
 Here, once (the GPU machine has no network):  bash scripts/fetch_gpu_wheels.sh
 On the GPU machine (one device run with carry [".whl"] and a timeout of 480 s):
     python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl
-    PYTHONPATH=/tmp/site PYTHONUNBUFFERED=1 python3 gpu_check.py --out $OUT/gpu_check.json
+    PYTHONPATH=/tmp/site PYTHONUNBUFFERED=1 python3 -m scripts.gpu_check --out $OUT/gpu_check.json
 On CPU, every code path but bitsandbytes, in seconds:
-    python gpu_check.py --tiny --out /tmp/gpu_check.json
+    python -m scripts.gpu_check --tiny --out /tmp/gpu_check.json
 """
 
 import argparse
@@ -34,11 +34,13 @@ import importlib.util
 import json
 import math
 import platform
+import sys
 import time
 
 import torch
 
-import common
+import modeling
+from common import DataError, cli, write_json
 from train_step_dpo import sequence_logps, step_dpo_loss
 
 # config.json of Qwen/Qwen2.5-Math-7B and Qwen/Qwen2.5-Math-1.5B (Qwen2ForCausalLM; q/k/v projections have biases)
@@ -103,14 +105,14 @@ def build_model(size, tiny, device, dtype, attn="sdpa", **overrides):
 
 def quantize_nf4_in_place(model):
     """
-    Every nn.Linear but lm_head -> bitsandbytes Linear4bit with common.bnb_4bit_config() (NF4, double quantization,
+    Every nn.Linear but lm_head -> bitsandbytes Linear4bit with modeling.bnb_4bit_config() (NF4, double quantization,
     bf16 compute), as from_pretrained(..., quantization_config=bnb_4bit_config()) would build it; embeddings, norms
     and lm_head stay bf16 as there. This skips writing 15 GB to disk and loading it back (~2 min); Params4bit
     quantizes on its .to(cuda), seconds in all. is_loaded_in_4bit is the flag from_pretrained sets and PEFT reads to
     put its 4-bit LoRA layers on.
     """
     import bitsandbytes as bnb
-    q = common.bnb_4bit_config()
+    q = modeling.bnb_4bit_config()
     names = [n for n, m in model.named_modules() if type(m) is torch.nn.Linear and not n.endswith("lm_head")]
     for name in names:
         linear = model.get_submodule(name)
@@ -130,11 +132,11 @@ def quantize_nf4_in_place(model):
 
 
 def prepare_lora(model, args, load_in_4bit, checkpointing=True):
-    """The trainers' setup (common.prepare_for_training: LoRA r=args.lora_rank on all linear layers)."""
+    """The trainers' setup (modeling.prepare_for_training: LoRA r=args.lora_rank on all linear layers)."""
     train_args = argparse.Namespace(lora=True, lora_rank=args.lora_rank, lora_alpha=2 * args.lora_rank,
                                     lora_dropout=0.0, load_in_4bit=load_in_4bit, gradient_checkpointing=checkpointing,
                                     optim="adamw")
-    return common.prepare_for_training(model, train_args), train_args
+    return modeling.prepare_for_training(model, train_args), train_args
 
 
 def dpo_batch(pairs, seq_len, step_tokens, vocab, device):
@@ -145,7 +147,7 @@ def dpo_batch(pairs, seq_len, step_tokens, vocab, device):
     prefixes = [torch.randint(vocab, (seq_len - step_tokens,)).tolist() for _ in range(pairs)] * 2
     steps = [torch.randint(vocab, (step_tokens,)).tolist() for _ in range(2 * pairs)]
     masks = [[0] * len(p) + [1] * len(s) for p, s in zip(prefixes, steps)]
-    ids, att, pos, loss_mask = common.padded_batch([p + s for p, s in zip(prefixes, steps)], pad_id=0, loss_masks=masks)
+    ids, att, pos, loss_mask = modeling.padded_batch([p + s for p, s in zip(prefixes, steps)], pad_id=0, loss_masks=masks)
     return ids.to(device), att.to(device), pos.to(device), loss_mask.to(device)
 
 
@@ -339,11 +341,11 @@ def parse_args(argv=None):
     args.seq_lens = [int(s) for s in str(args.seq_lens).split(",")]
     unknown = [s for s in args.sizes if s not in QWEN25_MATH]
     if unknown:
-        raise common.DataError(f"--sizes: unknown {unknown}; known: {list(QWEN25_MATH)}")
+        raise DataError(f"--sizes: unknown {unknown}; known: {list(QWEN25_MATH)}")
     if args.steps < 1 or args.pairs < 1:
-        raise common.DataError("--steps and --pairs must be at least 1")
+        raise DataError("--steps and --pairs must be at least 1")
     if min(args.seq_lens) <= args.step_tokens:
-        raise common.DataError(f"--seq-lens {args.seq_lens}: each must be longer than --step-tokens {args.step_tokens}")
+        raise DataError(f"--seq-lens {args.seq_lens}: each must be longer than --step-tokens {args.step_tokens}")
     return args
 
 
@@ -353,11 +355,11 @@ def main(argv=None):
     args = parse_args(argv)
     if not args.tiny:
         if not torch.cuda.is_available():
-            raise common.DataError("gpu_check.py needs a CUDA GPU (4-bit QLoRA via bitsandbytes); on CPU add --tiny")
+            raise DataError("gpu_check.py needs a CUDA GPU (4-bit QLoRA via bitsandbytes); on CPU add --tiny")
         if importlib.util.find_spec("bitsandbytes") is None:
-            raise common.DataError("bitsandbytes is not importable: bash scripts/fetch_gpu_wheels.sh here, then on "
+            raise DataError("bitsandbytes is not importable: bash scripts/fetch_gpu_wheels.sh here, then on "
                                    "the GPU machine pip install --target /tmp/site .whl/*.whl, PYTHONPATH=/tmp/site")
-    device, dtype = common.device_and_dtype()
+    device, dtype = modeling.device_and_dtype()
     threads = torch.get_num_threads()
     if args.tiny:
         torch.set_num_threads(1)  # tiny matrices gain nothing from threads, and a shared CPU makes them spin
@@ -372,7 +374,7 @@ def run(args, device, dtype):
                   gpu=torch.cuda.get_device_name() if torch.cuda.is_available() else "none (CPU, --tiny)",
                   gpu_total_gib=torch.cuda.get_device_properties(0).total_memory / GIB if torch.cuda.is_available()
                   else 0.0, versions=versions(), args=vars(args), models={})
-    save = lambda: common.write_json(args.out, result)  # noqa: E731
+    save = lambda: write_json(args.out, result)  # noqa: E731
     log(f"gpu check on {result['gpu']}, {result['versions']}")
     for size in args.sizes:
         if time.perf_counter() - T0 > args.time_budget:
@@ -411,7 +413,7 @@ def check_model(size, r, args, device, dtype, save):
         log(f"{size}: quantized to NF4 in {r['quantize_seconds']:.1f} s, "
             f"{torch.cuda.memory_allocated() / GIB:.1f} GiB allocated")
     model, train_args = prepare_lora(model, args, load_in_4bit=not args.tiny)
-    optimizer = common.make_optimizer(model, train_args, lr=args.lr)
+    optimizer = modeling.make_optimizer(model, train_args, lr=args.lr)
     before = snapshot(model)
     for seq_len in args.seq_lens:
         if time.perf_counter() - T0 > args.time_budget:
@@ -441,4 +443,4 @@ def check_model(size, r, args, device, dtype, save):
 
 
 if __name__ == "__main__":
-    raise SystemExit(0 if main()["checks_passed"] else 1)
+    cli(lambda: sys.exit(0 if main()["checks_passed"] else 1))

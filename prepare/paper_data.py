@@ -34,7 +34,7 @@ EFT  pairs from PRM800K-format step ratings: at the same prefix (same problem, s
        - without a model, a TEMPLATE, not an explanation: "Assistant A's step is correct. Assistant B's step
          contains an error. [[A]]" (or the mirror for B) -- deviation: the paper's judgments are o1 explanations;
        - with --explainer-model DIR, that model's greedy answer to the judge prompt (prompts/judge.txt, through
-         judge.judge_pairs), cut after its verdict; the paper's two filters apply: the verdict must agree with the label (filter 1) and the verdict with
+         modeling.judge_pairs), cut after its verdict; the paper's two filters apply: the verdict must agree with the label (filter 1) and the verdict with
          A/B swapped must agree too (filter 2); counts kept/dropped per filter are printed. A/B positions are
          re-balanced over the kept pairs (both orders were judged correctly, so either judgment is valid).
 
@@ -53,9 +53,11 @@ Writes
               label: "A"|"B", judgment: "... [[A]]"}
   and the resolved flags next to each, as <out>.config.json.
 
-  python make_sft_data.py --math data/math/train.jsonl --gsm8k data/gsm8k/train.jsonl \\
+  python -m prepare.paper_data --math data/math/train.jsonl --gsm8k data/gsm8k/train.jsonl \\
       --prm800k data/prm800k/phase1_test_stepwise_critique.jsonl \\
       --out-ift data/sft/ift.jsonl --out-eft data/sft/eft.jsonl
+The paper preset's whole data set (iteration questions, IFT, EFT and its held-out test split) in one command:
+  python -m prepare.paper_data --source DIR --out-dir data/real
 """
 
 import argparse
@@ -66,10 +68,9 @@ import random
 import re
 import statistics
 
-from common import (DataError, chat_prompt, generate, join_steps, judge_context, load_model, load_prompt,
+from common import (VERDICT, DataError, chat_prompt, cli, join_steps, judge_context, last_boxed, load_prompt,
                     read_jsonl, save_config, skip_if_done, split_steps, write_jsonl)
-from evaluate import last_boxed  # one answer extractor for the whole project
-from judge import VERDICT, judge_pairs
+from modeling import generate, judge_pairs, load_model
 
 # ----------------------------------------------------------------------------------------------------------------
 # rule-based splitter: find the spans that must not be cut, then the cut points, then group pieces into steps
@@ -495,45 +496,61 @@ def report_overlap(records, test_problems, test_path, what, exclude):
     return [r for r in records if r["id"] not in hit_ids] if exclude else records
 
 
-def main():
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--math", help="MATH train JSONL (problem, solution); IFT source")
-    p.add_argument("--gsm8k", help="GSM8K train JSONL (question, answer); IFT source")
-    p.add_argument("--numina", type=int, default=0, help="also take the first N NuminaMath-CoT solutions (hub)")
-    p.add_argument("--numina-dataset", default="AI-MO/NuminaMath-CoT", help="hub name (paper §2's IFT source)")
-    p.add_argument("--prm800k", help="PRM800K-format step ratings JSONL; EFT source")
-    p.add_argument("--out-ift", help="IFT output JSONL")
-    p.add_argument("--out-eft", help="EFT output JSONL")
-    p.add_argument("--limit", type=int, default=None, help="use only the first N records of each input file")
-    p.add_argument("--splitter", choices=["rule", "model"], default="rule",
-                   help="paper: o1 with the Figure 3 prompt; default here: rules that only cut the text")
-    p.add_argument("--splitter-model", help="model dir for --splitter model")
-    p.add_argument("--segment-prompt", default="segment", help="prompt file for --splitter model (paper Fig. 3)")
-    p.add_argument("--splitter-max-new-tokens", type=int, default=1024)
-    p.add_argument("--min-step-chars", type=int, default=20,
-                   help="pieces shorter than this merge into the next one (not stated; our choice)")
-    p.add_argument("--keep-calculator", action="store_true", help="keep GSM8K's <<a*b=c>> annotations")
-    p.add_argument("--max-pairs-per-prefix", type=int, default=0,
-                   help="EFT: at most this many +1/-1 pairs per prefix, sampled by --seed (0: all)")
-    p.add_argument("--explainer-model", help="model dir that writes EFT judgments (paper: o1); default: template")
-    p.add_argument("--judge-prompt", default="judge", help="prompt file for --explainer-model (paper Fig. 5)")
-    p.add_argument("--explainer-max-new-tokens", type=int, default=512)
-    p.add_argument("--batch-size", type=int, default=16, help="generation batch size (model splitter/explainer)")
-    p.add_argument("--test-set", default="data/math500/test.jsonl",
-                   help="test problems to check for overlap (MATH-500); the check is skipped if the file is absent")
-    p.add_argument("--exclude-test-problems", action="store_true", help="drop records whose problem is in --test-set")
-    p.add_argument("--seed", type=int, default=0, help="A/B positions and per-prefix sampling")
-    p.add_argument("--overwrite", action="store_true")
-    args = p.parse_args()
-    if not (args.out_ift or args.out_eft):
-        raise DataError("nothing to do: give --out-ift and/or --out-eft")
-    if args.out_ift and not (args.math or args.gsm8k or args.numina):
-        raise DataError("--out-ift needs --math, --gsm8k and/or --numina")
-    if args.out_eft and not args.prm800k:
-        raise DataError("--out-eft needs --prm800k")
-    if args.splitter == "model" and not args.splitter_model:
-        raise DataError("--splitter model needs --splitter-model DIR")
+# ----------------------------------------------------------------------------------------------------------------
+# the paper preset's data set in one command (presets/paper.sh)
+
+
+def hold_out_questions(math_train, out_dir, counts=(400, 800, 1200)):
+    """
+    Iteration questions (paper: 400/800/1200 NuminaMath questions, not reachable offline): a fixed draw of MATH train
+    problems over all subjects and levels, without answers (the loop uses none). Returns the rest, for IFT.
+    """
+    rows = read_jsonl(math_train, ["problem", "unique_id"])
+    random.Random(0).shuffle(rows)
+    start = 0
+    for t, n in enumerate(counts, 1):
+        write_jsonl(os.path.join(out_dir, f"questions{t}.jsonl"),
+                    [dict(id=r["unique_id"], question=r["problem"]) for r in rows[start:start + n]])
+        start += n
+    return rows[start:]
+
+
+def split_eft_by_problem(eft, every=5):
+    """
+    Judge accuracy (paper Table 3: 500 held-out pairs of its own EFT data). The PRM800K sample has ~1.5k pairs on 76
+    problems, so every `every`-th problem's pairs are held out, by problem: no prefix of a test pair leaks into SFT.
+    """
+    held = set(sorted({r["question"] for r in eft})[::every])
+    return [r for r in eft if r["question"] not in held], [r for r in eft if r["question"] in held]
+
+
+def build_paper_set(args):
+    """
+    paper: IFT = 28,889 NuminaMath-CoT solutions split into steps by o1; EFT = 4,167 PRM-found step pairs judged by
+    o1; iterations: 400/800/1200 NuminaMath questions. Here: iteration questions are 2,400 MATH train problems held
+    out of IFT; IFT = the other 5,100 MATH train + 7,473 GSM8K train solutions, split into steps by rules; EFT =
+    PRM800K's +1/-1 rated steps at a shared prefix, template judgments. eft_test.jsonl is written last: its presence
+    means the whole set is there.
+    """
+    out, src = args.out_dir, args.source
+    if skip_if_done(os.path.join(out, "eft_test.jsonl"), args.overwrite):
+        return
+    rest = hold_out_questions(os.path.join(src, "math", "train.jsonl"), out)
+    args.math = os.path.join(out, "math_train_ift.jsonl")
+    write_jsonl(args.math, rest)
+    args.gsm8k = os.path.join(src, "gsm8k", "train.jsonl")
+    args.prm800k = os.path.join(src, "prm800k", "phase1_test_stepwise_critique.jsonl")
+    args.test_set = os.path.join(src, "math", "test.jsonl")
+    args.out_ift, args.out_eft = os.path.join(out, "ift.jsonl"), os.path.join(out, "eft_all.jsonl")
+    build_ift_and_eft(args)
+    train, test = split_eft_by_problem(read_jsonl(args.out_eft))
+    write_jsonl(os.path.join(out, "eft.jsonl"), train)
+    write_jsonl(os.path.join(out, "eft_test.jsonl"), test)
+    print(f"EFT: {len(train)} pairs for SFT, {len(test)} held out on "
+          f"{len({r['question'] for r in test})} problems")
+
+
+def build_ift_and_eft(args):
     test_problems = problem_set(args.test_set) if os.path.exists(args.test_set) else None
     if test_problems is None:
         print(f"!!! WARNING: --test-set {args.test_set} not found: overlap with the test set is NOT checked")
@@ -565,5 +582,56 @@ def main():
         print(f"wrote {len(records)} EFT records to {args.out_eft}")
 
 
+def main():
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--math", help="MATH train JSONL (problem, solution); IFT source")
+    p.add_argument("--gsm8k", help="GSM8K train JSONL (question, answer); IFT source")
+    p.add_argument("--numina", type=int, default=0, help="also take the first N NuminaMath-CoT solutions (hub)")
+    p.add_argument("--numina-dataset", default="AI-MO/NuminaMath-CoT", help="hub name (paper §2's IFT source)")
+    p.add_argument("--prm800k", help="PRM800K-format step ratings JSONL; EFT source")
+    p.add_argument("--out-ift", help="IFT output JSONL")
+    p.add_argument("--out-eft", help="EFT output JSONL")
+    p.add_argument("--limit", type=int, default=None, help="use only the first N records of each input file")
+    p.add_argument("--splitter", choices=["rule", "model"], default="rule",
+                   help="paper: o1 with the Figure 3 prompt; default here: rules that only cut the text")
+    p.add_argument("--splitter-model", help="model dir for --splitter model")
+    p.add_argument("--segment-prompt", default="segment", help="prompt file for --splitter model (paper Fig. 3)")
+    p.add_argument("--splitter-max-new-tokens", type=int, default=1024)
+    p.add_argument("--min-step-chars", type=int, default=20,
+                   help="pieces shorter than this merge into the next one (not stated; our choice)")
+    p.add_argument("--keep-calculator", action="store_true", help="keep GSM8K's <<a*b=c>> annotations")
+    p.add_argument("--max-pairs-per-prefix", type=int, default=0,
+                   help="EFT: at most this many +1/-1 pairs per prefix, sampled by --seed (0: all)")
+    p.add_argument("--explainer-model", help="model dir that writes EFT judgments (paper: o1); default: template")
+    p.add_argument("--judge-prompt", default="judge", help="prompt file for --explainer-model (paper Fig. 5)")
+    p.add_argument("--explainer-max-new-tokens", type=int, default=512)
+    p.add_argument("--batch-size", type=int, default=16, help="generation batch size (model splitter/explainer)")
+    p.add_argument("--test-set", default="data/math500/test.jsonl",
+                   help="test problems to check for overlap (MATH-500); the check is skipped if the file is absent")
+    p.add_argument("--exclude-test-problems", action="store_true", help="drop records whose problem is in --test-set")
+    p.add_argument("--seed", type=int, default=0, help="A/B positions and per-prefix sampling")
+    p.add_argument("--overwrite", action="store_true")
+    p.add_argument("--source", help="with --out-dir: a folder of benchmark copies (math/, gsm8k/, prm800k/ JSONL)")
+    p.add_argument("--out-dir", help="build the paper preset's whole data set here (questions1..3, ift, eft, "
+                   "eft_test) from --source; the other input and output flags are then set from these two")
+    args = p.parse_args()
+    if args.out_dir:
+        if not args.source:
+            raise DataError("--out-dir needs --source")
+    elif not (args.out_ift or args.out_eft):
+        raise DataError("nothing to do: give --out-ift and/or --out-eft (or --out-dir)")
+    if args.out_ift and not (args.math or args.gsm8k or args.numina) and not args.out_dir:
+        raise DataError("--out-ift needs --math, --gsm8k and/or --numina")
+    if args.out_eft and not args.prm800k and not args.out_dir:
+        raise DataError("--out-eft needs --prm800k")
+    if args.splitter == "model" and not args.splitter_model:
+        raise DataError("--splitter model needs --splitter-model DIR")
+    if args.out_dir:
+        build_paper_set(args)
+    else:
+        build_ift_and_eft(args)
+
+
 if __name__ == "__main__":
-    main()
+    cli(main)

@@ -8,7 +8,7 @@ newline is its own token, so a step boundary "\\n" + "Step" tokenizes the same a
 Reads:  --corpus (JSONL files whose string fields are the training text; default: the synthetic IFT and EFT files)
 Writes: --out (config.json, model.safetensors, tokenizer.json, tokenizer_config.json with the chat template)
 
-    python build_tiny_model.py --corpus data/synthetic/ift.jsonl data/synthetic/eft.jsonl --out runs/default/m0
+    python -m prepare.tiny_model --corpus data/synthetic/ift.jsonl data/synthetic/eft.jsonl --out runs/default/m0
 """
 
 import argparse
@@ -16,7 +16,7 @@ import os
 
 import torch
 
-from common import load_prompt, read_jsonl, save_config, skip_if_done
+from common import cli, load_prompt, read_jsonl, save_config, skip_if_done
 
 SPECIALS = ["<|endoftext|>", "<|pad|>", "<|user|>", "<|assistant|>", "<|system|>"]
 CHAT_TEMPLATE = ("{% for m in messages %}<|{{ m['role'] }}|>\n{{ m['content'] }}\n{% endfor %}"
@@ -87,4 +87,4 @@ def main():
 
 
 if __name__ == "__main__":
-    main()
+    cli(main)

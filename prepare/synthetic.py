@@ -18,7 +18,7 @@ correct one, compares each candidate's result with it (every corruption changes 
 "Want Step 2: 3 fewer: 17 - 3 = 14. A: 14 vs 14, right. B: 20 vs 14, wrong. [[A]]" (--judgment-check diff:
 "A: 14 vs 14, off by 0, right. B: 20 vs 14, off by 6, wrong.").
 
-    python prepare_synthetic.py --out-dir data/synthetic
+    python -m prepare.synthetic --out-dir data/synthetic
 """
 
 import argparse
@@ -26,7 +26,7 @@ import os
 import random
 import re
 
-from common import save_config, skip_if_done, write_jsonl
+from common import cli, save_config, skip_if_done, write_jsonl
 
 NAMES = ["Tom", "Ann", "Ben", "Mia", "Sam", "Lily", "Max", "Eva", "Leo", "Zoe", "Dan", "Ivy"]
 ITEMS = ["apples", "pens", "cards", "coins", "books", "eggs", "shells", "stamps", "cookies", "marbles"]
@@ -273,4 +273,4 @@ def main():
 
 
 if __name__ == "__main__":
-    main()
+    cli(main)
