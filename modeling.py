@@ -249,6 +249,14 @@ def init_distributed():
     return int(os.environ.get("RANK", 0)), world
 
 
+def load_for_training(args):
+    """A trainer's start: join DDP under torchrun, seed, load M_t with trainable adapters. (rank, world, model, tok)."""
+    rank, world = init_distributed()
+    torch.manual_seed(args.seed)
+    model, tokenizer = load_model(args.model, load_in_4bit=args.load_in_4bit, attn=args.attn, trainable=True)
+    return rank, world, model, tokenizer
+
+
 def padded_batch(sequences, pad_id, loss_masks=None, left=False):
     """
     Lists of token ids -> input_ids, attention_mask, position_ids (and the padded loss mask). The attention mask

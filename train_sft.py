@@ -25,7 +25,7 @@ import torch
 
 from common import (DataError, add_training_args, chat_prompt, cli, judge_context, load_prompt, read_jsonl,
                     skip_if_done)
-from modeling import init_distributed, load_model, padded_batch, prepare_for_training, save_trained, train_loop
+from modeling import load_for_training, padded_batch, prepare_for_training, save_trained, train_loop
 
 
 def sft_example(tokenizer, prompt_text, response_text, max_len):
@@ -85,9 +85,7 @@ def main():
     args = parser.parse_args()
     if skip_if_done(os.path.join(args.out, "sft_config.json"), args.overwrite):
         return
-    rank, world = init_distributed()
-    torch.manual_seed(args.seed)
-    model, tokenizer = load_model(args.model, load_in_4bit=args.load_in_4bit, attn=args.attn, trainable=True)
+    rank, world, model, tokenizer = load_for_training(args)
     model = prepare_for_training(model, args)
     ift = read_jsonl(args.ift, ["question", "solution"])[:args.limit]
     eft = read_jsonl(args.eft, ["question", "previous_steps", "step_a", "step_b", "judgment"])[:args.limit] \

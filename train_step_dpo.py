@@ -37,7 +37,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from common import PartialJSONL, add_training_args, chat_prompt, cli, read_jsonl, skip_if_done
-from modeling import init_distributed, load_model, padded_batch, prepare_for_training, save_trained, train_loop
+from modeling import load_for_training, padded_batch, prepare_for_training, save_trained, train_loop
 
 PAIR_FIELDS = ["id", "prompt", "prefix", "chosen", "rejected", "chosen_final", "rejected_final"]
 
@@ -139,9 +139,7 @@ def main():
     args = parser.parse_args()
     if skip_if_done(os.path.join(args.out, "dpo_config.json"), args.overwrite):
         return
-    rank, world = init_distributed()
-    torch.manual_seed(args.seed)
-    model, tokenizer = load_model(args.model, load_in_4bit=args.load_in_4bit, attn=args.attn, trainable=True)
+    rank, world, model, tokenizer = load_for_training(args)
     pairs = read_jsonl(args.pairs, PAIR_FIELDS)
     examples = []
     for p in pairs:

@@ -116,7 +116,7 @@ def rank_step_counts(script, argv, tmp_path, monkeypatch):
     for rank in (0, 1):
         calls = []
         monkeypatch.setattr(modeling, "cosine_lr", lambda *a: calls.append(1) or real_lr(*a))
-        monkeypatch.setattr(script, "init_distributed", lambda: (rank, 2))
+        monkeypatch.setattr(modeling, "init_distributed", lambda: (rank, 2))
         monkeypatch.setattr(sys, "argv", [script.__name__ + ".py", *argv, "--out", str(tmp_path / f"rank{rank}")])
         script.main()
         counts.append(len(calls))

@@ -471,3 +471,13 @@ def test_model_without_step_marker_or_answer_stops_at_max_steps(tiny_model_dir, 
             assert n["outcome"] in ("accepted", "single")
             if n["outcome"] == "accepted":  # the fake judge prefers the larger text
                 assert n["candidates"][n["best"]]["text"] == max(c["text"] for c in n["candidates"])
+
+
+def test_pure_json_stages_import_without_torch():
+    """make_pairs.py and report.py are JSON to JSON: they (and common.py) import in a Python that has no torch."""
+    import subprocess
+    code = ("import sys; sys.modules['torch'] = None\n"  # any `import torch` now raises ImportError
+            "import common, make_pairs, report\n"
+            "assert 'torch' not in [m for m in sys.modules if sys.modules[m] is not None]\n")
+    proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
