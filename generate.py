@@ -11,7 +11,7 @@ advance together: one batched generate call for the candidates, one for all thei
 "At most 20 steps" (paper: "max iteration number = 20") is counted in search rounds, roll-backs included, so a
 search that keeps tying still ends.
 
-Reads  --questions JSONL {id, question} (other fields, e.g. answer, are carried along and never used)
+Reads  --questions JSONL {id, question: str} (other fields, e.g. answer, are carried along and never used)
 Writes --out JSONL, one search tree per question:
   {id, question, prompt, solution_steps: [accepted steps], finished, stop_reason, rounds,
    steps: [ {round, step, prefix_steps, candidates: [{text, final, eos, new_tokens}],
@@ -19,6 +19,8 @@ Writes --out JSONL, one search tree per question:
              outcome: accepted | single | tie_rollback | empty, rolled_back: bool} ] }
   stop_reason: answer (a step with \\boxed) | eos (ended without \\boxed) | max_steps | empty | too_long
   rolled_back marks an accepted step later discarded by a tie (make_pairs.py drops its pair).
+and next to it <out>.stats.json, <out>.config.json, and <out>.manifest.json (written last: what made the trees; a
+rerun skips only when it matches, see common.is_done).
 
     python generate.py --model runs/default/m1 --questions data/synthetic/questions1.jsonl \\
         --out runs/default/iter1/trees.jsonl --prompt-reasoning reasoning_tiny --prompt-judge judge_tiny \\
@@ -34,9 +36,10 @@ import zlib
 import torch
 from tqdm import tqdm
 
-from common import (BOXED, PartialJSONL, add_generation_args, add_judge_args, add_model_args, chat_prompt, cli,
-                    join_steps, judge_candidates, load_prompt, merge_shards, parse_shard, read_jsonl, record_ids,
-                    save_config, search_stats, shard_path, skip_if_done, write_json)
+from common import (BOXED, PartialJSONL, add_generation_args, add_judge_args, add_model_args, chat_prompt, checked,
+                    cli, is_done, join_steps, judge_candidates, load_prompt, merge_shards, nonnegative_float,
+                    output_flags, parse_shard, positive_int, probability, prompt_path, read_jsonl, record_ids,
+                    save_config, search_stats, shard_path, sidecars, stage_manifest, write_json, write_manifest)
 from modeling import generate, load_model, verdict_fn
 
 
@@ -114,47 +117,54 @@ def main():
     parser.add_argument("--questions", required=True)
     parser.add_argument("--out", required=True)
     parser.add_argument("--prompt-reasoning", default="reasoning", help="paper Fig. 4; the tiny default: reasoning_tiny")
-    parser.add_argument("--num-candidates", type=int, default=6, help="w, paper §4")
-    parser.add_argument("--temperature", type=float, default=0.5, help="paper §4")
-    parser.add_argument("--top-p", type=float, default=0.95, help="paper §4")
-    parser.add_argument("--max-steps", type=int, default=20, help="paper: max iteration number 20 (search rounds)")
-    parser.add_argument("--max-step-tokens", type=int, default=256, help="new tokens per candidate step")
+    parser.add_argument("--num-candidates", type=checked(int, lambda v: v >= 2, "an integer >= 2 (a pair to judge)"),
+                        default=6, help="w, paper §4")
+    parser.add_argument("--temperature", type=nonnegative_float, default=0.5, help="paper §4")
+    parser.add_argument("--top-p", type=probability, default=0.95, help="paper §4")
+    parser.add_argument("--max-steps", type=positive_int, default=20,
+                        help="paper: max iteration number 20 (search rounds)")
+    parser.add_argument("--max-step-tokens", type=positive_int, default=256, help="new tokens per candidate step")
     add_judge_args(parser)
     add_generation_args(parser)
-    parser.add_argument("--questions-per-chunk", type=int, default=128, help="questions searched together; the "
-                        "unit of progress saved for resuming")
-    parser.add_argument("--limit", type=int, default=None)
+    parser.add_argument("--questions-per-chunk", type=positive_int, default=128, help="questions searched together; "
+                        "the unit of progress saved for resuming")
+    parser.add_argument("--limit", type=positive_int, default=None, help="only the first N questions")
     parser.add_argument("--shard", default=None, help="i/n: take every n-th question from the i-th (default: torchrun rank)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--overwrite", action="store_true")
     args = parser.parse_args()
-    if skip_if_done(args.out, args.overwrite):
-        return
-    records = read_jsonl(args.questions, ["question"])[:args.limit]
-    ids = record_ids(records, args.questions)
+    inputs = dict(model=args.model, questions=args.questions, prompt_reasoning=prompt_path(args.prompt_reasoning),
+                  prompt_judge=prompt_path(args.prompt_judge))
+    # batch size and prefill chunks change the speed, not the trees
+    manifest = stage_manifest("generate", inputs, output_flags(args, "batch_size", "prefill_chunk"))
     shard, num_shards = parse_shard(args.shard)
     out_path = shard_path(args.out, shard, num_shards)
-    progress = PartialJSONL(out_path)
-    todo = [(i, r) for i, r in list(zip(ids, records))[shard::num_shards] if i not in progress.done]
-    model, tokenizer = load_model(args.model, load_in_4bit=args.load_in_4bit, attn=args.attn,
-                                  prefill_chunk=args.prefill_chunk)
-    t0 = time.time()
-    with tqdm(total=len(todo), desc="search (questions done)") as bar:
-        for c in range(0, len(todo), args.questions_per_chunk):
-            chunk = todo[c:c + args.questions_per_chunk]
-            # seeded per chunk, so a resumed run samples what the uninterrupted one would have
-            seed = zlib.crc32(f"{args.seed}-{chunk[0][0]}".encode())
-            torch.manual_seed(seed)
-            rng = random.Random(seed)  # coin flips of --judge random / oracle
-            progress.add(search(model, tokenizer, [r for _, r in chunk], [i for i, _ in chunk], args, rng, bar))
-    progress.finish([i for i in ids[shard::num_shards]])
-    trees = read_jsonl(out_path)
-    stats = search_stats(trees) | dict(seconds=round(time.time() - t0, 1))
-    print(stats)
-    write_json(out_path + ".stats.json", stats)
-    save_config(args, out_path + ".config.json")
-    if num_shards > 1:
-        merge_shards(args.out, num_shards, ids)
+    if is_done(args.out, manifest, args.overwrite, sidecars(args.out)):
+        return
+    records = read_jsonl(args.questions, {"question": str})[:args.limit]
+    ids = record_ids(records, args.questions)
+    if num_shards == 1 or not is_done(out_path, manifest, args.overwrite, sidecars(out_path)):
+        progress = PartialJSONL(out_path, manifest)
+        todo = [(i, r) for i, r in list(zip(ids, records))[shard::num_shards] if i not in progress.done]
+        model, tokenizer = load_model(args.model, load_in_4bit=args.load_in_4bit, attn=args.attn,
+                                      prefill_chunk=args.prefill_chunk)
+        t0 = time.time()
+        with tqdm(total=len(todo), desc="search (questions done)") as bar:
+            for c in range(0, len(todo), args.questions_per_chunk):
+                chunk = todo[c:c + args.questions_per_chunk]
+                # seeded per chunk, so a resumed run samples what the uninterrupted one would have
+                seed = zlib.crc32(f"{args.seed}-{chunk[0][0]}".encode())
+                torch.manual_seed(seed)
+                rng = random.Random(seed)  # coin flips of --judge random / oracle
+                progress.add(search(model, tokenizer, [r for _, r in chunk], [i for i, _ in chunk], args, rng, bar))
+        progress.finish(ids[shard::num_shards])
+        stats = search_stats(read_jsonl(out_path)) | dict(seconds=round(time.time() - t0, 1))
+        print(stats)
+        write_json(out_path + ".stats.json", stats)
+        save_config(args, out_path + ".config.json")
+        write_manifest(out_path, manifest)
+    if num_shards > 1 and merge_shards(args.out, num_shards, ids, manifest):
+        write_manifest(args.out, manifest)
 
 
 if __name__ == "__main__":

@@ -15,8 +15,8 @@ import time
 import torch
 from tqdm import tqdm
 
-from common import (NEXT_STEP, DataError, chat_prompt, cut_at_next_step, judge_context, oracle_verdicts,
-                    parse_verdict, random_verdicts, save_config, write_jsonl)
+from common import (NEXT_STEP, DataError, chat_prompt, cut_at_next_step, dir_files, judge_context, oracle_verdicts,
+                    parse_verdict, random_verdicts, remove, save_config, write_jsonl, write_manifest)
 
 # ----------------------------------------------------------------------------------------------------------------
 # loading and saving
@@ -93,23 +93,32 @@ def load_model(path, load_in_4bit=False, attn="sdpa", trainable=False, prefill_c
     return model, tokenizer
 
 
-def save_model(model, tokenizer, out_dir):
-    """Full model or LoRA adapter (PEFT saves only the adapter), plus the tokenizer so the dir loads on its own."""
+def save_model(model, tokenizer, out_dir, manifest=None, also=None):
+    """
+    Full model or LoRA adapter (PEFT saves only the adapter), plus the tokenizer so the dir loads on its own. All is
+    written to <out_dir>.tmp -- the files `also(folder)` adds, then the manifest (stage, inputs, flags, and the
+    fingerprints of the files written) last -- and the folder renamed into place: a half-written model never
+    looks finished.
+    """
     model = getattr(model, "module", model)  # unwrap DDP
     tmp = out_dir.rstrip("/") + ".tmp"
+    remove(tmp)  # left by a killed run
     model.save_pretrained(tmp)
     tokenizer.save_pretrained(tmp)
-    if os.path.exists(out_dir):
-        import shutil
-        shutil.rmtree(out_dir)
+    if also is not None:
+        also(tmp)
+    if manifest is not None:
+        write_manifest(tmp, dict(manifest, files=dir_files(tmp)))
+    remove(out_dir)
     os.replace(tmp, out_dir)
 
 
-def save_trained(model, tokenizer, out_dir, log, args, config_name):
-    """A trainer's outputs: the model, its train_log.jsonl, then its config, written last to mark the stage done."""
-    save_model(model, tokenizer, out_dir)
-    write_jsonl(os.path.join(out_dir, "train_log.jsonl"), log)
-    save_config(args, os.path.join(out_dir, config_name))
+def save_trained(model, tokenizer, out_dir, log, args, config_name, manifest):
+    """A trainer's outputs, in one folder renamed into place: the model, train_log.jsonl, its config, its manifest."""
+    def logs(folder):
+        write_jsonl(os.path.join(folder, "train_log.jsonl"), log)
+        save_config(args, os.path.join(folder, config_name))
+    save_model(model, tokenizer, out_dir, manifest, logs)
 
 
 # ----------------------------------------------------------------------------------------------------------------
