@@ -8,6 +8,11 @@ step's preference pair. If all candidates tie, the previous step and its pair ar
 one step. A candidate that holds \\boxed{} or ends with EOS ends the solution. All unfinished questions of a chunk
 advance together: one batched generate call for the candidates, one for all their judgments, per step.
 
+Every random draw is seeded by its question: candidate c of round r of question q samples from a generator seeded
+by (--seed, q, r, c) (modeling.SeededGumbel), and the coin flips of --judge random / oracle come from one generator
+per question. So a question's tree is the same whatever else shares its chunk: with any --questions-per-chunk, any
+number of shards, and after a resume (up to float rounding that depends on the batch, see tests/test_provenance.py).
+
 "At most 20 steps" (paper: "max iteration number = 20") is counted in search rounds, roll-backs included, so a
 search that keeps tying still ends.
 
@@ -33,7 +38,6 @@ import random
 import time
 import zlib
 
-import torch
 from tqdm import tqdm
 
 from common import (BOXED, PartialJSONL, add_generation_args, add_judge_args, add_model_args, chat_prompt, checked,
@@ -71,10 +75,16 @@ def apply_judgment(tree, node, max_steps):
         tree["finished"], tree["stop_reason"] = True, "max_steps"
 
 
-def search(model, tokenizer, records, ids, args, rng, bar):
+def candidate_seed(seed, question_id, round, candidate):
+    """The sampling seed of one candidate step: its question, search round and index, never its chunk or shard."""
+    return zlib.crc32(f"{seed}-{question_id}-{round}-{candidate}".encode())
+
+
+def search(model, tokenizer, records, ids, args, bar):
     """Run the step search for a chunk of questions, all advancing together. Returns their trees."""
     reasoning = load_prompt(args.prompt_reasoning)
     judge_template = load_prompt(args.prompt_judge)
+    coins = {rid: random.Random(f"{args.seed}-{rid}") for rid in ids}  # --judge random / oracle: one per question
     max_len = getattr(model.config, "max_position_embeddings", 1 << 30)
     trees = [new_tree(rid, r, reasoning.format(problem=r["question"])) for rid, r in zip(ids, records)]
     while True:
@@ -92,7 +102,9 @@ def search(model, tokenizer, records, ids, args, rng, bar):
         # w candidates per question: the prompt repeated w times, sampled independently
         outs = generate(model, tokenizer, [p for p in prompts for _ in range(args.num_candidates)],
                         args.max_step_tokens, temperature=args.temperature, top_p=args.top_p,
-                        batch_size=args.batch_size, one_step=True)
+                        batch_size=args.batch_size, one_step=True,
+                        seeds=[candidate_seed(args.seed, t["id"], t["rounds"] + 1, c)
+                               for t in active for c in range(args.num_candidates)])
         nodes = []
         for k, t in enumerate(active):
             cands = [dict(text=o["text"], final=o["eos"] or BOXED in o["text"], eos=o["eos"],
@@ -100,10 +112,13 @@ def search(model, tokenizer, records, ids, args, rng, bar):
                      for o in outs[k * args.num_candidates:(k + 1) * args.num_candidates] if o["text"]]
             nodes.append(dict(round=t["rounds"] + 1, step=len(t["solution_steps"]) + 1,
                               prefix_steps=list(t["solution_steps"]), candidates=cands, rolled_back=False))
-        judgments = judge_candidates([(t["question"], n["prefix_steps"], [c["text"] for c in n["candidates"]])
-                                      for t, n in zip(active, nodes)],
-                                     verdict_fn(args, model, tokenizer, judge_template, rng), args.orders,
-                                     not args.no_dedupe)
+        jobs = [(t["question"], n["prefix_steps"], [c["text"] for c in n["candidates"]]) for t, n in zip(active, nodes)]
+        if args.judge == "model":  # every question's comparisons in one batched generation (greedy)
+            judgments = judge_candidates(jobs, verdict_fn(args, model, tokenizer, judge_template), args.orders,
+                                         not args.no_dedupe)
+        else:  # a control: each question's coin flips from its own generator
+            judgments = [judge_candidates([job], verdict_fn(args, None, None, None, coins[t["id"]]), args.orders,
+                                          not args.no_dedupe)[0] for job, t in zip(jobs, active)]
         for t, node, judgment in zip(active, nodes, judgments):
             node.update(judgment)
             t["steps"].append(node)
@@ -127,7 +142,7 @@ def main():
     add_judge_args(parser)
     add_generation_args(parser)
     parser.add_argument("--questions-per-chunk", type=positive_int, default=128, help="questions searched together; "
-                        "the unit of progress saved for resuming")
+                        "the unit of progress saved for resuming (the trees do not depend on it)")
     parser.add_argument("--limit", type=positive_int, default=None, help="only the first N questions")
     parser.add_argument("--shard", default=None, help="i/n: take every n-th question from the i-th (default: torchrun rank)")
     parser.add_argument("--seed", type=int, default=0)
@@ -135,8 +150,9 @@ def main():
     args = parser.parse_args()
     inputs = dict(model=args.model, questions=args.questions, prompt_reasoning=prompt_path(args.prompt_reasoning),
                   prompt_judge=prompt_path(args.prompt_judge))
-    # batch size and prefill chunks change the speed, not the trees
-    manifest = stage_manifest("generate", inputs, output_flags(args, "batch_size", "prefill_chunk"))
+    # batch size, prefill chunks and questions per chunk change the speed, not the trees
+    manifest = stage_manifest("generate", inputs, output_flags(args, "batch_size", "prefill_chunk",
+                                                                "questions_per_chunk"))
     shard, num_shards = parse_shard(args.shard)
     out_path = shard_path(args.out, shard, num_shards)
     if is_done(args.out, manifest, args.overwrite, sidecars(args.out)):
@@ -152,11 +168,7 @@ def main():
         with tqdm(total=len(todo), desc="search (questions done)") as bar:
             for c in range(0, len(todo), args.questions_per_chunk):
                 chunk = todo[c:c + args.questions_per_chunk]
-                # seeded per chunk, so a resumed run samples what the uninterrupted one would have
-                seed = zlib.crc32(f"{args.seed}-{chunk[0][0]}".encode())
-                torch.manual_seed(seed)
-                rng = random.Random(seed)  # coin flips of --judge random / oracle
-                progress.add(search(model, tokenizer, [r for _, r in chunk], [i for i, _ in chunk], args, rng, bar))
+                progress.add(search(model, tokenizer, [r for _, r in chunk], [i for i, _ in chunk], args, bar))
         progress.finish(ids[shard::num_shards])
         stats = search_stats(read_jsonl(out_path)) | dict(seconds=round(time.time() - t0, 1))
         print(stats)
