@@ -698,7 +698,8 @@ def add_generation_args(parser):
 def add_judge_args(parser, search=True):
     """The step judge (paper §3.1, Fig. 5); search=True adds how the search uses it (the re-judge CLI too)."""
     parser.add_argument("--prompt-judge", default="judge", help="paper Fig. 5; the tiny default: judge_tiny")
-    parser.add_argument("--judge-max-new-tokens", type=positive_int, default=512, help="the judge's explanation + verdict")
+    parser.add_argument("--judge-max-new-tokens", type=positive_int, default=512,
+                        help="the judge's explanation + verdict")
     if not search:
         return
     parser.add_argument("--orders", type=int, default=2, choices=[1, 2],

@@ -258,7 +258,8 @@ def main():
     add_model_args(parser, required=False)
     parser.add_argument("--data", action="append", default=[], help="benchmark JSONL or hub:NAME[:CONFIG]; repeatable")
     parser.add_argument("--out-dir", help="where {name}.jsonl and {name}.summary.json go")
-    parser.add_argument("--limit", type=positive_int, help="only the first N items of each data set (and of --judge-eval)")
+    parser.add_argument("--limit", type=positive_int,
+                        help="only the first N items of each data set (and of --judge-eval)")
     add_generation_args(parser)
     parser.add_argument("--max-new-tokens", type=positive_int, default=512, help="tokens per solution")
     parser.add_argument("--prompt-reasoning", default="reasoning",

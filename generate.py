@@ -75,9 +75,9 @@ def apply_judgment(tree, node, max_steps):
         tree["finished"], tree["stop_reason"] = True, "max_steps"
 
 
-def candidate_seed(seed, question_id, round, candidate):
+def candidate_seed(seed, question_id, search_round, candidate):
     """The sampling seed of one candidate step: its question, search round and index, never its chunk or shard."""
-    return zlib.crc32(f"{seed}-{question_id}-{round}-{candidate}".encode())
+    return zlib.crc32(f"{seed}-{question_id}-{search_round}-{candidate}".encode())
 
 
 def search(model, tokenizer, records, ids, args, bar):

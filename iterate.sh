@@ -50,7 +50,7 @@ fi
 R=${RUN_DIR:-runs/$RUN}
 mkdir -p "$R"
 exec 9>"$R/.lock"  # held by this script and its stages until the last of them ends
-flock -n 9 || { echo "error: another iterate.sh is running on $R (it holds $R/.lock); wait for it or stop it" >&2; exit 1; }
+flock -n 9 || { echo "error: another iterate.sh is running on $R (it holds $R/.lock); wait or stop it" >&2; exit 1; }
 trap 'kill $(jobs -p) 2>/dev/null || true' EXIT  # never leave a shard running after the driver stops
 trap 'exit 130' INT TERM
 

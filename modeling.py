@@ -226,7 +226,7 @@ def judge_pairs(model, tokenizer, template, items, max_new_tokens=512, batch_siz
 
 
 def verdict_fn(args, model, tokenizer, template, rng=None, progress=None):
-    """The verdicts of common.judge_candidates: the model itself (the method), or a control (--judge) drawing from rng."""
+    """The verdicts of common.judge_candidates: the model itself (the method), or a control (--judge) using rng."""
     if args.judge == "random":
         return random_verdicts(rng)
     if args.judge == "oracle":
