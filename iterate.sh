@@ -87,7 +87,7 @@ if [ "$PRESET" = tiny ]; then
   [ -z "$MODEL" ] && MODEL=$R/m0 && run python -m prepare.tiny_model --corpus "$DATA/ift.jsonl" "$DATA/eft.jsonl" \
       --out "$MODEL" ${MODEL_ARGS:-} $OW
 else
-  run python -m prepare.paper_data --source "$SHARED" --out-dir "$DATA"
+  run python -m prepare.paper_data --source "$SHARED" --out-dir "$DATA" $OW
 fi
 
 # --- M1: SFT on IFT + EFT (paper §3.2) ---------------------------------------------------------------------------
