@@ -112,18 +112,20 @@ def test_overwrite_after_another_init_and_a_killed_search_reproduces_the_clean_r
     A run started from another M1 (here M0) and killed in the middle of its search, then rerun with `OVERWRITE=1`
     and the clean run's M1 as INIT: every output of M1's evaluation and of iteration 1 is byte-identical to the
     clean run's. Nothing of the killed run survives (its M1 link, its evaluation with other flags, its progress
-    files), and the chunk size (1 here, 128 in the clean run) does not change the trees.
+    file), and neither the chunk size (1 here, 128 in the clean run) nor the shards (1 process here, 2 in the clean
+    run) change the trees. (With these tiny settings M1's judge ties every step, so Step-DPO gets no pair and saves
+    M1 unchanged: the trees, verdicts and evaluations are what this compares.)
     """
     tmp_path, _ = run_dir
     clean, again = tmp_path / "run", tmp_path / "again"
-    env = dict(os.environ, **dict(TINY, NUM_ITERS="1", RUN_DIR=str(again), DATA=str(tmp_path / "data"),
+    env = dict(os.environ, **dict(TINY, NUM_ITERS="1", NPROC="1", RUN_DIR=str(again), DATA=str(tmp_path / "data"),
                                   MODEL=str(clean / "m0")))
     env["GEN_ARGS"] += " --questions-per-chunk 1"
     other = dict(env, INIT=str(clean / "m0"), EVAL_ARGS="--max-new-tokens 8",
                  JUDGE_EVAL_ARGS="--judge-max-new-tokens 8")
     killed = subprocess.Popen(["bash", "iterate.sh"], cwd=ROOT, env=other, stdout=subprocess.DEVNULL,
                               stderr=subprocess.DEVNULL, start_new_session=True)
-    partial = again / "iter1" / "trees.jsonl.shard0of2.partial"
+    partial = again / "iter1" / "trees.jsonl.partial"
     try:
         while not (partial.exists() and '"steps"' in partial.read_text()):  # a search tree is in the progress file
             assert killed.poll() is None, "the run ended before its search could be killed"
