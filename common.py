@@ -196,7 +196,7 @@ def fingerprint(path):
 
 
 def output_flags(args, *ignore):
-    """A stage's flags that change its output: all but `ignore` (speed and memory only) and NOT_OUTPUT_FLAGS."""
+    """A stage's flags but `ignore` (those that change only speed or memory); stage_manifest drops the rest."""
     return {k: v for k, v in vars(args).items() if k not in ignore}
 
 

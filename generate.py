@@ -11,7 +11,8 @@ advance together: one batched generate call for the candidates, one for all thei
 Every random draw is seeded by its question: candidate c of round r of question q samples from a generator seeded
 by (--seed, q, r, c) (modeling.SeededGumbel), and the coin flips of --judge random / oracle come from one generator
 per question. So a question's tree is the same whatever else shares its chunk: with any --questions-per-chunk, any
-number of shards, and after a resume (up to float rounding that depends on the batch, see tests/test_provenance.py).
+number of shards, and after a resume (byte for byte on CPU: tests/test_provenance.py; on a GPU, kernels picked by
+batch shape may still round a near-tie differently).
 
 "At most 20 steps" (paper: "max iteration number = 20") is counted in search rounds, roll-backs included, so a
 search that keeps tying still ends.
