@@ -8,6 +8,7 @@ The model side that the stages share (torch; the torch-free side is common.py):
 """
 
 import contextlib
+import hashlib
 import json
 import os
 import time
@@ -15,8 +16,8 @@ import time
 import torch
 from tqdm import tqdm
 
-from common import (NEXT_STEP, DataError, chat_prompt, cut_at_next_step, judge_context, oracle_verdicts,
-                    parse_verdict, random_verdicts, save_config, write_jsonl)
+from common import (NEXT_STEP, DataError, chat_prompt, cut_at_next_step, dir_files, judge_context, oracle_verdicts,
+                    parse_verdict, random_verdicts, remove, save_config, write_jsonl, write_manifest)
 
 # ----------------------------------------------------------------------------------------------------------------
 # loading and saving
@@ -93,23 +94,32 @@ def load_model(path, load_in_4bit=False, attn="sdpa", trainable=False, prefill_c
     return model, tokenizer
 
 
-def save_model(model, tokenizer, out_dir):
-    """Full model or LoRA adapter (PEFT saves only the adapter), plus the tokenizer so the dir loads on its own."""
+def save_model(model, tokenizer, out_dir, manifest=None, also=None):
+    """
+    Full model or LoRA adapter (PEFT saves only the adapter), plus the tokenizer so the dir loads on its own. All is
+    written to <out_dir>.tmp -- the files `also(folder)` adds, then the manifest (stage, inputs, flags, and the
+    fingerprints of the files written) last -- and the folder renamed into place: a half-written model never
+    looks finished.
+    """
     model = getattr(model, "module", model)  # unwrap DDP
     tmp = out_dir.rstrip("/") + ".tmp"
+    remove(tmp)  # left by a killed run
     model.save_pretrained(tmp)
     tokenizer.save_pretrained(tmp)
-    if os.path.exists(out_dir):
-        import shutil
-        shutil.rmtree(out_dir)
+    if also is not None:
+        also(tmp)
+    if manifest is not None:
+        write_manifest(tmp, dict(manifest, files=dir_files(tmp)))
+    remove(out_dir)
     os.replace(tmp, out_dir)
 
 
-def save_trained(model, tokenizer, out_dir, log, args, config_name):
-    """A trainer's outputs: the model, its train_log.jsonl, then its config, written last to mark the stage done."""
-    save_model(model, tokenizer, out_dir)
-    write_jsonl(os.path.join(out_dir, "train_log.jsonl"), log)
-    save_config(args, os.path.join(out_dir, config_name))
+def save_trained(model, tokenizer, out_dir, log, args, config_name, manifest):
+    """A trainer's outputs, in one folder renamed into place: the model, train_log.jsonl, its config, its manifest."""
+    def logs(folder):
+        write_jsonl(os.path.join(folder, "train_log.jsonl"), log)
+        save_config(args, os.path.join(folder, config_name))
+    save_model(model, tokenizer, out_dir, manifest, logs)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -135,14 +145,42 @@ class StopAtNextStep:
         return torch.tensor([t.find(NEXT_STEP, skip) >= 0 for t in texts], device=input_ids.device)
 
 
+class SeededGumbel:
+    """
+    Per-row seeded sampling, for HF generate in greedy mode after its temperature and top-p warpers: adds Gumbel
+    noise to the warped logits, and argmax(log p + Gumbel noise) is an exact sample of p (the Gumbel-max trick).
+    Row r's noise at its t-th new token comes from a generator seeded by (seeds[r], t) alone, so a row samples the
+    same tokens whatever else is in its batch (HF's do_sample draws every row from one global generator).
+    """
+
+    def __init__(self, seeds, prompt_len):
+        self.seeds, self.prompt_len = seeds, prompt_len
+
+    def __call__(self, input_ids, scores):
+        t = input_ids.shape[1] - self.prompt_len  # new tokens so far: the same in every row (left padding)
+        generator = torch.Generator(device=scores.device)
+        uniform = torch.stack([
+            torch.rand(scores.shape[1], generator=generator.manual_seed(row_seed(seed, t)), device=scores.device)
+            for seed in self.seeds])
+        return scores + -torch.log(-torch.log(uniform.to(scores.dtype)))  # u = 0 -> -inf: that token is never drawn
+
+
+def row_seed(seed, t):
+    """One 63-bit generator seed per (row seed, position), from a hash: no two pairs share a stream."""
+    return int.from_bytes(hashlib.blake2b(f"{seed}-{t}".encode(), digest_size=8).digest(), "little") >> 1
+
+
 @torch.no_grad()
 def generate(model, tokenizer, prompts, max_new_tokens, temperature=0.0, top_p=1.0, batch_size=64,
-             one_step=False, progress=None):
+             one_step=False, progress=None, seeds=None):
     """
     Batched generation for a list of prompt strings (already chat-formatted). Greedy if temperature == 0.
     Returns one dict per prompt: text (special tokens dropped), eos (did it end with EOS), new_tokens.
     Prompts are sorted by length so batches pad little; left padding, as decoder-only generation needs.
     With one_step=True each sequence stops at the next 'Step' marker and the text is cut to one step.
+    seeds (one int per prompt, with temperature > 0): each prompt samples from its own seeded generator
+    (SeededGumbel: temperature, top-p, then the Gumbel-max draw), so its text does not depend on the batch.
+    Without seeds, HF samples all rows from torch's global generator (and adds its default top_k=50).
     """
     tokenizer.padding_side = "left"
     order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
@@ -154,8 +192,15 @@ def generate(model, tokenizer, prompts, max_new_tokens, temperature=0.0, top_p=1
         enc = tokenizer([prompts[i] for i in idx], return_tensors="pt", padding=True, add_special_tokens=False)
         enc = enc.to(model.device)
         plen = enc["input_ids"].shape[1]
-        sampling = dict(do_sample=True, temperature=temperature, top_p=top_p) if temperature > 0 else \
-            dict(do_sample=False, temperature=None, top_p=None, top_k=None)
+        greedy = dict(do_sample=False, temperature=None, top_p=None, top_k=None)
+        if temperature > 0 and seeds is not None:
+            # greedy mode, so HF adds no warpers of its own; ours run after its other processors, as in sampling
+            from transformers import LogitsProcessorList, TemperatureLogitsWarper, TopPLogitsWarper
+            warpers = [TemperatureLogitsWarper(temperature)] + ([TopPLogitsWarper(top_p)] if top_p < 1 else [])
+            sampling = dict(greedy, logits_processor=LogitsProcessorList(
+                warpers + [SeededGumbel([seeds[i] for i in idx], plen)]))
+        else:
+            sampling = dict(do_sample=True, temperature=temperature, top_p=top_p) if temperature > 0 else greedy
         out = model.generate(**enc, max_new_tokens=max_new_tokens, pad_token_id=tokenizer.pad_token_id,
                              stopping_criteria=[StopAtNextStep(tokenizer, plen)] if one_step else None,
                              **sampling)
@@ -180,8 +225,8 @@ def judge_pairs(model, tokenizer, template, items, max_new_tokens=512, batch_siz
     return [(parse_verdict(o["text"]), o["text"]) for o in outs]
 
 
-def verdict_fn(args, model, tokenizer, template, rng, progress=None):
-    """The verdicts of common.judge_candidates: the model itself (the method), or a control (--judge)."""
+def verdict_fn(args, model, tokenizer, template, rng=None, progress=None):
+    """The verdicts of common.judge_candidates: the model itself (the method), or a control (--judge) using rng."""
     if args.judge == "random":
         return random_verdicts(rng)
     if args.judge == "oracle":

@@ -18,8 +18,12 @@ Not stated by the paper, chosen here (flags):
                    teaches when to stop; an intermediate step is scored with its trailing newline (the model
                    produced "\\n" before the next "Step"), never with EOS (as in Step-DPO).
 
-Reads  --pairs JSONL {id, prompt, prefix, chosen, rejected, chosen_final, rejected_final}  (make_pairs.py)
-Writes --out   a model directory (full weights, or the LoRA adapter), train_log.jsonl, ref_logps.jsonl, config
+Reads  --pairs JSONL {id, prompt, prefix, chosen, rejected, chosen_final, rejected_final}  (make_pairs.py; ids
+       unique, texts strings, *_final booleans)
+Writes --out   a model directory (full weights, or the LoRA adapter), train_log.jsonl, dpo_config.json and
+               manifest.json (what made it), renamed into place at once; next to it <out>.ref_logps.jsonl, π_ref's
+               log-probs {id, ref_chosen, ref_rejected}, with their own manifest: reused by a resumed run only if
+               made from the same model, pairs and tokenization.
 
     python train_step_dpo.py --model runs/default/m1 --pairs runs/default/iter1/pairs.jsonl \\
         --out runs/default/m2 --lr 1e-5 --beta 0.1
@@ -36,10 +40,12 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from common import PartialJSONL, add_training_args, chat_prompt, cli, read_jsonl, skip_if_done
+from common import (PartialJSONL, add_training_args, chat_prompt, cli, fraction, is_done, nonnegative_float,
+                    output_flags, positive_float, positive_int, read_jsonl, stage_manifest, write_manifest)
 from modeling import load_for_training, padded_batch, prepare_for_training, save_trained, train_loop
 
-PAIR_FIELDS = ["id", "prompt", "prefix", "chosen", "rejected", "chosen_final", "rejected_final"]
+PAIR_FIELDS = {"id": (str, int), "prompt": str, "prefix": str, "chosen": str, "rejected": str, "chosen_final": bool,
+               "rejected_final": bool}
 
 
 def sequence_logps(logits, labels, loss_mask):
@@ -102,12 +108,16 @@ def step_logps(model, prefixes, steps, pad_id):
 
 
 @torch.no_grad()
-def reference_logps(model, examples, pad_id, batch_size, out_path):
-    """π_ref = M_t: one no-grad pass over all pairs before any update; stored (and resumable) next to the model."""
-    if os.path.exists(out_path):
-        return {r["id"]: r for r in read_jsonl(out_path, ["id", "ref_chosen", "ref_rejected"])}
+def reference_logps(model, examples, pad_id, batch_size, out_path, manifest):
+    """
+    π_ref = M_t: one no-grad pass over all pairs before any update; stored (and resumable) next to the model, and
+    reused only if made by this manifest: log-probs of other pairs or another model stop the run (common.is_done).
+    """
+    if is_done(out_path, manifest, overwrite=False):
+        return {r["id"]: r for r in read_jsonl(out_path, {"id": (str, int), "ref_chosen": float,
+                                                          "ref_rejected": float})}
     model.eval()
-    store = PartialJSONL(out_path)
+    store = PartialJSONL(out_path, manifest)
     todo = [e for e in examples if e["id"] not in store.done]
     for b in tqdm(range(0, len(todo), batch_size), desc="reference log-probs", disable=not todo):
         batch = todo[b:b + batch_size]
@@ -117,6 +127,7 @@ def reference_logps(model, examples, pad_id, batch_size, out_path):
         store.add([dict(id=e["id"], ref_chosen=logps[k].item(), ref_rejected=logps[n + k].item())
                    for k, e in enumerate(batch)])
     store.finish([e["id"] for e in examples])
+    write_manifest(out_path, manifest)
     model.train()
     return store.done
 
@@ -125,22 +136,34 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--pairs", required=True)
     parser.add_argument("--out", required=True)
-    parser.add_argument("--beta", type=float, default=0.1, help="not stated in the paper; Step-DPO used 0.05-0.5")
-    parser.add_argument("--lr", type=float, default=5e-7, help="paper: 5e-7 (full fine-tuning of 7B)")
-    parser.add_argument("--epochs", type=float, default=1, help="paper: 1")
-    parser.add_argument("--batch-size", type=int, default=8, help="pairs per process per micro-batch")
-    parser.add_argument("--grad-accum", type=int, default=4, help="paper batch 32 = batch-size x grad-accum x GPUs")
-    parser.add_argument("--warmup", type=float, default=0.1, help="fraction of steps (not stated in the paper)")
-    parser.add_argument("--nll-weight", type=float, default=0.0,
+    parser.add_argument("--beta", type=positive_float, default=0.1,
+                        help="not stated in the paper; Step-DPO used 0.05-0.5")
+    parser.add_argument("--lr", type=positive_float, default=5e-7, help="paper: 5e-7 (full fine-tuning of 7B)")
+    parser.add_argument("--epochs", type=positive_float, default=1, help="paper: 1")
+    parser.add_argument("--batch-size", type=positive_int, default=8, help="pairs per process per micro-batch")
+    parser.add_argument("--grad-accum", type=positive_int, default=4,
+                        help="paper batch 32 = batch-size x grad-accum x GPUs")
+    parser.add_argument("--warmup", type=fraction, default=0.1, help="fraction of steps (not stated in the paper)")
+    parser.add_argument("--nll-weight", type=nonnegative_float, default=0.0,
                         help="α of an added per-token NLL of the chosen step (deviation; 0 = the paper's DPO)")
     parser.add_argument("--no-final-step-eos", action="store_true", help="score a final step without its EOS")
-    parser.add_argument("--max-len", type=int, default=2048, help="pairs whose prefix + step is longer are dropped")
+    parser.add_argument("--max-len", type=positive_int, default=2048,
+                        help="pairs whose prefix + step is longer are dropped")
     add_training_args(parser)
     args = parser.parse_args()
-    if skip_if_done(os.path.join(args.out, "dpo_config.json"), args.overwrite):
+    inputs = dict(model=args.model, pairs=args.pairs)
+    manifest = stage_manifest("train_step_dpo", inputs, output_flags(args))
+    # π_ref's log-probs depend on the model, the pairs, their tokenization and this rank's slice of them
+    rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+    ref_path = f"{args.out.rstrip('/')}.ref_logps{'' if world == 1 else f'.rank{rank}'}.jsonl"
+    ref_manifest = stage_manifest("train_step_dpo reference", inputs, dict(
+        no_final_step_eos=args.no_final_step_eos, max_len=args.max_len, load_in_4bit=args.load_in_4bit,
+        attn=args.attn, world_size=world))
+    if is_done(args.out, manifest, args.overwrite, [args.out.rstrip("/") + ".tmp", ref_path, ref_path + ".partial",
+                                                   ref_path + ".manifest.json"]):
         return
+    pairs = read_jsonl(args.pairs, PAIR_FIELDS, unique="id")
     rank, world, model, tokenizer = load_for_training(args)
-    pairs = read_jsonl(args.pairs, PAIR_FIELDS)
     examples = []
     for p in pairs:
         prefix_ids, chosen_ids, rejected_ids = tokenize_pair(tokenizer, p, not args.no_final_step_eos)
@@ -151,16 +174,11 @@ def main():
     if not examples:  # every step tied or had one distinct candidate: there is nothing to prefer
         print(f"WARNING: {args.pairs} holds no preference pair: M_t+1 = M_t, saved unchanged")
         if rank == 0:
-            save_trained(model, tokenizer, args.out, [], args, "dpo_config.json")
+            save_trained(model, tokenizer, args.out, [], args, "dpo_config.json", manifest)
         return
     # DDP: equal slices, so every process takes the same number of optimizer steps (else the all-reduce hangs)
     examples = examples[:len(examples) // world * world][rank::world]
-    ref_path = f"{args.out.rstrip('/')}.ref_logps{'' if world == 1 else f'.rank{rank}'}.jsonl"
-    if args.overwrite:  # new pairs may reuse old ids: never train against a stale reference
-        for stale in (ref_path, ref_path + ".partial"):
-            if os.path.exists(stale):
-                os.remove(stale)
-    ref = reference_logps(model, examples, tokenizer.pad_token_id, args.batch_size, ref_path)
+    ref = reference_logps(model, examples, tokenizer.pad_token_id, args.batch_size, ref_path, ref_manifest)
     model = prepare_for_training(model, args)
     rng = random.Random(args.seed)
     micro_batches = [examples[b:b + args.batch_size] for b in range(0, len(examples), args.batch_size)]
@@ -194,7 +212,7 @@ def main():
     t0 = time.time()
     log = train_loop(model, args, groups(), micro_loss, total_steps, world, "step-dpo")
     if rank == 0:
-        save_trained(model, tokenizer, args.out, log, args, "dpo_config.json")
+        save_trained(model, tokenizer, args.out, log, args, "dpo_config.json", manifest)
         print(f"{len(log)} steps in {time.time() - t0:.0f}s; last: " + json.dumps(log[-1]))
     if world > 1:
         torch.distributed.barrier()

@@ -51,7 +51,8 @@ Writes
   --out-ift  {id, source, question, solution: "Step 1: ...\\nStep 2: ...", answer}   answer: final answer or null
   --out-eft  {id, source, question, previous_steps: ["Step 1: ..."], step_a: "Step k: ...", step_b: "Step k: ...",
               label: "A"|"B", judgment: "... [[A]]"}
-  and the resolved flags next to each, as <out>.config.json.
+  and next to each the resolved flags (<out>.config.json) and, written last, what made it (<out>.manifest.json:
+  inputs by content, flags; a rerun skips an output only when they match).
 
   python -m prepare.paper_data --math data/math/train.jsonl --gsm8k data/gsm8k/train.jsonl \\
       --prm800k data/prm800k/phase1_test_stepwise_critique.jsonl \\
@@ -68,8 +69,9 @@ import random
 import re
 import statistics
 
-from common import (VERDICT, DataError, chat_prompt, cli, join_steps, judge_context, last_boxed, load_prompt,
-                    read_jsonl, save_config, skip_if_done, split_steps, write_jsonl)
+from common import (VERDICT, DataError, chat_prompt, cli, is_done, join_steps, judge_context, last_boxed, load_prompt,
+                    output_flags, prompt_path, read_jsonl, save_config, split_steps, stage_manifest, write_jsonl,
+                    write_manifest)
 from modeling import generate, judge_pairs, load_model
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -533,7 +535,11 @@ def build_paper_set(args):
     means the whole set is there.
     """
     out, src = args.out_dir, args.source
-    if skip_if_done(os.path.join(out, "eft_test.jsonl"), args.overwrite):
+    sources = {name: os.path.join(src, *path) for name, path in [
+        ("math", ["math", "train.jsonl"]), ("gsm8k", ["gsm8k", "train.jsonl"]), ("test_set", ["math", "test.jsonl"]),
+        ("prm800k", ["prm800k", "phase1_test_stepwise_critique.jsonl"])]}
+    manifest = stage_manifest("paper_data", sources, output_flags(args, *NOT_OUTPUT))
+    if is_done(os.path.join(out, "eft_test.jsonl"), manifest, args.overwrite):
         return
     rest = hold_out_questions(os.path.join(src, "math", "train.jsonl"), out)
     args.math = os.path.join(out, "math_train_ift.jsonl")
@@ -546,25 +552,39 @@ def build_paper_set(args):
     train, test = split_eft_by_problem(read_jsonl(args.out_eft))
     write_jsonl(os.path.join(out, "eft.jsonl"), train)
     write_jsonl(os.path.join(out, "eft_test.jsonl"), test)
+    write_manifest(os.path.join(out, "eft_test.jsonl"), manifest)
     print(f"EFT: {len(train)} pairs for SFT, {len(test)} held out on "
           f"{len({r['question'] for r in test})} problems")
+
+
+NOT_OUTPUT = ("batch_size", "source", "out_ift", "out_eft")  # flags that do not change what a builder writes
 
 
 def build_ift_and_eft(args):
     test_problems = problem_set(args.test_set) if os.path.exists(args.test_set) else None
     if test_problems is None:
         print(f"!!! WARNING: --test-set {args.test_set} not found: overlap with the test set is NOT checked")
+    test_set = args.test_set if test_problems is not None else None
+    model = args.splitter == "model"
+    ift_manifest = stage_manifest("paper_data ift", dict(
+        math=args.math, gsm8k=args.gsm8k, test_set=test_set, splitter_model=args.splitter_model if model else None,
+        segment_prompt=prompt_path(args.segment_prompt) if model else None), output_flags(args, *NOT_OUTPUT))
+    eft_manifest = stage_manifest("paper_data eft", dict(
+        prm800k=args.prm800k, test_set=test_set, explainer_model=args.explainer_model,
+        judge_prompt=prompt_path(args.judge_prompt) if args.explainer_model else None),
+        output_flags(args, *NOT_OUTPUT))
 
-    if args.out_ift and not skip_if_done(args.out_ift, args.overwrite):
+    if args.out_ift and not is_done(args.out_ift, ift_manifest, args.overwrite, [args.out_ift + ".config.json"]):
         model, tokenizer = load_model(args.splitter_model) if args.splitter == "model" else (None, None)
         records, _ = make_ift(ift_items(args), args, model, tokenizer)
         if test_problems is not None:
             records = report_overlap(records, test_problems, args.test_set, "IFT", args.exclude_test_problems)
         write_jsonl(args.out_ift, records)
         save_config(args, args.out_ift + ".config.json")
+        write_manifest(args.out_ift, ift_manifest)
         print(f"wrote {len(records)} IFT records to {args.out_ift}")
 
-    if args.out_eft and not skip_if_done(args.out_eft, args.overwrite):
+    if args.out_eft and not is_done(args.out_eft, eft_manifest, args.overwrite, [args.out_eft + ".config.json"]):
         print("!!! WARNING: the PRM800K phase1_test sample's problems are MATH-500 TEST problems; EFT pairs from it "
               "put test problems into M1's training data (see the overlap count below).")
         rows = read_jsonl(args.prm800k, ["instruction", "responses", "next_response", "rating"])[:args.limit]
@@ -579,6 +599,7 @@ def build_ift_and_eft(args):
             records = report_overlap(records, test_problems, args.test_set, "EFT", args.exclude_test_problems)
         write_jsonl(args.out_eft, records)
         save_config(args, args.out_eft + ".config.json")
+        write_manifest(args.out_eft, eft_manifest)
         print(f"wrote {len(records)} EFT records to {args.out_eft}")
 
 

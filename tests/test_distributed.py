@@ -150,14 +150,13 @@ def test_step_dpo_ranks_take_the_same_number_of_steps(num_pairs, tiny_model_dir,
 def test_generate_shards_merge_into_the_single_process_output(tiny_model_dir, synthetic_dir, tmp_path, monkeypatch):
     """
     Two concurrent processes (--shard 1/2 in a subprocess, --shard 0/2 in this one) and one process write the same
-    bytes: every question once, in input order, same search. Exact because each chunk is seeded by its first
-    question's id and a chunk here is one question (with the default 128 per chunk, a sharded run samples
-    differently from a single one).
+    bytes: every question once, in input order, same search. Exact because every draw is seeded by its question,
+    not by the chunk or shard it lands in (chunks and resumes: tests/test_provenance.py).
     """
     questions = str(tmp_path / "questions.jsonl")
     write_jsonl(questions, read_jsonl(os.path.join(synthetic_dir, "test.jsonl"))[:4])
     flags = ["--model", tiny_model_dir, "--questions", questions, *TINY_PROMPTS, "--num-candidates", "2",
-             "--max-steps", "2", "--max-step-tokens", "8", "--judge-max-new-tokens", "8", "--questions-per-chunk", "1"]
+             "--max-steps", "2", "--max-step-tokens", "8", "--judge-max-new-tokens", "8"]
     sharded = str(tmp_path / "sharded" / "trees.jsonl")
     other = subprocess.Popen([sys.executable, "generate.py", *flags, "--out", sharded, "--shard", "1/2"], cwd=REPO,
                              env=dict(os.environ, OMP_NUM_THREADS="1"), stdout=subprocess.PIPE,

@@ -397,7 +397,7 @@ CANDIDATE_FIELDS = {"text", "final", "eos", "new_tokens"}
 def search_args(**kw):
     args = dict(prompt_reasoning="reasoning_tiny", prompt_judge="judge_tiny", num_candidates=3, temperature=0.5,
                 top_p=0.95, max_steps=3, max_step_tokens=12, judge_max_new_tokens=8, orders=2, judge="model",
-                no_dedupe=False, batch_size=64)
+                no_dedupe=False, batch_size=64, seed=0)
     args.update(kw)
     return argparse.Namespace(**args)
 
@@ -430,9 +430,8 @@ def test_search_end_to_end_on_the_tiny_model(tiny_model_dir, synthetic_dir, monk
     calls = []
     monkeypatch.setattr(modeling, "judge_pairs", consistent_judge(calls))
     records = read_jsonl(os.path.join(synthetic_dir, "questions1.jsonl"))[:2]
-    torch.manual_seed(0)
     bar = Count()
-    trees = generate.search(model, tokenizer, records, ["a", "b"], search_args(), random.Random(0), bar)
+    trees = generate.search(model, tokenizer, records, ["a", "b"], search_args(), bar)
     assert [t["id"] for t in trees] == ["a", "b"] and bar.n == 2
     for t, r in zip(trees, records):
         check_tree(t, max_steps=3)
@@ -456,10 +455,8 @@ def test_model_without_step_marker_or_answer_stops_at_max_steps(tiny_model_dir, 
     calls = []
     monkeypatch.setattr(modeling, "judge_pairs", consistent_judge(calls))
     records = read_jsonl(os.path.join(synthetic_dir, "questions1.jsonl"))[:2]
-    torch.manual_seed(0)
     try:
-        trees = generate.search(model, tokenizer, records, ["a", "b"], search_args(temperature=1.0), random.Random(0),
-                                Count())
+        trees = generate.search(model, tokenizer, records, ["a", "b"], search_args(temperature=1.0), Count())
     finally:
         handle.remove()
     for t in trees:
