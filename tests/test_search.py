@@ -25,6 +25,7 @@ import make_pairs  # noqa: E402
 import modeling  # noqa: E402
 import report  # noqa: E402
 from common import BOXED, join_steps, judge_candidates, judge_context, load_prompt, read_jsonl, write_jsonl  # noqa: E402
+from conftest import check_pad_is_eos_search, pad_is_eos_search  # noqa: E402
 from modeling import load_model  # noqa: E402
 
 ARITHMETIC = re.compile(r"(\d+) ([-+*/]) (\d+) = (\d+)")
@@ -471,6 +472,21 @@ def test_model_without_step_marker_or_answer_stops_at_max_steps(tiny_model_dir, 
             assert n["outcome"] in ("accepted", "single")
             if n["outcome"] == "accepted":  # the fake judge prefers the larger text
                 assert n["candidates"][n["best"]]["text"] == max(c["text"] for c in n["candidates"])
+
+
+@pytest.mark.parametrize("pad_is_eos", [False, True])
+def test_scripted_search_with_pad_equal_to_eos(tiny_model_dir, pad_is_eos):
+    """
+    pad = EOS (Qwen2.5's base models, SmolLM2): rows that stopped at the next step marker are padded with the EOS id
+    while other rows run on; those candidates did not end the solution, and the search goes on to the answer at
+    step 3. Both tokenizer settings must give the same trees (tests/test_real_tokenizer.py: the same with SmolLM2's).
+    """
+    model, tokenizer = load_model(tiny_model_dir)
+    if pad_is_eos:
+        tokenizer.pad_token = tokenizer.eos_token
+        model.generation_config.pad_token_id = tokenizer.eos_token_id
+    assert (tokenizer.pad_token_id == tokenizer.eos_token_id) == pad_is_eos
+    check_pad_is_eos_search(**pad_is_eos_search(model, tokenizer, "reasoning_tiny"))
 
 
 def test_pure_json_stages_import_without_torch():
