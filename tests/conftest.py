@@ -74,7 +74,8 @@ def eft_step_pairs(synthetic_dir, n):
         good, bad = (r["step_a"], r["step_b"]) if r["label"] == "A" else (r["step_b"], r["step_a"])
         pairs.append(dict(id=r["id"], question_id=r["id"], step=len(r["previous_steps"]) + 1,
                           prompt=template.format(problem=r["question"]), prefix=join_steps(r["previous_steps"]),
-                          chosen=good, rejected=bad, chosen_final=BOXED in good, rejected_final=BOXED in bad))
+                          chosen=good, rejected=bad, chosen_final=BOXED in good, rejected_final=BOXED in bad,
+                          chosen_eos=BOXED in good, rejected_eos=BOXED in bad))  # as if EOS followed the answer
     return pairs
 
 

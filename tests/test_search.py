@@ -339,6 +339,7 @@ def test_make_pairs_rules():
     assert pairs[2]["prefix"] == join_steps(["S1 good", "S2 e"]) == "S1 good\nS2 e\n"
     assert (pairs[2]["chosen_final"], pairs[2]["rejected_final"]) == (False, False)
     assert (pairs[3]["chosen_final"], pairs[3]["rejected_final"]) == (True, False)
+    assert (pairs[3]["chosen_eos"], pairs[3]["rejected_eos"]) == (False, False)  # boxed, but no EOS was emitted
     assert len({p["id"] for p in pairs}) == len(pairs)
 
     skip, dropped = make_pairs.make_pairs(hand_trees(), ties="skip")
