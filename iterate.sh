@@ -73,7 +73,7 @@ if [ "$PRESET" = tiny ]; then
   run python -m prepare.synthetic --out-dir "$DATA" ${SYNTH_ARGS:---num-questions 120,240,360}
   [ -z "$MODEL" ] && MODEL=$R/m0 && run python -m prepare.tiny_model --corpus "$DATA/ift.jsonl" "$DATA/eft.jsonl" --out "$MODEL" ${MODEL_ARGS:-}
 else
-  run python -m prepare.paper_data --source "$SHARED" --out-dir "$DATA"
+  run python -m prepare.paper_data --source "$DATA_SOURCE" --out-dir "$DATA" ${DATA_ARGS:-}
 fi
 
 # --- M1: SFT on IFT + EFT (paper §3.2) ---------------------------------------------------------------------------

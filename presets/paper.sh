@@ -1,9 +1,17 @@
 # PRESET=paper: the paper's setup (§2-§4) mapped onto our flags, for Qwen2.5-Math on GPUs.
 # Sourced by iterate.sh; sets its stage flags, DATA, NPROC and MODEL (settings only; iterate.sh builds $DATA).
-#   PRESET=paper RUN=qwen7b bash iterate.sh
-SHARED=${SHARED:-../shared/data}                 # the benchmark copies (../shared/data/README.md)
+#   PRESET=paper RUN=qwen7b bash iterate.sh                      # every input by hub name
+#   PRESET=paper SHARED=/path/to/copies RUN=qwen7b bash iterate.sh  # the data sets from a local folder of JSONL files
 MODEL=${MODEL:-Qwen/Qwen2.5-Math-7B}             # M0: the base model, not -Instruct (paper §4); hub or local dir
 DATA=${DATA:-data/real}
+# Benchmarks and training sets: by default each comes from the hub (datasets.load_dataset, names and record mapping in
+# prepare/paper_data.py: HUB_SETS), copied to $DATA/hub/ by the data step; SHARED=DIR reads a local folder of the same
+# JSONL files instead (gsm8k/train.jsonl, math/test.jsonl, ..., prm800k/phase1_test_stepwise_critique.jsonl).
+SHARED=${SHARED:-}
+DATA_SOURCE=${SHARED:-hub}                       # prepare.paper_data --source
+BENCH=${SHARED:-$DATA/hub}                       # where the benchmark files are once the data step has run
+# iteration questions (paper: 400/800/1200 NuminaMath questions): MATH train problems, held out of IFT
+DATA_ARGS="--question-source math --num-questions 400,800,1200"
 NPROC=${NPROC:-$(nvidia-smi -L 2>/dev/null | wc -l || true)}  # a process per GPU: search/eval shards, DDP training
 [ "$NPROC" -gt 0 ] || { echo "PRESET=paper: no GPU found (nvidia-smi -L); set NPROC to override" >&2; exit 1; }
 
@@ -48,14 +56,11 @@ DPO_ARGS="$QLORA --lr 5e-6 --beta 0.1 --epochs 1 --batch-size $DPO_MICRO --grad-
 --max-len 2048"
 # evaluation (Table 1): greedy, answer in the last \boxed{}, 2048 new tokens (Qwen2.5-Math math_eval.py's default).
 EVAL_ARGS="--load-in-4bit --max-new-tokens 2048 --batch-size 64 $PREFILL"
-JUDGE_EVAL_ARGS="--load-in-4bit --max-new-tokens 1024 --batch-size $GEN_BATCH $PREFILL"  # room for the explanation
+JUDGE_EVAL_ARGS="--load-in-4bit --judge-max-new-tokens 1024 --batch-size $GEN_BATCH $PREFILL"  # as in the search
 TRAIN="torchrun --standalone --nproc_per_node $NPROC"                    # DDP over the GPUs (1 GPU: one process)
 # "MATH" = Qwen2.5-Math's `math` set, the full 5,000-problem MATH test (its `math500` is a separate set; the paper
 # names the Qwen2.5-Math evaluation and says "MATH"). 76 of its problems are in our EFT data (below), as judge
 # inputs only (the SFT loss masks prompts); 1 MATH train problem in IFT is also a MATH test problem.
 EVAL_DATA=""
-for name in gsm8k math gaokao2023en olympiadbench aime24 amc23; do
-  if [ -f "$SHARED/$name/test.jsonl" ]; then EVAL_DATA+=" --data $SHARED/$name/test.jsonl"
-  else echo "PRESET=paper: $SHARED/$name/test.jsonl missing, $name not evaluated" >&2; fi
-done
+for name in gsm8k math gaokao2023en olympiadbench aime24 amc23; do EVAL_DATA+=" --data $BENCH/$name/test.jsonl"; done
 JUDGE_EVAL_DATA="$DATA/eft_test.jsonl"   # step-judge accuracy on held-out PRM800K pairs

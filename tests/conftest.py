@@ -214,3 +214,30 @@ def check_pad_is_eos_search(trees, lengths, max_step_tokens, solution):
                 assert (third["eos"], third["final"], third["new_tokens"]) == (False, False, max_step_tokens)
             else:  # the answer, then the EOS the model emitted
                 assert (third["eos"], third["final"], third["new_tokens"]) == (True, True, lengths["answer"])
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# presets, sourced in bash as iterate.sh sources them
+
+FAKE_NVIDIA_SMI = """#!/bin/sh
+# fake nvidia-smi: $NUM_GPUS GPUs of 80 GB
+for i in $(seq 1 "$NUM_GPUS"); do
+  case "$*" in
+    *-L*) echo "GPU $((i - 1)): NVIDIA H100 80GB HBM3 (UUID: GPU-fake-$i)" ;;
+    *) echo "81559" ;;
+  esac
+done
+"""
+
+
+def source_preset(tmp_path, num_gpus, script="presets/paper.sh", env=None, show=("NPROC", "SFT_ARGS", "DPO_ARGS")):
+    """bash -c 'source <preset>; print the variables in show' with a fake nvidia-smi reporting num_gpus GPUs."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir(exist_ok=True)
+    fake = bin_dir / "nvidia-smi"
+    fake.write_text(FAKE_NVIDIA_SMI)
+    fake.chmod(0o755)
+    full_env = {k: v for k, v in os.environ.items() if k not in ("NPROC", "SHARED", "DATA", "MODEL", "GEN_BATCH")}
+    full_env.update(PATH=f"{bin_dir}:{os.environ['PATH']}", NUM_GPUS=str(num_gpus), **(env or {}))
+    code = f"set -euo pipefail; source {script}; " + "".join(f'printf "%s\\n" "{v}=${{{v}}}"; ' for v in show)
+    return subprocess.run(["bash", "-c", code], cwd=ROOT, env=full_env, capture_output=True, text=True)

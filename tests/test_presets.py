@@ -4,37 +4,11 @@ The presets are settings only; what they compute must hold for any machine: pres
 other. Sourced in bash as iterate.sh sources it, with a fake nvidia-smi on PATH that reports N GPUs.
 """
 
-import os
 import re
-import subprocess
 
 import pytest
 
-from conftest import ROOT
-
-FAKE_NVIDIA_SMI = """#!/bin/sh
-# fake nvidia-smi: $NUM_GPUS GPUs of 80 GB
-for i in $(seq 1 "$NUM_GPUS"); do
-  case "$*" in
-    *-L*) echo "GPU $((i - 1)): NVIDIA H100 80GB HBM3 (UUID: GPU-fake-$i)" ;;
-    *) echo "81559" ;;
-  esac
-done
-"""
-
-
-def source_preset(tmp_path, num_gpus, script="presets/paper.sh", env=None):
-    """bash -c 'source <preset>; print the variables' with a fake nvidia-smi reporting num_gpus GPUs."""
-    bin_dir = tmp_path / "bin"
-    bin_dir.mkdir(exist_ok=True)
-    fake = bin_dir / "nvidia-smi"
-    fake.write_text(FAKE_NVIDIA_SMI)
-    fake.chmod(0o755)
-    full_env = {k: v for k, v in os.environ.items() if k not in ("NPROC", "SHARED", "DATA", "MODEL", "GEN_BATCH")}
-    full_env.update(PATH=f"{bin_dir}:{os.environ['PATH']}", NUM_GPUS=str(num_gpus), **(env or {}))
-    code = f'set -euo pipefail; source {script}; printf "%s\\n" "NPROC=$NPROC" "SFT=$SFT_ARGS" "DPO=$DPO_ARGS"'
-    return subprocess.run(["bash", "-c", code], cwd=ROOT, env=full_env, capture_output=True, text=True)
-
+from conftest import source_preset
 
 def flag(args, name):
     return int(re.search(rf"--{name} (\d+)", args).group(1))
@@ -49,6 +23,25 @@ def test_paper_preset_keeps_the_global_batch_32_or_says_why_not(tmp_path, num_gp
     assert proc.returncode == 0, proc.stderr
     values = dict(line.split("=", 1) for line in proc.stdout.splitlines())
     assert int(values["NPROC"]) == num_gpus
-    for stage in ("SFT", "DPO"):
+    for stage in ("SFT_ARGS", "DPO_ARGS"):
         batch, accum = flag(values[stage], "batch-size"), flag(values[stage], "grad-accum")
         assert batch >= 1 and accum >= 1 and batch * accum * num_gpus == 32, (stage, batch, accum)
+
+
+@pytest.mark.parametrize("preset", ["paper"])
+def test_inputs_come_from_the_hub_unless_a_local_folder_is_given(tmp_path, preset):
+    """No SHARED: the data step downloads every set (--source hub) and evaluation reads its copies under $DATA/hub;
+    SHARED=DIR: both read DIR. Nothing points at a folder a user does not have."""
+    show = ("DATA", "DATA_SOURCE", "EVAL_DATA", "GEN_ARGS", "JUDGE_EVAL_ARGS")
+    hub = dict(line.split("=", 1) for line in source_preset(tmp_path, 1, f"presets/{preset}.sh",
+                                                            show=show).stdout.splitlines())
+    assert hub["DATA_SOURCE"] == "hub"
+    benchmarks = hub["EVAL_DATA"].split("--data")[1:]
+    assert benchmarks and all(b.strip().startswith(f"{hub['DATA']}/hub/") for b in benchmarks)
+    assert "shared" not in "".join(hub.values())
+    local = dict(line.split("=", 1) for line in source_preset(tmp_path, 1, f"presets/{preset}.sh", show=show,
+                                                              env=dict(SHARED="/copies")).stdout.splitlines())
+    assert local["DATA_SOURCE"] == "/copies"
+    assert all(b.strip().startswith("/copies/") for b in local["EVAL_DATA"].split("--data")[1:])
+    # the judge is evaluated with the token budget it has in the search
+    assert flag(hub["JUDGE_EVAL_ARGS"], "judge-max-new-tokens") == flag(hub["GEN_ARGS"], "judge-max-new-tokens")
