@@ -81,6 +81,7 @@ def main():
     parser.add_argument("--grad-accum", type=int, default=1, help="paper batch 32 = batch-size x grad-accum x GPUs")
     parser.add_argument("--max-len", type=int, default=2048)
     parser.add_argument("--limit", type=int, default=None, help="use only the first N records of each file")
+    parser.add_argument("--limit-eft", type=int, default=None, help="the first N EFT records (default: --limit)")
     add_training_args(parser)
     args = parser.parse_args()
     if skip_if_done(os.path.join(args.out, "sft_config.json"), args.overwrite):
@@ -88,19 +89,23 @@ def main():
     rank, world, model, tokenizer = load_for_training(args)
     model = prepare_for_training(model, args)
     ift = read_jsonl(args.ift, ["question", "solution"])[:args.limit]
-    eft = read_jsonl(args.eft, ["question", "previous_steps", "step_a", "step_b", "judgment"])[:args.limit] \
+    eft_limit = args.limit if args.limit_eft is None else args.limit_eft
+    eft = read_jsonl(args.eft, ["question", "previous_steps", "step_a", "step_b", "judgment"])[:eft_limit] \
         if args.eft else []
     examples = build_examples(tokenizer, ift, eft, load_prompt(args.prompt_reasoning), load_prompt(args.prompt_judge),
                               args.max_len)
-    if not examples:
-        raise DataError(f"no SFT example left to train on (are --ift/--eft empty, or --max-len {args.max_len} too short?)")
+    dropped = len(ift) + len(eft) - len(examples)
+    if len(examples) < world or not examples:  # an empty DDP slice below would have no batch to train on
+        raise DataError(f"{len(examples)} SFT example(s) left for {world} process(es) (are --ift/--eft empty, or "
+                        f"--max-len {args.max_len} too short?)")
     # DDP: equal slices, so every process takes the same number of optimizer steps (else the all-reduce hangs)
     examples = examples[:len(examples) // world * world][rank::world]
     rng = random.Random(args.seed)
     steps_per_epoch = len(batches(examples, args.batch_size, rng)) // args.grad_accum
     total_steps = max(1, int(steps_per_epoch * args.epochs))
     if rank == 0:
-        print(f"{len(ift)} IFT + {len(eft)} EFT examples, {total_steps} optimizer steps, "
+        print(f"{len(ift)} IFT + {len(eft)} EFT records, {dropped} dropped (prompt alone >= --max-len "
+              f"{args.max_len}), {total_steps} optimizer steps, "
               f"{sum(p.numel() for p in model.parameters() if p.requires_grad) / 1e6:.2f}M trainable parameters")
 
     def groups():  # grad_accum micro-batches per optimizer step, reshuffled every epoch

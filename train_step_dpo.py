@@ -150,8 +150,11 @@ def main():
             examples.append(dict(id=p["id"], prefix_ids=prefix_ids, chosen_ids=chosen_ids, rejected_ids=rejected_ids))
     if rank == 0:
         print(f"{len(examples)} pairs ({len(pairs) - len(examples)} longer than --max-len dropped)")
-    if not examples:  # every step tied or had one distinct candidate: there is nothing to prefer
-        print(f"WARNING: {args.pairs} holds no preference pair: M_t+1 = M_t, saved unchanged")
+    # no pair (every step tied or had one distinct candidate: nothing to prefer), or fewer pairs than processes (the
+    # equal DDP slices below would be empty, and an empty slice has no batch to train on)
+    if len(examples) < world or not examples:
+        print(f"WARNING: {args.pairs} holds {len(examples)} usable preference pair(s) for {world} process(es): "
+              f"M_t+1 = M_t, saved unchanged")
         if rank == 0:
             save_trained(model, tokenizer, args.out, [], args, "dpo_config.json")
         return
