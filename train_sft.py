@@ -1,7 +1,8 @@
 """
 M0 -> M1 (paper §3.2 "Initialization"): supervised fine-tuning on IFT data (question -> step-by-step solution)
 mixed with EFT data (question + previous steps + two candidate next steps -> explanation + [[A]]/[[B]]), so one
-model both reasons step by step and judges steps. Loss on response tokens only (the prompt is masked).
+model both reasons step by step and judges steps. Loss on response tokens only (the prompt is masked; the paper does
+not say, a choice here).
 
 Reads:
   --ift  JSONL {question, solution}                                   solution = "Step 1: ...\\nStep 2: ..."
@@ -95,11 +96,12 @@ def main():
     examples = build_examples(tokenizer, ift, eft, load_prompt(args.prompt_reasoning), load_prompt(args.prompt_judge),
                               args.max_len)
     dropped = len(ift) + len(eft) - len(examples)
-    if len(examples) < world or not examples:  # an empty DDP slice below would have no batch to train on
-        raise DataError(f"{len(examples)} SFT example(s) left for {world} process(es) (are --ift/--eft empty, or "
-                        f"--max-len {args.max_len} too short?)")
-    # DDP: equal slices, so every process takes the same number of optimizer steps (else the all-reduce hangs)
-    examples = examples[:len(examples) // world * world][rank::world]
+    if not examples:
+        raise DataError(f"no SFT example left to train on (are --ift/--eft empty, or --max-len {args.max_len} too short?)")
+    # DDP: equal slices, so every process takes the same number of optimizer steps (else the all-reduce hangs). Fewer
+    # examples than processes: each process takes them all (an empty slice would have no batch to train on)
+    if len(examples) >= world:
+        examples = examples[:len(examples) // world * world][rank::world]
     rng = random.Random(args.seed)
     steps_per_epoch = len(batches(examples, args.batch_size, rng)) // args.grad_accum
     total_steps = max(1, int(steps_per_epoch * args.epochs))

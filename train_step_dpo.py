@@ -150,16 +150,16 @@ def main():
             examples.append(dict(id=p["id"], prefix_ids=prefix_ids, chosen_ids=chosen_ids, rejected_ids=rejected_ids))
     if rank == 0:
         print(f"{len(examples)} pairs ({len(pairs) - len(examples)} longer than --max-len dropped)")
-    # no pair (every step tied or had one distinct candidate: nothing to prefer), or fewer pairs than processes (the
-    # equal DDP slices below would be empty, and an empty slice has no batch to train on)
-    if len(examples) < world or not examples:
-        print(f"WARNING: {args.pairs} holds {len(examples)} usable preference pair(s) for {world} process(es): "
-              f"M_t+1 = M_t, saved unchanged")
+    if not examples:  # every step tied or had one distinct candidate: there is nothing to prefer
+        print(f"WARNING: {args.pairs} holds no preference pair: M_t+1 = M_t, saved unchanged")
         if rank == 0:
             save_trained(model, tokenizer, args.out, [], args, "dpo_config.json")
         return
-    # DDP: equal slices, so every process takes the same number of optimizer steps (else the all-reduce hangs)
-    examples = examples[:len(examples) // world * world][rank::world]
+    # DDP: equal slices, so every process takes the same number of optimizer steps (else the all-reduce hangs). Fewer
+    # pairs than processes: each process takes them all (DDP's mean of equal gradients is the one-process gradient);
+    # an empty slice would have no batch to train on.
+    if len(examples) >= world:
+        examples = examples[:len(examples) // world * world][rank::world]
     ref_path = f"{args.out.rstrip('/')}.ref_logps{'' if world == 1 else f'.rank{rank}'}.jsonl"
     if args.overwrite:  # new pairs may reuse old ids: never train against a stale reference
         for stale in (ref_path, ref_path + ".partial"):
