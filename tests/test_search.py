@@ -182,6 +182,7 @@ def test_report_checks_the_judge_against_true_labels():
     # right-vs-wrong comparisons: (0,1) wrong won, (1,0) right won; (0,2) is right vs right; None counts nowhere
     assert check == dict(search_b_share=0.75, search_right_wins=1, search_wrong_wins=1)
     assert report.verdict_check([dict(question="Find $x$.", steps=[])]) == {}  # no steps: nothing to check
+    assert report.pair_label_check([], {}) == {}  # no pairs: nothing checked (not "0 right, 0 wrong")
     eft = [dict(id="a", step_a="Step 1: 4 more: 5 + 4 = 9.", step_b="Step 1: 4 more: 5 + 4 = 10."),
            dict(id="b", step_a="Step 1: 4 more: 5 + 4 = 9.", step_b="Step 1: 4 more: 5 - 4 = 1."),
            dict(id="c", step_a="Step 1: 4 more: 5 + 4 = 7.", step_b="Step 1: 4 more: 5 + 4 = 9.")]
@@ -379,11 +380,14 @@ def test_search_stats_measure_position_bias_per_judged_step():
     """Candidate indices restart at 0 in every step: pair (0, 1) of one step is not pair (0, 1) of the next."""
     biased = [dict(i=0, j=1, order="ab", verdict="A"), dict(i=1, j=0, order="ba", verdict="A")]  # winners 0, 1
     fair = [dict(i=0, j=1, order="ab", verdict="B"), dict(i=1, j=0, order="ba", verdict="A")]    # winners 1, 1
-    steps = [dict(verdicts=v, outcome="accepted") for v in (biased, fair, fair, fair)]
+    steps = [dict(verdicts=v, outcome="accepted", candidates=[dict(eos=False, final=k == 3)]) for k, v in
+             enumerate((biased, fair, fair, fair))]
     tree = dict(id="q", stop_reason="answer", solution_steps=["a"], rounds=4, steps=steps)
     assert common.order_disagreement(biased) == 1.0 and common.order_disagreement(fair) == 0.0
     stats = common.search_stats([tree])
     assert stats["verdicts"] == 8 and stats["unparsed"] == 0
+    assert (stats["verdicts_a"], stats["verdicts_b"]) == (5, 3)
+    assert (stats["candidates"], stats["candidates_eos"], stats["candidates_final"]) == (4, 0, 1)
     assert stats["order_disagreement"] == pytest.approx(1 / 4)  # one of the four judged pairs disagrees
 
 
