@@ -219,8 +219,14 @@ def prepare_for_training(model, args):
     elif args.lora or args.load_in_4bit:
         from peft import LoraConfig, get_peft_model
         # paper: full fine-tuning (32 H100s); here LoRA r=16 on every linear layer (fits one 24 GB GPU in 4 bit)
+        targets, layers = "all-linear", None
+        if args.lora_layers:  # only the last N layers (a CPU budget): the backward pass stops below the lowest one
+            num_layers = model.config.num_hidden_layers
+            layers = list(range(num_layers - args.lora_layers, num_layers))
+            targets = sorted({name.split(".")[-1] for name, m in model.named_modules()
+                              if isinstance(m, torch.nn.Linear) and "lm_head" not in name})
         config = LoraConfig(r=args.lora_rank, lora_alpha=args.lora_alpha, lora_dropout=args.lora_dropout,
-                            target_modules="all-linear", task_type="CAUSAL_LM")
+                            target_modules=targets, layers_to_transform=layers, task_type="CAUSAL_LM")
         model = get_peft_model(model, config)
     if args.gradient_checkpointing:
         model.config.use_cache = False
@@ -315,7 +321,7 @@ def train_loop(model, args, groups, micro_loss, total_steps, world, desc, weight
                 loss.backward()
             for key, value in m.items():
                 metrics[key] = metrics.get(key, 0.0) + value
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)  # not stated in the paper: clipping at norm 1.0
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         tokens += metrics.pop("tokens", 0)

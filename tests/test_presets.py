@@ -28,7 +28,7 @@ def test_paper_preset_keeps_the_global_batch_32_or_says_why_not(tmp_path, num_gp
         assert batch >= 1 and accum >= 1 and batch * accum * num_gpus == 32, (stage, batch, accum)
 
 
-@pytest.mark.parametrize("preset", ["paper"])
+@pytest.mark.parametrize("preset", ["paper", "smollm2"])
 def test_inputs_come_from_the_hub_unless_a_local_folder_is_given(tmp_path, preset):
     """No SHARED: the data step downloads every set (--source hub) and evaluation reads its copies under $DATA/hub;
     SHARED=DIR: both read DIR. Nothing points at a folder a user does not have."""
