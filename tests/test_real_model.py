@@ -29,7 +29,12 @@ def test_the_paper_path_on_smollm2(tmp_path):
         env["SHARED"] = local
     proc = subprocess.run(["bash", "iterate.sh"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=3600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
-    run = tmp_path / "run"
+    check_run(tmp_path / "run")
+    print(proc.stdout[-1500:])
+
+
+def check_run(run):
+    """The outputs of a smollm2 run (run: a pathlib.Path), well formed and consistent."""
     for t in (0, 1):  # M1 (SFT) and M2 (Step-DPO): LoRA adapters on the converted SmolLM2
         adapter = json.load(open(run / f"iter{t}" / "model" / "adapter_config.json"))
         assert adapter["base_model_name_or_path"].endswith("smollm2-135m-instruct")
@@ -55,4 +60,3 @@ def test_the_paper_path_on_smollm2(tmp_path):
     assert all({"chosen_eos", "rejected_eos"} <= set(p) for p in pairs)
     rows = json.load(open(run / "summary.json"))
     assert [r["model"] for r in rows] == ["M1", "M2"]
-    print(proc.stdout[-1500:])
