@@ -528,7 +528,7 @@ MATH_SUBJECTS = ["algebra", "counting_and_probability", "geometry", "intermediat
                  "prealgebra", "precalculus"]
 OLYMPIAD_IMAGES = [f"image_{k}" for k in range(1, 6)]
 
-# local path -> (what it is, hub source and mapping). Hub names, configs and splits from the sets' dataset cards.
+# local path -> the set downloaded and its records mapped. Hub names, configs, splits and fields: the dataset cards.
 HUB_SETS = {
     # GSM8K (Cobbe et al. 2021): config "main", splits train/test, {question, answer ending "#### N"}
     "gsm8k/train.jsonl": lambda: [native(r) for r in load_hub("openai/gsm8k", "main", "train")],

@@ -1,5 +1,5 @@
 # PRESET=paper: the paper's setup (§2-§4) mapped onto our flags, for Qwen2.5-Math on GPUs.
-# Sourced by iterate.sh; sets its stage flags, DATA, NPROC and MODEL (settings only; iterate.sh builds $DATA).
+# Sourced by iterate.sh; sets its stage flags, MODEL, DATA, DATA_SOURCE, DATA_ARGS and NPROC (settings only).
 #   PRESET=paper RUN=qwen7b bash iterate.sh                      # every input by hub name
 #   PRESET=paper SHARED=/path/to/copies RUN=qwen7b bash iterate.sh  # the data sets from a local folder of JSONL files
 MODEL=${MODEL:-Qwen/Qwen2.5-Math-7B}             # M0: the base model, not -Instruct (paper §4); hub or local dir
