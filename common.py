@@ -640,17 +640,26 @@ def order_disagreement(verdict_list):
 
 
 def search_stats(trees):
-    """Counts over search trees (generate.py): stop reasons, steps per solution, roll-backs, unparsed verdicts."""
+    """
+    Counts over search trees (generate.py): stop reasons, steps per solution, roll-backs, candidates that ended with
+    an EOS the model emitted / ended the solution, verdicts by kind ([[A]], [[B]], unparsed: position bias shows as
+    a lopsided A/B split) and the order disagreement.
+    """
     nodes = [n for t in trees for n in t["steps"]]
     # candidate indices restart at every step: key each comparison by (step, candidate)
     verdicts = [dict(v, i=(k, v["i"]), j=(k, v["j"])) for k, n in enumerate(nodes) for v in n["verdicts"]]
     stop = {}
     for t in trees:
         stop[t["stop_reason"]] = stop.get(t["stop_reason"], 0) + 1
+    candidates = [c for n in nodes for c in n["candidates"]]
     return dict(questions=len(trees), stop_reasons=stop,
                 steps_per_solution=sum(len(t["solution_steps"]) for t in trees) / max(1, len(trees)),
-                rounds=sum(t["rounds"] for t in trees), tie_rollbacks=sum(n["outcome"] == "tie_rollback" for n in nodes),
+                rounds=sum(t["rounds"] for t in trees),
+                tie_rollbacks=sum(n["outcome"] == "tie_rollback" for n in nodes), candidates=len(candidates),
+                candidates_eos=sum(c["eos"] for c in candidates), candidates_final=sum(c["final"] for c in candidates),
                 verdicts=len(verdicts), unparsed=sum(v["verdict"] is None for v in verdicts),
+                verdicts_a=sum(v["verdict"] == "A" for v in verdicts),
+                verdicts_b=sum(v["verdict"] == "B" for v in verdicts),
                 order_disagreement=order_disagreement(verdicts))
 
 
@@ -717,6 +726,9 @@ def add_training_args(parser):
     parser.add_argument("--lora", action="store_true", help="train a LoRA adapter instead of all weights")
     parser.add_argument("--lora-rank", type=positive_int, default=16, help="LoRA r")
     parser.add_argument("--lora-alpha", type=positive_int, default=32, help="LoRA alpha (scale = alpha / r)")
+    parser.add_argument("--lora-layers", type=nonnegative_int, default=0,
+                        help="LoRA on the last N transformer layers only (0: all); the backward pass then stops at the "
+                        "lowest adapted layer (CPU budget of the smollm2 preset; not the paper's)")
     parser.add_argument("--lora-dropout", type=fraction, default=0.0,
                         help="0 by default so policy and reference agree exactly at step 0 (DPO loss = log 2)")
     parser.add_argument("--gradient-checkpointing", action="store_true", help="recompute activations in backward")

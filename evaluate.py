@@ -1,6 +1,7 @@
 """
 Evaluation (paper §4): greedy decoding of each test question with the reasoning prompt, the answer taken from the
-LAST \\boxed{...} of the output, graded against the gold answer by math-verify equivalence. Also the step judge's
+LAST \\boxed{...} of the output, graded against the gold answer by math-verify equivalence (deviation: the paper used
+Qwen2.5-Math's evaluation code, whose answer normalisation differs in corner cases). Also the step judge's
 accuracy on held-out pairs (paper Table 3) and an oracle check of the extraction + grading themselves.
 
 Reads benchmark JSONL in the native fields of each source (format detected from the fields present):

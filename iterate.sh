@@ -10,16 +10,17 @@
 #   RUN=random JUDGE=random INIT=runs/default/iter0/model bash iterate.sh   # control: coin-flip judge, same M1
 #   RUN=oracle JUDGE=oracle INIT=runs/default/iter0/model bash iterate.sh   # control: a perfect judge, same M1
 #   SPLIT=dev RUN=try1 DPO_ARGS="..." INIT=... bash iterate.sh              # tune on the dev split, never on test
+#   PRESET=smollm2 SHARED=/path/to/copies bash iterate.sh  # the paper's path on a real pretrained model, CPU, toy
 #   PRESET=paper MODEL=Qwen/Qwen2.5-Math-7B RUN=qwen7b bash iterate.sh      # paper setup on GPUs (see README)
 set -euo pipefail
 cd "$(dirname "$0")"
 
 RUN=${RUN:-default}            # outputs go to runs/$RUN
-PRESET=${PRESET:-tiny}         # tiny: the embedded default on CPU | paper: Qwen2.5-Math + QLoRA on GPUs
+PRESET=${PRESET:-tiny}         # tiny: the embedded default on CPU | smollm2: SmolLM2-135M, CPU | paper: Qwen2.5-Math
 MODEL=${MODEL:-}               # M0; empty with PRESET=tiny: built here (prepare/tiny_model.py)
 INIT=${INIT:-}                 # an existing M1 to start from (skips SFT), e.g. to compare judges from one M1
 JUDGE=${JUDGE:-model}          # model: the paper's self-judging | controls: random (coin flips), oracle (true labels)
-NUM_ITERS=${NUM_ITERS:-3}      # paper: M1 -> M2 -> M3 -> M4
+NUM_ITERS=${NUM_ITERS:-}       # default 3, paper: M1 -> M2 -> M3 -> M4 (the smollm2 preset: 1)
 OVERWRITE=${OVERWRITE:-}       # 1: redo every stage
 # Each stage's flags below can be overridden from the environment (SFT_ARGS=..., SYNTH_ARGS=..., MODEL_ARGS=...).
 # DATA holds questions1..3.jsonl, eft_test.jsonl, ift.jsonl, eft.jsonl; NPROC = processes (CPU cores, or GPUs)
@@ -44,8 +45,10 @@ if [ "$PRESET" = tiny ]; then
   TRAIN="python"               # one process, both cores
   export OMP_NUM_THREADS=1     # search/eval of a 1M-parameter model: one process per core beats two threads
 else
-  source presets/paper.sh      # sets the same variables for Qwen2.5-Math on GPUs (and MODEL, DATA, NPROC)
+  [ -f "presets/$PRESET.sh" ] || { echo "PRESET=$PRESET: no presets/$PRESET.sh (tiny, smollm2 or paper)" >&2; exit 1; }
+  source "presets/$PRESET.sh"  # sets the same variables (and MODEL, DATA, DATA_SOURCE, NPROC)
 fi
+NUM_ITERS=${NUM_ITERS:-3}
 [ -n "$OVERWRITE" ] && OW="--overwrite" || OW=""
 R=${RUN_DIR:-runs/$RUN}
 mkdir -p "$R"
@@ -76,18 +79,19 @@ sharded() {  # a stage as NPROC processes over every NPROC-th record; the last t
 evaluate() {  # $1: model dir -> $1/../eval
   local out; out=$(dirname "$1")/eval
   sharded python evaluate.py --model "$1" $EVAL_DATA --out-dir "$out" $PROMPTS $EVAL_ARGS $OW
-  run python evaluate.py --model "$1" --judge-eval "$JUDGE_EVAL_DATA" --out-dir "$out" $JUDGE_PROMPT \
+  sharded python evaluate.py --model "$1" --judge-eval "$JUDGE_EVAL_DATA" --out-dir "$out" $JUDGE_PROMPT \
       $JUDGE_EVAL_ARGS $OW
 }
 
-# --- data and M0 (the tiny default builds both; the paper preset builds its data and loads MODEL) --------------------
+# --- data and M0 (the tiny default builds both; the real-data presets build their data and load MODEL) -------------
 if [ "$PRESET" = tiny ]; then
   # questions per iteration: the paper's 400/800/1200 scaled by 0.3 so the loop fits ~25 minutes on 2 cores
   run python -m prepare.synthetic --out-dir "$DATA" ${SYNTH_ARGS:---num-questions 120,240,360} $OW
   [ -z "$MODEL" ] && MODEL=$R/m0 && run python -m prepare.tiny_model --corpus "$DATA/ift.jsonl" "$DATA/eft.jsonl" \
       --out "$MODEL" ${MODEL_ARGS:-} $OW
 else
-  run python -m prepare.paper_data --source "$SHARED" --out-dir "$DATA" $OW
+  run python -m prepare.paper_data --source "$DATA_SOURCE" --out-dir "$DATA" ${DATA_ARGS:-} $OW
+  if [ "$PRESET" = smollm2 ]; then run python -m prepare.smollm2 --out "$MODEL"; fi  # converted once, then cached
 fi
 
 # --- M1: SFT on IFT + EFT (paper §3.2) ---------------------------------------------------------------------------

@@ -11,10 +11,12 @@ roll-back is dropped too. Left open by the paper, chosen here (flags):
   --only-finished      keep pairs only from searches that reached an answer (default: all, as the paper keeps pairs
                        as the search goes)
   final-step EOS       decided in train_step_dpo.py; here each side records whether it ended the solution
+                       (`_final`: it holds \\boxed{} or ended with EOS) and whether the model emitted EOS after it
+                       (`_eos`; a step with \\boxed{} cut at the next "Step" marker or at the token limit has none)
 
 Reads  --trees JSONL (generate.py). Writes --out JSONL:
-  {id, question_id, step, prompt, prefix, chosen, rejected, chosen_final, rejected_final, chosen_score,
-   rejected_score}     prefix = the previous steps, joined as the model saw them ("Step 1: ...\\n...")
+  {id, question_id, step, prompt, prefix, chosen, rejected, chosen_final, rejected_final, chosen_eos, rejected_eos,
+   chosen_score, rejected_score}     prefix = the previous steps, joined as the model saw them ("Step 1: ...\\n...")
 and <out>.stats.json with the counts below (pairs per question, why steps gave no pair), <out>.config.json and,
 written last, <out>.manifest.json (the trees by content and the flags; a rerun skips only when they match).
 
@@ -55,7 +57,8 @@ def pair_from_node(tree, node, min_gap, ties):
     return dict(id=f"{tree['id']}-step{node['step']}-round{node['round']}", question_id=tree["id"],
                 step=node["step"], prompt=tree["prompt"], prefix=join_steps(node["prefix_steps"]),
                 chosen=chosen["text"], rejected=rejected["text"], chosen_final=chosen["final"],
-                rejected_final=rejected["final"], chosen_score=scores[best], rejected_score=scores[worst]), None
+                rejected_final=rejected["final"], chosen_eos=chosen["eos"], rejected_eos=rejected["eos"],
+                chosen_score=scores[best], rejected_score=scores[worst]), None
 
 
 def make_pairs(trees, min_gap=1, ties="first", only_finished=False):

@@ -133,16 +133,25 @@ class StopAtNextStep:
     token, so it lies among them (decoding the whole continuation each time is quadratic in its length). A marker
     at the very start of the continuation does not count (as in cut_at_next_step). HF generate keeps a sequence
     stopped once this fires, so it need not keep firing after the marker leaves the window.
+    stopped_at[row]: the index (among the new tokens) of the token that completed the marker, None if it never
+    did; what HF generate appends to that row afterwards is padding, which may be the EOS id (pad = EOS in
+    Qwen2.5's base models and SmolLM2), so it must not be read as an EOS the model emitted.
     """
 
     def __init__(self, tokenizer, prompt_len, window=16):
         self.tokenizer, self.prompt_len, self.window = tokenizer, prompt_len, window
+        self.stopped_at = None
 
     def __call__(self, input_ids, scores, **kwargs):
         start = max(self.prompt_len, input_ids.shape[1] - self.window)
         texts = self.tokenizer.batch_decode(input_ids[:, start:], skip_special_tokens=True)
         skip = 1 if start == self.prompt_len else 0
-        return torch.tensor([t.find(NEXT_STEP, skip) >= 0 for t in texts], device=input_ids.device)
+        hits = [t.find(NEXT_STEP, skip) >= 0 for t in texts]
+        if self.stopped_at is None:
+            self.stopped_at = [None] * len(hits)
+        newest = input_ids.shape[1] - self.prompt_len - 1
+        self.stopped_at = [newest if hit and at is None else at for hit, at in zip(hits, self.stopped_at)]
+        return torch.tensor(hits, device=input_ids.device)
 
 
 class SeededGumbel:
@@ -201,14 +210,17 @@ def generate(model, tokenizer, prompts, max_new_tokens, temperature=0.0, top_p=1
                 warpers + [SeededGumbel([seeds[i] for i in idx], plen)]))
         else:
             sampling = dict(do_sample=True, temperature=temperature, top_p=top_p) if temperature > 0 else greedy
+        stop = StopAtNextStep(tokenizer, plen) if one_step else None
         out = model.generate(**enc, max_new_tokens=max_new_tokens, pad_token_id=tokenizer.pad_token_id,
-                             stopping_criteria=[StopAtNextStep(tokenizer, plen)] if one_step else None,
-                             **sampling)
+                             stopping_criteria=[stop] if one_step else None, **sampling)
         new = out[:, plen:].tolist()
-        for i, ids in zip(idx, new):
-            ended = next((k for k, t in enumerate(ids) if t in eos_ids), None)
-            kept = ids if ended is None else ids[:ended]
-            kept = [t for t in kept if t != tokenizer.pad_token_id]
+        for row, (i, ids) in enumerate(zip(idx, new)):
+            # what the model generated: up to the token that completed the next step marker (the rest is padding,
+            # and pad may be the EOS id), or all of it; an EOS counts only if the model emitted it in there
+            stopped = stop.stopped_at[row] if stop is not None and stop.stopped_at else None
+            generated = ids if stopped is None else ids[:stopped + 1]
+            ended = next((k for k, t in enumerate(generated) if t in eos_ids), None)
+            kept = generated if ended is None else generated[:ended]
             text = tokenizer.decode(kept, skip_special_tokens=True)
             results[i] = dict(text=cut_at_next_step(text) if one_step else text.strip(),
                               eos=ended is not None, new_tokens=len(kept) + (ended is not None))
@@ -252,8 +264,14 @@ def prepare_for_training(model, args):
     elif args.lora or args.load_in_4bit:
         from peft import LoraConfig, get_peft_model
         # paper: full fine-tuning (32 H100s); here LoRA r=16 on every linear layer (fits one 24 GB GPU in 4 bit)
+        targets, layers = "all-linear", None
+        if args.lora_layers:  # only the last N layers (a CPU budget): the backward pass stops below the lowest one
+            num_layers = model.config.num_hidden_layers
+            layers = list(range(num_layers - args.lora_layers, num_layers))
+            targets = sorted({name.split(".")[-1] for name, m in model.named_modules()
+                              if isinstance(m, torch.nn.Linear) and "lm_head" not in name})
         config = LoraConfig(r=args.lora_rank, lora_alpha=args.lora_alpha, lora_dropout=args.lora_dropout,
-                            target_modules="all-linear", task_type="CAUSAL_LM")
+                            target_modules=targets, layers_to_transform=layers, task_type="CAUSAL_LM")
         model = get_peft_model(model, config)
     if args.gradient_checkpointing:
         model.config.use_cache = False
@@ -348,7 +366,7 @@ def train_loop(model, args, groups, micro_loss, total_steps, world, desc, weight
                 loss.backward()
             for key, value in m.items():
                 metrics[key] = metrics.get(key, 0.0) + value
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)  # not stated in the paper: clipping at norm 1.0
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         tokens += metrics.pop("tokens", 0)

@@ -1,7 +1,8 @@
 """
 M0 -> M1 (paper §3.2 "Initialization"): supervised fine-tuning on IFT data (question -> step-by-step solution)
 mixed with EFT data (question + previous steps + two candidate next steps -> explanation + [[A]]/[[B]]), so one
-model both reasons step by step and judges steps. Loss on response tokens only (the prompt is masked).
+model both reasons step by step and judges steps. Loss on response tokens only (the prompt is masked; the paper does
+not say, a choice here).
 
 Reads (every field a string, previous_steps a list of strings; a wrong type stops the run before the model loads):
   --ift  JSONL {question, solution}                                   solution = "Step 1: ...\\nStep 2: ..."
@@ -87,6 +88,7 @@ def main():
                         help="paper batch 32 = batch-size x grad-accum x GPUs")
     parser.add_argument("--max-len", type=positive_int, default=2048)
     parser.add_argument("--limit", type=positive_int, default=None, help="use only the first N records of each file")
+    parser.add_argument("--limit-eft", type=positive_int, default=None, help="the first N EFT records (default: --limit)")
     add_training_args(parser)
     args = parser.parse_args()
     inputs = dict(model=args.model, ift=args.ift, eft=args.eft, prompt_reasoning=prompt_path(args.prompt_reasoning),
@@ -95,20 +97,24 @@ def main():
     if is_done(args.out, manifest, args.overwrite, [args.out.rstrip("/") + ".tmp"]):
         return
     ift = read_jsonl(args.ift, IFT_FIELDS)[:args.limit]
-    eft = read_jsonl(args.eft, EFT_FIELDS)[:args.limit] if args.eft else []
+    eft = read_jsonl(args.eft, EFT_FIELDS)[:args.limit if args.limit_eft is None else args.limit_eft] if args.eft else []
     rank, world, model, tokenizer = load_for_training(args)
     model = prepare_for_training(model, args)
     examples = build_examples(tokenizer, ift, eft, load_prompt(args.prompt_reasoning), load_prompt(args.prompt_judge),
                               args.max_len)
+    dropped = len(ift) + len(eft) - len(examples)
     if not examples:
         raise DataError(f"no SFT example left to train on (are --ift/--eft empty, or --max-len {args.max_len} too short?)")
-    # DDP: equal slices, so every process takes the same number of optimizer steps (else the all-reduce hangs)
-    examples = examples[:len(examples) // world * world][rank::world]
+    # DDP: equal slices, so every process takes the same number of optimizer steps (else the all-reduce hangs). Fewer
+    # examples than processes: each process takes them all (an empty slice would have no batch to train on)
+    if len(examples) >= world:
+        examples = examples[:len(examples) // world * world][rank::world]
     rng = random.Random(args.seed)
     steps_per_epoch = len(batches(examples, args.batch_size, rng)) // args.grad_accum
     total_steps = max(1, int(steps_per_epoch * args.epochs))
     if rank == 0:
-        print(f"{len(ift)} IFT + {len(eft)} EFT examples, {total_steps} optimizer steps, "
+        print(f"{len(ift)} IFT + {len(eft)} EFT records, {dropped} dropped (prompt alone >= --max-len "
+              f"{args.max_len}), {total_steps} optimizer steps, "
               f"{sum(p.numel() for p in model.parameters() if p.requires_grad) / 1e6:.2f}M trainable parameters")
 
     def groups():  # grad_accum micro-batches per optimizer step, reshuffled every epoch

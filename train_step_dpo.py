@@ -14,12 +14,13 @@ Not stated by the paper, chosen here (flags):
   --beta 0.1       Step-DPO (Lai et al. 2024) used 0.05-0.5; 0.1 is the DPO paper's common default.
   --nll-weight 0    off (the paper's plain DPO). α > 0 adds α · chosen_nll (per token) to each pair's loss, the
                    Iterative RPO fix for reasoning DPO; measured on the tiny default: see README.
-  --final-step-eos a step that ended the solution is scored with the EOS the model produced after it, so DPO also
-                   teaches when to stop; an intermediate step is scored with its trailing newline (the model
-                   produced "\\n" before the next "Step"), never with EOS (as in Step-DPO).
+  --no-final-step-eos  by default a step after which the model emitted EOS is scored with that EOS, so DPO also
+                   teaches when to stop; every other step -- an intermediate one, or one with \\boxed{} that was cut
+                   at the next "Step" marker or at the token limit -- is scored with its trailing newline (how it
+                   reads in the next step's prefix), never with an EOS the model did not produce (as in Step-DPO).
 
-Reads  --pairs JSONL {id, prompt, prefix, chosen, rejected, chosen_final, rejected_final}  (make_pairs.py; ids
-       unique, texts strings, *_final booleans)
+Reads  --pairs JSONL {id, prompt, prefix, chosen, rejected, chosen_eos, rejected_eos, ...}  (make_pairs.py; ids
+       unique, texts strings, *_eos booleans)
 Writes --out   a model directory (full weights, or the LoRA adapter), train_log.jsonl, dpo_config.json and
                manifest.json (what made it), renamed into place at once; next to it <out>.ref_logps.jsonl, π_ref's
                log-probs {id, ref_chosen, ref_rejected}, with their own manifest: reused by a resumed run only if
@@ -44,8 +45,8 @@ from common import (PartialJSONL, add_training_args, chat_prompt, cli, fraction,
                     output_flags, positive_float, positive_int, read_jsonl, stage_manifest, write_manifest)
 from modeling import load_for_training, padded_batch, prepare_for_training, save_trained, train_loop
 
-PAIR_FIELDS = {"id": (str, int), "prompt": str, "prefix": str, "chosen": str, "rejected": str, "chosen_final": bool,
-               "rejected_final": bool}
+PAIR_FIELDS = {"id": (str, int), "prompt": str, "prefix": str, "chosen": str, "rejected": str, "chosen_eos": bool,
+               "rejected_eos": bool}
 
 
 def sequence_logps(logits, labels, loss_mask):
@@ -78,18 +79,19 @@ def chosen_nll(policy_chosen_logps, chosen_lengths):
 
 def tokenize_pair(tokenizer, pair, final_step_eos):
     """
-    prefix_ids = tok(chat(prompt) + prefix); step_ids = tok(step + "\\n") or tok(step) + [eos] for a final step.
+    prefix_ids = tok(chat(prompt) + prefix); step_ids = tok(step) + [eos] if the model emitted EOS after the step
+    (pair["chosen_eos"] / ["rejected_eos"]), else tok(step + "\\n").
     The boundary is "\\n" | "Step", where byte-level BPE pre-tokenizers split anyway, so
     tok(prefix + step) == tok(prefix) + tok(step) (checked in tests, also with a real BPE tokenizer).
     """
     prefix_ids = tokenizer(chat_prompt(tokenizer, pair["prompt"]) + pair["prefix"], add_special_tokens=False)["input_ids"]
 
-    def step_ids(text, final):
-        if final and final_step_eos:
+    def step_ids(text, emitted_eos):
+        if emitted_eos and final_step_eos:
             return tokenizer(text, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
         return tokenizer(text + "\n", add_special_tokens=False)["input_ids"]
 
-    return prefix_ids, step_ids(pair["chosen"], pair["chosen_final"]), step_ids(pair["rejected"], pair["rejected_final"])
+    return prefix_ids, step_ids(pair["chosen"], pair["chosen_eos"]), step_ids(pair["rejected"], pair["rejected_eos"])
 
 
 def step_logps(model, prefixes, steps, pad_id):
@@ -146,7 +148,8 @@ def main():
     parser.add_argument("--warmup", type=fraction, default=0.1, help="fraction of steps (not stated in the paper)")
     parser.add_argument("--nll-weight", type=nonnegative_float, default=0.0,
                         help="α of an added per-token NLL of the chosen step (deviation; 0 = the paper's DPO)")
-    parser.add_argument("--no-final-step-eos", action="store_true", help="score a final step without its EOS")
+    parser.add_argument("--no-final-step-eos", action="store_true",
+                        help="score a step without the EOS the model emitted after it")
     parser.add_argument("--max-len", type=positive_int, default=2048,
                         help="pairs whose prefix + step is longer are dropped")
     add_training_args(parser)
@@ -176,8 +179,11 @@ def main():
         if rank == 0:
             save_trained(model, tokenizer, args.out, [], args, "dpo_config.json", manifest)
         return
-    # DDP: equal slices, so every process takes the same number of optimizer steps (else the all-reduce hangs)
-    examples = examples[:len(examples) // world * world][rank::world]
+    # DDP: equal slices, so every process takes the same number of optimizer steps (else the all-reduce hangs). Fewer
+    # pairs than processes: each process takes them all (DDP's mean of equal gradients is the one-process gradient);
+    # an empty slice would have no batch to train on.
+    if len(examples) >= world:
+        examples = examples[:len(examples) // world * world][rank::world]
     ref = reference_logps(model, examples, tokenizer.pad_token_id, args.batch_size, ref_path, ref_manifest)
     model = prepare_for_training(model, args)
     rng = random.Random(args.seed)

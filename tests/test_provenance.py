@@ -170,7 +170,8 @@ def test_3_step_dpo_never_reuses_reference_logps_of_other_pairs(tiny_model_dir, 
         run(monkeypatch, train_step_dpo, *dpo_flags(tiny_model_dir, pairs, out))
     assert os.path.exists(out + ".ref_logps.jsonl")
     swapped = [dict(p, chosen=p["rejected"], rejected=p["chosen"], chosen_final=p["rejected_final"],
-                    rejected_final=p["chosen_final"]) for p in read_jsonl(pairs)]  # same ids, sides swapped
+                    rejected_final=p["chosen_final"], chosen_eos=p["rejected_eos"], rejected_eos=p["chosen_eos"])
+               for p in read_jsonl(pairs)]  # same ids, sides swapped
     write_jsonl(pairs, swapped)
     monkeypatch.setattr(train_step_dpo, "train_loop", real_loop)
     with pytest.raises(DataError, match=r"ref_logps.jsonl was made by another run: --pairs changed"):
