@@ -147,7 +147,6 @@ def pad_is_eos_search(model, tokenizer, prompt_reasoning):
     then a careful one. Returns what check_pad_is_eos_search needs: the trees, the scripts' token counts, the limit.
     """
     import argparse
-    import random
     import types
 
     import generate
@@ -185,14 +184,15 @@ def pad_is_eos_search(model, tokenizer, prompt_reasoning):
 
     args = argparse.Namespace(prompt_reasoning=prompt_reasoning, prompt_judge="judge", num_candidates=3,
                               temperature=0.5, top_p=0.95, max_steps=5, max_step_tokens=max_step_tokens,
-                              judge_max_new_tokens=8, orders=2, judge="model", no_dedupe=False, batch_size=64)
+                              judge_max_new_tokens=8, orders=2, judge="model", no_dedupe=False, batch_size=64,
+                              seed=0)
     records = [dict(question="Tom has 5 pens. He buys 2 more. How many pens does he have?"),
                dict(question="Ann has 9 apples and eats 2 of them. How many are left?")]
     real_judge = modeling.judge_pairs
     modeling.judge_pairs = judge_pairs
     try:
         with ScriptedModel(model, tokenizer, script, filler=ids_of(tokenizer, "5")[0]):
-            trees = generate.search(model, tokenizer, records, ["a", "b"], args, random.Random(0),
+            trees = generate.search(model, tokenizer, records, ["a", "b"], args,
                                     types.SimpleNamespace(update=lambda k: None))
     finally:
         modeling.judge_pairs = real_judge
@@ -241,3 +241,17 @@ def source_preset(tmp_path, num_gpus, script="presets/paper.sh", env=None, show=
     full_env.update(PATH=f"{bin_dir}:{os.environ['PATH']}", NUM_GPUS=str(num_gpus), **(env or {}))
     code = f"set -euo pipefail; source {script}; " + "".join(f'printf "%s\\n" "{v}=${{{v}}}"; ' for v in show)
     return subprocess.run(["bash", "-c", code], cwd=ROOT, env=full_env, capture_output=True, text=True)
+
+
+def kill_on_second_chunk(monkeypatch):
+    """generate.search that dies (KeyboardInterrupt) when asked for its second chunk; returns the ids searched."""
+    import generate
+    real, searched = generate.search, []
+
+    def search(model, tokenizer, records, ids, *args):
+        if searched:
+            raise KeyboardInterrupt("killed")
+        searched.extend(ids)
+        return real(model, tokenizer, records, ids, *args)
+    monkeypatch.setattr(generate, "search", search)
+    return real, searched

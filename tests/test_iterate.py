@@ -13,7 +13,7 @@ import time
 
 import pytest
 
-from conftest import ROOT
+from conftest import ROOT, kill_on_second_chunk
 
 TINY = dict(
     NUM_ITERS="2",
@@ -84,16 +84,8 @@ def test_search_killed_halfway_resumes_without_duplicates(tiny_model_dir, synthe
     argv = ["generate.py", "--model", tiny_model_dir, "--questions", questions, "--out", out,
             "--prompt-reasoning", "reasoning_tiny", "--prompt-judge", "judge_tiny", "--judge", "random",
             "--num-candidates", "2", "--max-steps", "2", "--max-step-tokens", "8", "--questions-per-chunk", "2"]
-    real_search, searched = generate.search, []
-
-    def killed_after_one_chunk(model, tokenizer, records, ids, *args):
-        if searched:
-            raise KeyboardInterrupt("killed")
-        searched.extend(ids)
-        return real_search(model, tokenizer, records, ids, *args)
-
     monkeypatch.setattr(sys, "argv", argv)
-    monkeypatch.setattr(generate, "search", killed_after_one_chunk)
+    real_search, searched = kill_on_second_chunk(monkeypatch)
     with pytest.raises(KeyboardInterrupt):
         generate.main()
     assert not os.path.exists(out) and len(open(out + ".partial").readlines()) == 1 + 2  # the manifest, 2 trees

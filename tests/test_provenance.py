@@ -28,7 +28,7 @@ import make_pairs  # noqa: E402
 import train_sft  # noqa: E402
 import train_step_dpo  # noqa: E402
 from common import DataError, read_jsonl, write_jsonl  # noqa: E402
-from conftest import eft_step_pairs  # noqa: E402
+from conftest import eft_step_pairs, kill_on_second_chunk  # noqa: E402
 from modeling import load_model, save_model  # noqa: E402
 from prepare import tiny_model  # noqa: E402
 
@@ -76,19 +76,6 @@ def toy_benchmark(folder, n=6, name="toy.jsonl"):
     path = os.path.join(str(folder), name)
     write_jsonl(path, [dict(id=i, question=f"q{i}", answer=str(i)) for i in range(n)])
     return path
-
-
-def kill_on_second_chunk(monkeypatch):
-    """generate.search that dies (KeyboardInterrupt) when asked for its second chunk; returns the ids searched."""
-    real, searched = generate.search, []
-
-    def search(model, tokenizer, records, ids, *args):
-        if searched:
-            raise KeyboardInterrupt("killed")
-        searched.extend(ids)
-        return real(model, tokenizer, records, ids, *args)
-    monkeypatch.setattr(generate, "search", search)
-    return real, searched
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -264,7 +251,8 @@ def test_4_iterate_stops_on_a_changed_init_and_relinks_it_under_overwrite(driver
     assert rc == 0, output
     assert os.path.realpath(m1) == str(init_b) and os.path.isdir(init_a)  # relinked; A itself untouched
     stages = [line for line in open(tmp_path / "log").read().splitlines()[before:] if "report.py" not in line]
-    assert len(stages) == 12 and all("--overwrite" in line for line in stages)  # every stage redoes its output
+    # every stage redoes its output (14 lines: the evaluations and the judge evaluations run as 2 shards each)
+    assert len(stages) == 14 and all("--overwrite" in line for line in stages)
     rc, output = finished(driver())  # INIT dropped: the run's M1 would silently stay B's
     assert rc != 0 and "INIT changed" in output
 
