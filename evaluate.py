@@ -223,7 +223,8 @@ def evaluate_judge(model, tokenizer, args):
 
     def process(batch):
         items = [(judge_context(p["question"], p["previous_steps"]), p["step_a"], p["step_b"]) for p in batch]
-        verdicts = judge_pairs(model, tokenizer, template, items, args.judge_max_new_tokens, args.batch_size)
+        verdicts = judge_pairs(model, tokenizer, template, items, args.judge_max_new_tokens, args.batch_size,
+                               stop_at_verdict=args.stop_at_verdict)
         return [dict(id=p["id"], label=p["label"], verdict=v, correct=v == p["label"], raw=raw)
                 for p, (v, raw) in zip(batch, verdicts)]
 
@@ -267,7 +268,7 @@ def main():
     model = tokenizer = None
     if not args.oracle:
         model, tokenizer = load_model(args.model, load_in_4bit=args.load_in_4bit, attn=args.attn,
-                                      prefill_chunk=args.prefill_chunk)
+                                      prefill_chunk=args.prefill_chunk, engine=args.engine)
         template = load_prompt(args.prompt_reasoning)
 
     summaries = []

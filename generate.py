@@ -137,7 +137,7 @@ def main():
     progress = PartialJSONL(out_path)
     todo = [(i, r) for i, r in list(zip(ids, records))[shard::num_shards] if i not in progress.done]
     model, tokenizer = load_model(args.model, load_in_4bit=args.load_in_4bit, attn=args.attn,
-                                  prefill_chunk=args.prefill_chunk)
+                                  prefill_chunk=args.prefill_chunk, engine=args.engine)
     t0 = time.time()
     with tqdm(total=len(todo), desc="search (questions done)") as bar:
         for c in range(0, len(todo), args.questions_per_chunk):
