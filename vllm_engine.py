@@ -191,8 +191,10 @@ def generate(model, tokenizer, prompts, max_new_tokens, temperature=0.0, top_p=1
             if temperature > 0:  # a continued request gets a seed of its own, derived from the prompt's
                 seed = random.Random(seeds[i]).randrange(2 ** 31) if generated[i] else seeds[i]
                 sampling = dict(temperature=temperature, top_p=top_p, top_k=model.top_k, seed=seed)
+            # vLLM detokenizes only for its stop strings: the texts are decoded below from the token ids
             params.append(SamplingParams(max_tokens=max_new_tokens - len(generated[i]), stop=stop,
-                                         repetition_penalty=model.repetition_penalty, **sampling))
+                                         detokenize=stop is not None, repetition_penalty=model.repetition_penalty,
+                                         **sampling))
         outs = model.llm.generate([{"prompt_token_ids": prompt_ids[i] + generated[i]} for i in todo], params,
                                   lora_request=model.lora, use_tqdm=False)
         again = []
