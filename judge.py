@@ -13,6 +13,7 @@ original search's: a re-judged tree is for analysis and for make_pairs.py.
 
 Reads/writes the search-tree JSONL of generate.py (one record per question; see generate.py). Each judged step
 gets: verdicts [{i, j, order, verdict, raw}], scores, chosen, best, worst, and the counts of unparsed verdicts.
+Next to --out: <out>.config.json and, last, <out>.manifest.json (what made it; see common.is_done).
 
     python judge.py --model runs/default/iter1/model --trees runs/default/iter1/trees.jsonl \\
         --out runs/default/iter1/trees_rejudged.jsonl --prompt-judge judge_tiny
@@ -25,8 +26,9 @@ import random
 
 from tqdm import tqdm
 
-from common import (add_generation_args, add_judge_args, add_model_args, cli, judge_candidates, load_prompt,
-                    read_jsonl, save_config, skip_if_done, write_jsonl)
+from common import (add_generation_args, add_judge_args, add_model_args, cli, is_done, judge_candidates, load_prompt,
+                    output_flags, prompt_path, read_jsonl, save_config, sidecars, stage_manifest, write_jsonl,
+                    write_manifest)
 from modeling import load_model, verdict_fn
 
 
@@ -42,9 +44,12 @@ def main():
     args = parser.parse_args()
     if args.judge == "model" and not args.model:
         parser.error("--model is needed with --judge model")
-    if skip_if_done(args.out, args.overwrite):
+    inputs = dict(trees=args.trees, prompt_judge=prompt_path(args.prompt_judge),
+                  model=args.model if args.judge == "model" else None)
+    manifest = stage_manifest("judge", inputs, output_flags(args, "batch_size", "prefill_chunk"))
+    if is_done(args.out, manifest, args.overwrite, sidecars(args.out)):
         return
-    trees = read_jsonl(args.trees, ["id", "question", "steps"])
+    trees = read_jsonl(args.trees, {"id": (str, int), "question": str, "steps": list}, unique="id")
     model = tokenizer = None
     if args.judge == "model":
         model, tokenizer = load_model(args.model, load_in_4bit=args.load_in_4bit, attn=args.attn,
@@ -68,6 +73,7 @@ def main():
     print(f"re-judged {len(jobs)} steps: {total} verdicts, {unparsed} unparseable")
     write_jsonl(args.out, trees)
     save_config(args, args.out + ".config.json")
+    write_manifest(args.out, manifest)
 
 
 if __name__ == "__main__":

@@ -11,11 +11,14 @@ roll-back is dropped too. Left open by the paper, chosen here (flags):
   --only-finished      keep pairs only from searches that reached an answer (default: all, as the paper keeps pairs
                        as the search goes)
   final-step EOS       decided in train_step_dpo.py; here each side records whether it ended the solution
+                       (`_final`: it holds \\boxed{} or ended with EOS) and whether the model emitted EOS after it
+                       (`_eos`; a step with \\boxed{} cut at the next "Step" marker or at the token limit has none)
 
 Reads  --trees JSONL (generate.py). Writes --out JSONL:
-  {id, question_id, step, prompt, prefix, chosen, rejected, chosen_final, rejected_final, chosen_score,
-   rejected_score}     prefix = the previous steps, joined as the model saw them ("Step 1: ...\\n...")
-and <out>.stats.json with the counts below (pairs per question, why steps gave no pair).
+  {id, question_id, step, prompt, prefix, chosen, rejected, chosen_final, rejected_final, chosen_eos, rejected_eos,
+   chosen_score, rejected_score}     prefix = the previous steps, joined as the model saw them ("Step 1: ...\\n...")
+and <out>.stats.json with the counts below (pairs per question, why steps gave no pair), <out>.config.json and,
+written last, <out>.manifest.json (the trees by content and the flags; a rerun skips only when they match).
 
     python make_pairs.py --trees runs/default/iter1/trees.jsonl --out runs/default/iter1/pairs.jsonl
 """
@@ -23,9 +26,11 @@ and <out>.stats.json with the counts below (pairs per question, why steps gave n
 import argparse
 from collections import Counter
 
-from common import DataError, cli, join_steps, read_jsonl, save_config, skip_if_done, write_json, write_jsonl
+from common import (DataError, cli, is_done, join_steps, nonnegative_int, output_flags, read_jsonl, save_config,
+                    sidecars, stage_manifest, write_json, write_jsonl, write_manifest)
 
-TREE_FIELDS = ["id", "question", "prompt", "steps", "finished", "stop_reason"]
+TREE_FIELDS = {"id": (str, int), "question": str, "prompt": str, "steps": list, "finished": bool,
+               "stop_reason": (str, type(None))}
 NODE_FIELDS = ["step", "prefix_steps", "candidates", "scores", "best", "worst", "outcome", "rolled_back"]
 
 
@@ -52,7 +57,8 @@ def pair_from_node(tree, node, min_gap, ties):
     return dict(id=f"{tree['id']}-step{node['step']}-round{node['round']}", question_id=tree["id"],
                 step=node["step"], prompt=tree["prompt"], prefix=join_steps(node["prefix_steps"]),
                 chosen=chosen["text"], rejected=rejected["text"], chosen_final=chosen["final"],
-                rejected_final=rejected["final"], chosen_score=scores[best], rejected_score=scores[worst]), None
+                rejected_final=rejected["final"], chosen_eos=chosen["eos"], rejected_eos=rejected["eos"],
+                chosen_score=scores[best], rejected_score=scores[worst]), None
 
 
 def make_pairs(trees, min_gap=1, ties="first", only_finished=False):
@@ -79,14 +85,15 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--trees", required=True)
     parser.add_argument("--out", required=True)
-    parser.add_argument("--min-gap", type=int, default=1)
+    parser.add_argument("--min-gap", type=nonnegative_int, default=1)
     parser.add_argument("--ties", default="first", choices=["first", "skip"])
     parser.add_argument("--only-finished", action="store_true")
     parser.add_argument("--overwrite", action="store_true")
     args = parser.parse_args()
-    if skip_if_done(args.out, args.overwrite):
+    manifest = stage_manifest("make_pairs", dict(trees=args.trees), output_flags(args))
+    if is_done(args.out, manifest, args.overwrite, sidecars(args.out)):
         return
-    trees = read_jsonl(args.trees, TREE_FIELDS)
+    trees = read_jsonl(args.trees, TREE_FIELDS, unique="id")
     for lineno, t in enumerate(trees, 1):
         for k, node in enumerate(t["steps"]):
             missing = [f for f in NODE_FIELDS if f not in node]
@@ -100,6 +107,7 @@ def main():
     write_jsonl(args.out, pairs)
     write_json(args.out + ".stats.json", stats)
     save_config(args, args.out + ".config.json")
+    write_manifest(args.out, manifest)
     print(f"{len(pairs)} pairs from {len(trees)} questions ({stats['pairs_per_question']:.2f} per question)")
     print(f"questions by number of pairs: {stats['questions_by_pair_count']}")
     for reason, n in dropped.most_common():

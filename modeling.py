@@ -8,6 +8,7 @@ The model side that the stages share (torch; the torch-free side is common.py):
 """
 
 import contextlib
+import hashlib
 import json
 import os
 import time
@@ -15,8 +16,8 @@ import time
 import torch
 from tqdm import tqdm
 
-from common import (NEXT_STEP, VERDICT, DataError, chat_prompt, cut_at_next_step, judge_context, oracle_verdicts,
-                    parse_verdict, random_verdicts, save_config, write_jsonl)
+from common import (NEXT_STEP, VERDICT, DataError, chat_prompt, cut_at_next_step, dir_files, judge_context,
+                    oracle_verdicts, parse_verdict, random_verdicts, remove, save_config, write_jsonl, write_manifest)
 
 # ----------------------------------------------------------------------------------------------------------------
 # loading and saving
@@ -97,23 +98,32 @@ def load_model(path, load_in_4bit=False, attn="sdpa", trainable=False, prefill_c
     return model, tokenizer
 
 
-def save_model(model, tokenizer, out_dir):
-    """Full model or LoRA adapter (PEFT saves only the adapter), plus the tokenizer so the dir loads on its own."""
+def save_model(model, tokenizer, out_dir, manifest=None, also=None):
+    """
+    Full model or LoRA adapter (PEFT saves only the adapter), plus the tokenizer so the dir loads on its own. All is
+    written to <out_dir>.tmp -- the files `also(folder)` adds, then the manifest (stage, inputs, flags, and the
+    fingerprints of the files written) last -- and the folder renamed into place: a half-written model never
+    looks finished.
+    """
     model = getattr(model, "module", model)  # unwrap DDP
     tmp = out_dir.rstrip("/") + ".tmp"
+    remove(tmp)  # left by a killed run
     model.save_pretrained(tmp)
     tokenizer.save_pretrained(tmp)
-    if os.path.exists(out_dir):
-        import shutil
-        shutil.rmtree(out_dir)
+    if also is not None:
+        also(tmp)
+    if manifest is not None:
+        write_manifest(tmp, dict(manifest, files=dir_files(tmp)))
+    remove(out_dir)
     os.replace(tmp, out_dir)
 
 
-def save_trained(model, tokenizer, out_dir, log, args, config_name):
-    """A trainer's outputs: the model, its train_log.jsonl, then its config, written last to mark the stage done."""
-    save_model(model, tokenizer, out_dir)
-    write_jsonl(os.path.join(out_dir, "train_log.jsonl"), log)
-    save_config(args, os.path.join(out_dir, config_name))
+def save_trained(model, tokenizer, out_dir, log, args, config_name, manifest):
+    """A trainer's outputs, in one folder renamed into place: the model, train_log.jsonl, its config, its manifest."""
+    def logs(folder):
+        write_jsonl(os.path.join(folder, "train_log.jsonl"), log)
+        save_config(args, os.path.join(folder, config_name))
+    save_model(model, tokenizer, out_dir, manifest, logs)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -127,45 +137,83 @@ class StopAtNextStep:
     token, so it lies among them (decoding the whole continuation each time is quadratic in its length). A marker
     at the very start of the continuation does not count (as in cut_at_next_step). HF generate keeps a sequence
     stopped once this fires, so it need not keep firing after the marker leaves the window.
+    stopped_at[row]: the index (among the new tokens) of the token that completed the marker, None if it never
+    did; what HF generate appends to that row afterwards is padding, which may be the EOS id (pad = EOS in
+    Qwen2.5's base models and SmolLM2), so it must not be read as an EOS the model emitted.
     """
 
     def __init__(self, tokenizer, prompt_len, window=16):
         self.tokenizer, self.prompt_len, self.window = tokenizer, prompt_len, window
+        self.stopped_at = None
 
     def __call__(self, input_ids, scores, **kwargs):
         start = max(self.prompt_len, input_ids.shape[1] - self.window)
         texts = self.tokenizer.batch_decode(input_ids[:, start:], skip_special_tokens=True)
         skip = 1 if start == self.prompt_len else 0
-        return torch.tensor([t.find(NEXT_STEP, skip) >= 0 for t in texts], device=input_ids.device)
+        hits = [self.found(t, skip) for t in texts]
+        if self.stopped_at is None:
+            self.stopped_at = [None] * len(hits)
+        newest = input_ids.shape[1] - self.prompt_len - 1
+        self.stopped_at = [newest if hit and at is None else at for hit, at in zip(hits, self.stopped_at)]
+        return torch.tensor(hits, device=input_ids.device)
+
+    def found(self, text, skip):
+        return text.find(NEXT_STEP, skip) >= 0
 
 
-class StopAtVerdict:
-    """--stop-at-verdict: stop a judge's sequence once its text holds a verdict, "[[A]]" or "[[B]]" (common.VERDICT),
-    found in the last `window` decoded tokens as in StopAtNextStep. The explanation after the verdict is not written."""
+class StopAtVerdict(StopAtNextStep):
+    """
+    --stop-at-verdict: stop a judge's sequence once its text holds a verdict, "[[A]]" or "[[B]]" (common.VERDICT),
+    found and recorded (stopped_at) as StopAtNextStep finds its marker; one at the very start counts. The
+    explanation after the verdict is not written.
+    """
 
-    def __init__(self, tokenizer, prompt_len, window=16):
-        self.tokenizer, self.prompt_len, self.window = tokenizer, prompt_len, window
+    def found(self, text, skip):
+        return VERDICT.search(text) is not None
 
-    def __call__(self, input_ids, scores, **kwargs):
-        start = max(self.prompt_len, input_ids.shape[1] - self.window)
-        texts = self.tokenizer.batch_decode(input_ids[:, start:], skip_special_tokens=True)
-        return torch.tensor([VERDICT.search(t) is not None for t in texts], device=input_ids.device)
+
+class SeededGumbel:
+    """
+    Per-row seeded sampling, for HF generate in greedy mode after its temperature and top-p warpers: adds Gumbel
+    noise to the warped logits, and argmax(log p + Gumbel noise) is an exact sample of p (the Gumbel-max trick).
+    Row r's noise at its t-th new token comes from a generator seeded by (seeds[r], t) alone, so a row samples the
+    same tokens whatever else is in its batch (HF's do_sample draws every row from one global generator).
+    """
+
+    def __init__(self, seeds, prompt_len):
+        self.seeds, self.prompt_len = seeds, prompt_len
+
+    def __call__(self, input_ids, scores):
+        t = input_ids.shape[1] - self.prompt_len  # new tokens so far: the same in every row (left padding)
+        generator = torch.Generator(device=scores.device)
+        uniform = torch.stack([
+            torch.rand(scores.shape[1], generator=generator.manual_seed(row_seed(seed, t)), device=scores.device)
+            for seed in self.seeds])
+        return scores + -torch.log(-torch.log(uniform.to(scores.dtype)))  # u = 0 -> -inf: that token is never drawn
+
+
+def row_seed(seed, t):
+    """One 63-bit generator seed per (row seed, position), from a hash: no two pairs share a stream."""
+    return int.from_bytes(hashlib.blake2b(f"{seed}-{t}".encode(), digest_size=8).digest(), "little") >> 1
 
 
 @torch.no_grad()
 def generate(model, tokenizer, prompts, max_new_tokens, temperature=0.0, top_p=1.0, batch_size=64,
-             one_step=False, progress=None, stop_at_verdict=False):
+             one_step=False, progress=None, seeds=None, stop_at_verdict=False):
     """
     Batched generation for a list of prompt strings (already chat-formatted). Greedy if temperature == 0.
     Returns one dict per prompt: text (special tokens dropped), eos (did it end with EOS), new_tokens.
     Prompts are sorted by length so batches pad little; left padding, as decoder-only generation needs.
     With one_step=True each sequence stops at the next 'Step' marker and the text is cut to one step; with
     stop_at_verdict=True a judge's sequence stops right after its verdict.
+    seeds (one int per prompt, with temperature > 0): each prompt samples from its own seeded generator
+    (SeededGumbel: temperature, top-p, then the Gumbel-max draw), so its text does not depend on the batch.
+    Without seeds, HF samples all rows from torch's global generator (and adds its default top_k=50).
     """
     if getattr(model, "engine", "hf") == "vllm":  # --engine vllm: the same generation through vLLM
         import vllm_engine
         return vllm_engine.generate(model, tokenizer, prompts, max_new_tokens, temperature, top_p, batch_size,
-                                    one_step, progress, stop_at_verdict=stop_at_verdict)
+                                    one_step, progress, seeds=seeds, stop_at_verdict=stop_at_verdict)
     tokenizer.padding_side = "left"
     order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
     results = [None] * len(prompts)
@@ -176,17 +224,27 @@ def generate(model, tokenizer, prompts, max_new_tokens, temperature=0.0, top_p=1
         enc = tokenizer([prompts[i] for i in idx], return_tensors="pt", padding=True, add_special_tokens=False)
         enc = enc.to(model.device)
         plen = enc["input_ids"].shape[1]
-        sampling = dict(do_sample=True, temperature=temperature, top_p=top_p) if temperature > 0 else \
-            dict(do_sample=False, temperature=None, top_p=None, top_k=None)
-        stop = [StopAtNextStep(tokenizer, plen)] if one_step else [StopAtVerdict(tokenizer, plen)] \
-            if stop_at_verdict else None
+        greedy = dict(do_sample=False, temperature=None, top_p=None, top_k=None)
+        if temperature > 0 and seeds is not None:
+            # greedy mode, so HF adds no warpers of its own; ours run after its other processors, as in sampling
+            from transformers import LogitsProcessorList, TemperatureLogitsWarper, TopPLogitsWarper
+            warpers = [TemperatureLogitsWarper(temperature)] + ([TopPLogitsWarper(top_p)] if top_p < 1 else [])
+            sampling = dict(greedy, logits_processor=LogitsProcessorList(
+                warpers + [SeededGumbel([seeds[i] for i in idx], plen)]))
+        else:
+            sampling = dict(do_sample=True, temperature=temperature, top_p=top_p) if temperature > 0 else greedy
+        stop = StopAtNextStep(tokenizer, plen) if one_step else StopAtVerdict(tokenizer, plen) if stop_at_verdict \
+            else None
         out = model.generate(**enc, max_new_tokens=max_new_tokens, pad_token_id=tokenizer.pad_token_id,
-                             stopping_criteria=stop, **sampling)
+                             stopping_criteria=[stop] if stop is not None else None, **sampling)
         new = out[:, plen:].tolist()
-        for i, ids in zip(idx, new):
-            ended = next((k for k, t in enumerate(ids) if t in eos_ids), None)
-            kept = ids if ended is None else ids[:ended]
-            kept = [t for t in kept if t != tokenizer.pad_token_id]
+        for row, (i, ids) in enumerate(zip(idx, new)):
+            # what the model generated: up to the token that completed the next step marker or the verdict (the rest
+            # is padding, and pad may be the EOS id), or all of it; an EOS counts only if the model emitted it there
+            stopped = stop.stopped_at[row] if stop is not None and stop.stopped_at else None
+            generated = ids if stopped is None else ids[:stopped + 1]
+            ended = next((k for k, t in enumerate(generated) if t in eos_ids), None)
+            kept = generated if ended is None else generated[:ended]
             text = tokenizer.decode(kept, skip_special_tokens=True)
             results[i] = dict(text=cut_at_next_step(text) if one_step else text.strip(),
                               eos=ended is not None, new_tokens=len(kept) + (ended is not None))
@@ -204,8 +262,8 @@ def judge_pairs(model, tokenizer, template, items, max_new_tokens=512, batch_siz
     return [(parse_verdict(o["text"]), o["text"]) for o in outs]
 
 
-def verdict_fn(args, model, tokenizer, template, rng, progress=None):
-    """The verdicts of common.judge_candidates: the model itself (the method), or a control (--judge)."""
+def verdict_fn(args, model, tokenizer, template, rng=None, progress=None):
+    """The verdicts of common.judge_candidates: the model itself (the method), or a control (--judge) using rng."""
     if args.judge == "random":
         return random_verdicts(rng)
     if args.judge == "oracle":
@@ -231,8 +289,14 @@ def prepare_for_training(model, args):
     elif args.lora or args.load_in_4bit:
         from peft import LoraConfig, get_peft_model
         # paper: full fine-tuning (32 H100s); here LoRA r=16 on every linear layer (fits one 24 GB GPU in 4 bit)
+        targets, layers = "all-linear", None
+        if args.lora_layers:  # only the last N layers (a CPU budget): the backward pass stops below the lowest one
+            num_layers = model.config.num_hidden_layers
+            layers = list(range(num_layers - args.lora_layers, num_layers))
+            targets = sorted({name.split(".")[-1] for name, m in model.named_modules()
+                              if isinstance(m, torch.nn.Linear) and "lm_head" not in name})
         config = LoraConfig(r=args.lora_rank, lora_alpha=args.lora_alpha, lora_dropout=args.lora_dropout,
-                            target_modules="all-linear", task_type="CAUSAL_LM")
+                            target_modules=targets, layers_to_transform=layers, task_type="CAUSAL_LM")
         model = get_peft_model(model, config)
     if args.gradient_checkpointing:
         model.config.use_cache = False
@@ -327,7 +391,7 @@ def train_loop(model, args, groups, micro_loss, total_steps, world, desc, weight
                 loss.backward()
             for key, value in m.items():
                 metrics[key] = metrics.get(key, 0.0) + value
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)  # not stated in the paper: clipping at norm 1.0
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         tokens += metrics.pop("tokens", 0)

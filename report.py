@@ -6,8 +6,8 @@ preference pairs, unparseable verdicts and how often the two judging orders disa
 Reads  runs/<name>/iter<t>/{eval/*.summary.json, eval/judge_eval.jsonl, trees.jsonl, pairs.jsonl(.stats.json)}
        and the EFT test file named in judge_eval.summary.json
 Writes runs/<name>/summary.json  [{model, accuracy, accuracy_se, judge_accuracy, judge_accuracy_se,
-                                   steps_per_solution, pairs, pairs_per_question, unparsed_verdicts,
-                                   order_disagreement, tie_rollbacks, data, pairs_right_over_wrong,
+                                   steps_per_solution, pairs, pairs_per_question, unparsed_verdicts, verdicts_a,
+                                   verdicts_b, order_disagreement, tie_rollbacks, data, pairs_right_over_wrong,
                                    pairs_wrong_over_right (synthetic task: chosen step right and rejected wrong,
                                    and the reverse, by the task's true labels), search_b_share,
                                    search_right_wins, search_wrong_wins, judge_near_accuracy, judge_near_n,
@@ -32,6 +32,8 @@ def pair_label_check(pairs, questions):
     Synthetic task only (labels are known): how often a self-made pair put a right step over a wrong one, and the
     reverse (prepare/synthetic.py: step_is_right). questions: {question_id: text}. {} for other data.
     """
+    if not pairs:  # nothing to check (and no way to tell synthetic questions)
+        return {}
     try:
         checks = [tuple(step_is_right(questions[p["question_id"]], p["step"], p[side]) for side in ("chosen", "rejected"))
                   for p in pairs]
@@ -108,7 +110,8 @@ def collect(run):
                          steps_per_solution=test.get("steps_per_solution"),
                          # the pairs that trained this model were made by the previous one (iteration t)
                          pairs=pairs.get("pairs"), pairs_per_question=pairs.get("pairs_per_question"),
-                         unparsed_verdicts=search.get("unparsed"), order_disagreement=search.get("order_disagreement"),
+                         unparsed_verdicts=search.get("unparsed"), verdicts_a=search.get("verdicts_a"),
+                         verdicts_b=search.get("verdicts_b"), order_disagreement=search.get("order_disagreement"),
                          tie_rollbacks=search.get("tie_rollbacks"), data=test.get("dataset"),
                          **labels, **verdict_check(trees), **gaps,
                          other_datasets={e["dataset"]: e["accuracy"] for e in evals[1:]}))
@@ -149,13 +152,14 @@ def main():
     plot(rows, os.path.join(args.run, "summary.png"))
     # a model's pairs/verdict columns describe the search that trained it (run by the previous model)
     print("| model | accuracy % (± se) | judge accuracy % | steps/solution | pairs trained on | right>wrong / "
-          "wrong>right | unparsed verdicts | order disagreement | tie roll-backs |")
+          "wrong>right | [[A]] / [[B]] / unparsed verdicts | order disagreement | tie roll-backs |")
     print("|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         print(f"| {r['model']} | {fmt(r['accuracy'], True)} ± {fmt(r['accuracy_se'], True)} "
               f"| {fmt(r['judge_accuracy'], True)} | {fmt(r['steps_per_solution'])} | {fmt(r['pairs'])} "
               f"| {fmt(r.get('pairs_right_over_wrong'))} / {fmt(r.get('pairs_wrong_over_right'))} "
-              f"| {fmt(r['unparsed_verdicts'])} | {fmt(r['order_disagreement'])} | {fmt(r['tie_rollbacks'])} |")
+              f"| {fmt(r['verdicts_a'])} / {fmt(r['verdicts_b'])} / {fmt(r['unparsed_verdicts'])} "
+              f"| {fmt(r['order_disagreement'])} | {fmt(r['tie_rollbacks'])} |")
     if any("search_b_share" in r or "judge_near_accuracy" in r for r in rows):
         print("\nsynthetic task, the judge checked against true labels: in the search that trained the model, the "
               "share of [[B]] verdicts and right-vs-wrong wins; on the EFT test, accuracy by result gap")

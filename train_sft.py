@@ -1,12 +1,14 @@
 """
 M0 -> M1 (paper §3.2 "Initialization"): supervised fine-tuning on IFT data (question -> step-by-step solution)
 mixed with EFT data (question + previous steps + two candidate next steps -> explanation + [[A]]/[[B]]), so one
-model both reasons step by step and judges steps. Loss on response tokens only (the prompt is masked).
+model both reasons step by step and judges steps. Loss on response tokens only (the prompt is masked; the paper does
+not say, a choice here).
 
-Reads:
+Reads (every field a string, previous_steps a list of strings; a wrong type stops the run before the model loads):
   --ift  JSONL {question, solution}                                   solution = "Step 1: ...\\nStep 2: ..."
   --eft  JSONL {question, previous_steps, step_a, step_b, judgment}   judgment ends with [[A]] or [[B]]
 Writes --out: a model directory (full weights, or the LoRA adapter under --lora), train_log.jsonl, sft_config.json
+and manifest.json (what made it: model, data and prompts by content, the flags), all renamed into place at once.
 
     python train_sft.py --model runs/default/m0 --ift data/synthetic/ift.jsonl --eft data/synthetic/eft.jsonl \\
         --out runs/default/m1 --prompt-reasoning reasoning_tiny --prompt-judge judge_tiny
@@ -17,15 +19,19 @@ Writes --out: a model directory (full weights, or the LoRA adapter under --lora)
 """
 
 import argparse
-import os
 import random
 import time
 
 import torch
 
-from common import (DataError, add_training_args, chat_prompt, cli, judge_context, load_prompt, read_jsonl,
-                    skip_if_done)
+from common import (DataError, add_training_args, chat_prompt, cli, fraction, is_done, judge_context, load_prompt,
+                    nonnegative_float, output_flags, positive_float, positive_int, prompt_path, read_jsonl,
+                    stage_manifest)
 from modeling import load_for_training, padded_batch, prepare_for_training, save_trained, train_loop
+
+
+IFT_FIELDS = {"question": str, "solution": str}
+EFT_FIELDS = {"question": str, "previous_steps": list[str], "step_a": str, "step_b": str, "judgment": str}
 
 
 def sft_example(tokenizer, prompt_text, response_text, max_len):
@@ -73,34 +79,42 @@ def main():
     parser.add_argument("--out", required=True)
     parser.add_argument("--prompt-reasoning", default="reasoning", help="paper Fig. 4; the tiny default: reasoning_tiny")
     parser.add_argument("--prompt-judge", default="judge", help="paper Fig. 5; the tiny default: judge_tiny")
-    parser.add_argument("--epochs", type=float, default=3, help="paper: 3")
-    parser.add_argument("--lr", type=float, default=1e-6, help="paper: 1e-6 (full fine-tuning of 7B)")
-    parser.add_argument("--weight-decay", type=float, default=0.0)
-    parser.add_argument("--warmup", type=float, default=0.03, help="fraction of steps (not stated in the paper)")
-    parser.add_argument("--batch-size", type=int, default=32, help="examples per process per micro-batch")
-    parser.add_argument("--grad-accum", type=int, default=1, help="paper batch 32 = batch-size x grad-accum x GPUs")
-    parser.add_argument("--max-len", type=int, default=2048)
-    parser.add_argument("--limit", type=int, default=None, help="use only the first N records of each file")
+    parser.add_argument("--epochs", type=positive_float, default=3, help="paper: 3")
+    parser.add_argument("--lr", type=positive_float, default=1e-6, help="paper: 1e-6 (full fine-tuning of 7B)")
+    parser.add_argument("--weight-decay", type=nonnegative_float, default=0.0)
+    parser.add_argument("--warmup", type=fraction, default=0.03, help="fraction of steps (not stated in the paper)")
+    parser.add_argument("--batch-size", type=positive_int, default=32, help="examples per process per micro-batch")
+    parser.add_argument("--grad-accum", type=positive_int, default=1,
+                        help="paper batch 32 = batch-size x grad-accum x GPUs")
+    parser.add_argument("--max-len", type=positive_int, default=2048)
+    parser.add_argument("--limit", type=positive_int, default=None, help="use only the first N records of each file")
+    parser.add_argument("--limit-eft", type=positive_int, default=None, help="the first N EFT records (default: --limit)")
     add_training_args(parser)
     args = parser.parse_args()
-    if skip_if_done(os.path.join(args.out, "sft_config.json"), args.overwrite):
+    inputs = dict(model=args.model, ift=args.ift, eft=args.eft, prompt_reasoning=prompt_path(args.prompt_reasoning),
+                  prompt_judge=prompt_path(args.prompt_judge))
+    manifest = stage_manifest("train_sft", inputs, output_flags(args))
+    if is_done(args.out, manifest, args.overwrite, [args.out.rstrip("/") + ".tmp"]):
         return
+    ift = read_jsonl(args.ift, IFT_FIELDS)[:args.limit]
+    eft = read_jsonl(args.eft, EFT_FIELDS)[:args.limit if args.limit_eft is None else args.limit_eft] if args.eft else []
     rank, world, model, tokenizer = load_for_training(args)
     model = prepare_for_training(model, args)
-    ift = read_jsonl(args.ift, ["question", "solution"])[:args.limit]
-    eft = read_jsonl(args.eft, ["question", "previous_steps", "step_a", "step_b", "judgment"])[:args.limit] \
-        if args.eft else []
     examples = build_examples(tokenizer, ift, eft, load_prompt(args.prompt_reasoning), load_prompt(args.prompt_judge),
                               args.max_len)
+    dropped = len(ift) + len(eft) - len(examples)
     if not examples:
         raise DataError(f"no SFT example left to train on (are --ift/--eft empty, or --max-len {args.max_len} too short?)")
-    # DDP: equal slices, so every process takes the same number of optimizer steps (else the all-reduce hangs)
-    examples = examples[:len(examples) // world * world][rank::world]
+    # DDP: equal slices, so every process takes the same number of optimizer steps (else the all-reduce hangs). Fewer
+    # examples than processes: each process takes them all (an empty slice would have no batch to train on)
+    if len(examples) >= world:
+        examples = examples[:len(examples) // world * world][rank::world]
     rng = random.Random(args.seed)
     steps_per_epoch = len(batches(examples, args.batch_size, rng)) // args.grad_accum
     total_steps = max(1, int(steps_per_epoch * args.epochs))
     if rank == 0:
-        print(f"{len(ift)} IFT + {len(eft)} EFT examples, {total_steps} optimizer steps, "
+        print(f"{len(ift)} IFT + {len(eft)} EFT records, {dropped} dropped (prompt alone >= --max-len "
+              f"{args.max_len}), {total_steps} optimizer steps, "
               f"{sum(p.numel() for p in model.parameters() if p.requires_grad) / 1e6:.2f}M trainable parameters")
 
     def groups():  # grad_accum micro-batches per optimizer step, reshuffled every epoch
@@ -123,7 +137,7 @@ def main():
     t0 = time.time()
     log = train_loop(model, args, groups(), micro_loss, total_steps, world, "sft", args.weight_decay)
     if rank == 0:
-        save_trained(model, tokenizer, args.out, log, args, "sft_config.json")
+        save_trained(model, tokenizer, args.out, log, args, "sft_config.json", manifest)
         print(f"trained {len(log)} steps in {time.time() - t0:.0f}s, final loss {log[-1]['loss']:.4f}")
     if world > 1:
         torch.distributed.barrier()

@@ -14,12 +14,17 @@ Not stated by the paper, chosen here (flags):
   --beta 0.1       Step-DPO (Lai et al. 2024) used 0.05-0.5; 0.1 is the DPO paper's common default.
   --nll-weight 0    off (the paper's plain DPO). α > 0 adds α · chosen_nll (per token) to each pair's loss, the
                    Iterative RPO fix for reasoning DPO; measured on the tiny default: see README.
-  --final-step-eos a step that ended the solution is scored with the EOS the model produced after it, so DPO also
-                   teaches when to stop; an intermediate step is scored with its trailing newline (the model
-                   produced "\\n" before the next "Step"), never with EOS (as in Step-DPO).
+  --no-final-step-eos  by default a step after which the model emitted EOS is scored with that EOS, so DPO also
+                   teaches when to stop; every other step -- an intermediate one, or one with \\boxed{} that was cut
+                   at the next "Step" marker or at the token limit -- is scored with its trailing newline (how it
+                   reads in the next step's prefix), never with an EOS the model did not produce (as in Step-DPO).
 
-Reads  --pairs JSONL {id, prompt, prefix, chosen, rejected, chosen_final, rejected_final}  (make_pairs.py)
-Writes --out   a model directory (full weights, or the LoRA adapter), train_log.jsonl, ref_logps.jsonl, config
+Reads  --pairs JSONL {id, prompt, prefix, chosen, rejected, chosen_eos, rejected_eos, ...}  (make_pairs.py; ids
+       unique, texts strings, *_eos booleans)
+Writes --out   a model directory (full weights, or the LoRA adapter), train_log.jsonl, dpo_config.json and
+               manifest.json (what made it), renamed into place at once; next to it <out>.ref_logps.jsonl, π_ref's
+               log-probs {id, ref_chosen, ref_rejected}, with their own manifest: reused by a resumed run only if
+               made from the same model, pairs and tokenization.
 
     python train_step_dpo.py --model runs/default/m1 --pairs runs/default/iter1/pairs.jsonl \\
         --out runs/default/m2 --lr 1e-5 --beta 0.1
@@ -36,10 +41,12 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from common import PartialJSONL, add_training_args, chat_prompt, cli, read_jsonl, skip_if_done
+from common import (PartialJSONL, add_training_args, chat_prompt, cli, fraction, is_done, nonnegative_float,
+                    output_flags, positive_float, positive_int, read_jsonl, stage_manifest, write_manifest)
 from modeling import load_for_training, padded_batch, prepare_for_training, save_trained, train_loop
 
-PAIR_FIELDS = ["id", "prompt", "prefix", "chosen", "rejected", "chosen_final", "rejected_final"]
+PAIR_FIELDS = {"id": (str, int), "prompt": str, "prefix": str, "chosen": str, "rejected": str, "chosen_eos": bool,
+               "rejected_eos": bool}
 
 
 def sequence_logps(logits, labels, loss_mask):
@@ -72,18 +79,19 @@ def chosen_nll(policy_chosen_logps, chosen_lengths):
 
 def tokenize_pair(tokenizer, pair, final_step_eos):
     """
-    prefix_ids = tok(chat(prompt) + prefix); step_ids = tok(step + "\\n") or tok(step) + [eos] for a final step.
+    prefix_ids = tok(chat(prompt) + prefix); step_ids = tok(step) + [eos] if the model emitted EOS after the step
+    (pair["chosen_eos"] / ["rejected_eos"]), else tok(step + "\\n").
     The boundary is "\\n" | "Step", where byte-level BPE pre-tokenizers split anyway, so
     tok(prefix + step) == tok(prefix) + tok(step) (checked in tests, also with a real BPE tokenizer).
     """
     prefix_ids = tokenizer(chat_prompt(tokenizer, pair["prompt"]) + pair["prefix"], add_special_tokens=False)["input_ids"]
 
-    def step_ids(text, final):
-        if final and final_step_eos:
+    def step_ids(text, emitted_eos):
+        if emitted_eos and final_step_eos:
             return tokenizer(text, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
         return tokenizer(text + "\n", add_special_tokens=False)["input_ids"]
 
-    return prefix_ids, step_ids(pair["chosen"], pair["chosen_final"]), step_ids(pair["rejected"], pair["rejected_final"])
+    return prefix_ids, step_ids(pair["chosen"], pair["chosen_eos"]), step_ids(pair["rejected"], pair["rejected_eos"])
 
 
 def step_logps(model, prefixes, steps, pad_id):
@@ -102,12 +110,16 @@ def step_logps(model, prefixes, steps, pad_id):
 
 
 @torch.no_grad()
-def reference_logps(model, examples, pad_id, batch_size, out_path):
-    """π_ref = M_t: one no-grad pass over all pairs before any update; stored (and resumable) next to the model."""
-    if os.path.exists(out_path):
-        return {r["id"]: r for r in read_jsonl(out_path, ["id", "ref_chosen", "ref_rejected"])}
+def reference_logps(model, examples, pad_id, batch_size, out_path, manifest):
+    """
+    π_ref = M_t: one no-grad pass over all pairs before any update; stored (and resumable) next to the model, and
+    reused only if made by this manifest: log-probs of other pairs or another model stop the run (common.is_done).
+    """
+    if is_done(out_path, manifest, overwrite=False):
+        return {r["id"]: r for r in read_jsonl(out_path, {"id": (str, int), "ref_chosen": float,
+                                                          "ref_rejected": float})}
     model.eval()
-    store = PartialJSONL(out_path)
+    store = PartialJSONL(out_path, manifest)
     todo = [e for e in examples if e["id"] not in store.done]
     for b in tqdm(range(0, len(todo), batch_size), desc="reference log-probs", disable=not todo):
         batch = todo[b:b + batch_size]
@@ -117,6 +129,7 @@ def reference_logps(model, examples, pad_id, batch_size, out_path):
         store.add([dict(id=e["id"], ref_chosen=logps[k].item(), ref_rejected=logps[n + k].item())
                    for k, e in enumerate(batch)])
     store.finish([e["id"] for e in examples])
+    write_manifest(out_path, manifest)
     model.train()
     return store.done
 
@@ -125,22 +138,35 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--pairs", required=True)
     parser.add_argument("--out", required=True)
-    parser.add_argument("--beta", type=float, default=0.1, help="not stated in the paper; Step-DPO used 0.05-0.5")
-    parser.add_argument("--lr", type=float, default=5e-7, help="paper: 5e-7 (full fine-tuning of 7B)")
-    parser.add_argument("--epochs", type=float, default=1, help="paper: 1")
-    parser.add_argument("--batch-size", type=int, default=8, help="pairs per process per micro-batch")
-    parser.add_argument("--grad-accum", type=int, default=4, help="paper batch 32 = batch-size x grad-accum x GPUs")
-    parser.add_argument("--warmup", type=float, default=0.1, help="fraction of steps (not stated in the paper)")
-    parser.add_argument("--nll-weight", type=float, default=0.0,
+    parser.add_argument("--beta", type=positive_float, default=0.1,
+                        help="not stated in the paper; Step-DPO used 0.05-0.5")
+    parser.add_argument("--lr", type=positive_float, default=5e-7, help="paper: 5e-7 (full fine-tuning of 7B)")
+    parser.add_argument("--epochs", type=positive_float, default=1, help="paper: 1")
+    parser.add_argument("--batch-size", type=positive_int, default=8, help="pairs per process per micro-batch")
+    parser.add_argument("--grad-accum", type=positive_int, default=4,
+                        help="paper batch 32 = batch-size x grad-accum x GPUs")
+    parser.add_argument("--warmup", type=fraction, default=0.1, help="fraction of steps (not stated in the paper)")
+    parser.add_argument("--nll-weight", type=nonnegative_float, default=0.0,
                         help="α of an added per-token NLL of the chosen step (deviation; 0 = the paper's DPO)")
-    parser.add_argument("--no-final-step-eos", action="store_true", help="score a final step without its EOS")
-    parser.add_argument("--max-len", type=int, default=2048, help="pairs whose prefix + step is longer are dropped")
+    parser.add_argument("--no-final-step-eos", action="store_true",
+                        help="score a step without the EOS the model emitted after it")
+    parser.add_argument("--max-len", type=positive_int, default=2048,
+                        help="pairs whose prefix + step is longer are dropped")
     add_training_args(parser)
     args = parser.parse_args()
-    if skip_if_done(os.path.join(args.out, "dpo_config.json"), args.overwrite):
+    inputs = dict(model=args.model, pairs=args.pairs)
+    manifest = stage_manifest("train_step_dpo", inputs, output_flags(args))
+    # π_ref's log-probs depend on the model, the pairs, their tokenization and this rank's slice of them
+    rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+    ref_path = f"{args.out.rstrip('/')}.ref_logps{'' if world == 1 else f'.rank{rank}'}.jsonl"
+    ref_manifest = stage_manifest("train_step_dpo reference", inputs, dict(
+        no_final_step_eos=args.no_final_step_eos, max_len=args.max_len, load_in_4bit=args.load_in_4bit,
+        attn=args.attn, world_size=world))
+    if is_done(args.out, manifest, args.overwrite, [args.out.rstrip("/") + ".tmp", ref_path, ref_path + ".partial",
+                                                   ref_path + ".manifest.json"]):
         return
+    pairs = read_jsonl(args.pairs, PAIR_FIELDS, unique="id")
     rank, world, model, tokenizer = load_for_training(args)
-    pairs = read_jsonl(args.pairs, PAIR_FIELDS)
     examples = []
     for p in pairs:
         prefix_ids, chosen_ids, rejected_ids = tokenize_pair(tokenizer, p, not args.no_final_step_eos)
@@ -151,16 +177,14 @@ def main():
     if not examples:  # every step tied or had one distinct candidate: there is nothing to prefer
         print(f"WARNING: {args.pairs} holds no preference pair: M_t+1 = M_t, saved unchanged")
         if rank == 0:
-            save_trained(model, tokenizer, args.out, [], args, "dpo_config.json")
+            save_trained(model, tokenizer, args.out, [], args, "dpo_config.json", manifest)
         return
-    # DDP: equal slices, so every process takes the same number of optimizer steps (else the all-reduce hangs)
-    examples = examples[:len(examples) // world * world][rank::world]
-    ref_path = f"{args.out.rstrip('/')}.ref_logps{'' if world == 1 else f'.rank{rank}'}.jsonl"
-    if args.overwrite:  # new pairs may reuse old ids: never train against a stale reference
-        for stale in (ref_path, ref_path + ".partial"):
-            if os.path.exists(stale):
-                os.remove(stale)
-    ref = reference_logps(model, examples, tokenizer.pad_token_id, args.batch_size, ref_path)
+    # DDP: equal slices, so every process takes the same number of optimizer steps (else the all-reduce hangs). Fewer
+    # pairs than processes: each process takes them all (DDP's mean of equal gradients is the one-process gradient);
+    # an empty slice would have no batch to train on.
+    if len(examples) >= world:
+        examples = examples[:len(examples) // world * world][rank::world]
+    ref = reference_logps(model, examples, tokenizer.pad_token_id, args.batch_size, ref_path, ref_manifest)
     model = prepare_for_training(model, args)
     rng = random.Random(args.seed)
     micro_batches = [examples[b:b + args.batch_size] for b in range(0, len(examples), args.batch_size)]
@@ -194,7 +218,7 @@ def main():
     t0 = time.time()
     log = train_loop(model, args, groups(), micro_loss, total_steps, world, "step-dpo")
     if rank == 0:
-        save_trained(model, tokenizer, args.out, log, args, "dpo_config.json")
+        save_trained(model, tokenizer, args.out, log, args, "dpo_config.json", manifest)
         print(f"{len(log)} steps in {time.time() - t0:.0f}s; last: " + json.dumps(log[-1]))
     if world > 1:
         torch.distributed.barrier()

@@ -17,9 +17,12 @@ What is kept the same, and how:
 - text and new_tokens: decoded from the generated token ids exactly as modeling.generate decodes them (special
   tokens dropped; one step: cut at the next marker; else stripped); new_tokens counts the generated tokens up to
   the one that stopped generation, its EOS included, as HF counts them;
-- sampling: temperature and top_p as given, top_k and repetition_penalty as HF generate takes them from the model's
-  generation_config.json (HF's default top_k is 50 when sampling: vLLM's is off), and one seed per request. Sampled
-  texts are draws from the same distribution, not the same draws: the two engines' random streams differ.
+- sampling: temperature and top_p as given and repetition_penalty as HF generate takes it from the model's
+  generation_config.json; top_k as modeling.generate samples: off with per-prompt seeds (its SeededGumbel path, the
+  one the stages take), else the generation config's (HF's default 50 when sampling; vLLM's default is off). One
+  seed per request: the prompt's seed (generate.py's candidate_seed: question, round, candidate), so a candidate
+  does not depend on its chunk or shard here either. Sampled texts are draws from the same distribution, not the
+  same draws: the two engines' random streams differ.
 Greedy texts agree as far as two implementations' float sums do: a near-tie between two tokens can go either way.
 
 LoRA / QLoRA (M_t is an adapter naming its base): vLLM serves the base with the adapter applied at run time
@@ -173,11 +176,13 @@ def generate(model, tokenizer, prompts, max_new_tokens, temperature=0.0, top_p=1
              one_step=False, progress=None, seeds=None, stop_at_verdict=False):
     """
     modeling.generate through vLLM: the same arguments and the same [{text, eos, new_tokens}], one per prompt.
-    seeds: one sampling seed per prompt (each of a question's w repeated prompts needs its own); None draws them from
-    torch's random state, which generate.py seeds per chunk. batch_size is not used: vLLM schedules the sequences
-    (at most max_num_seqs at once) and all prompts are submitted together.
+    seeds: one sampling seed per prompt (each of a question's w repeated prompts needs its own), used as its
+    request's seed; None draws them from torch's random state and samples with the model's top_k, as HF's do_sample
+    path does. batch_size is not used: vLLM schedules the sequences (at most max_num_seqs at once) and all prompts
+    are submitted together.
     """
     from vllm import SamplingParams
+    top_k = 0 if seeds is not None else model.top_k  # 0: off, as modeling.SeededGumbel samples
     if temperature > 0 and seeds is None:
         seeds = torch.randint(2 ** 31 - 1, (len(prompts),)).tolist()
     stop = [NEXT_STEP] if one_step else VERDICT_STOPS if stop_at_verdict else None
@@ -190,7 +195,7 @@ def generate(model, tokenizer, prompts, max_new_tokens, temperature=0.0, top_p=1
             sampling = dict(temperature=0.0)
             if temperature > 0:  # a continued request gets a seed of its own, derived from the prompt's
                 seed = random.Random(seeds[i]).randrange(2 ** 31) if generated[i] else seeds[i]
-                sampling = dict(temperature=temperature, top_p=top_p, top_k=model.top_k, seed=seed)
+                sampling = dict(temperature=temperature, top_p=top_p, top_k=top_k, seed=seed)
             # vLLM detokenizes only for its stop strings: the texts are decoded below from the token ids
             params.append(SamplingParams(max_tokens=max_new_tokens - len(generated[i]), stop=stop,
                                          detokenize=stop is not None, repetition_penalty=model.repetition_penalty,

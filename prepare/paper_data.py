@@ -51,12 +51,17 @@ Writes
   --out-ift  {id, source, question, solution: "Step 1: ...\\nStep 2: ...", answer}   answer: final answer or null
   --out-eft  {id, source, question, previous_steps: ["Step 1: ..."], step_a: "Step k: ...", step_b: "Step k: ...",
               label: "A"|"B", judgment: "... [[A]]"}
-  and the resolved flags next to each, as <out>.config.json.
+  in a random order fixed by --seed (so that any first N records mix sources and problems), the resolved flags next
+  to each (<out>.config.json) and, written last, what made it (<out>.manifest.json: inputs by content, flags; a rerun
+  skips an output only when they match).
 
   python -m prepare.paper_data --math data/math/train.jsonl --gsm8k data/gsm8k/train.jsonl \\
       --prm800k data/prm800k/phase1_test_stepwise_critique.jsonl \\
       --out-ift data/sft/ift.jsonl --out-eft data/sft/eft.jsonl
-The paper preset's whole data set (iteration questions, IFT, EFT and its held-out test split) in one command:
+The paper preset's whole data set (iteration questions, IFT, EFT and its held-out test split) in one command, from
+the hub (each set by name through datasets.load_dataset, copied to data/real/hub/ first) or from a local folder of
+the same JSONL files:
+  python -m prepare.paper_data --source hub --out-dir data/real
   python -m prepare.paper_data --source DIR --out-dir data/real
 """
 
@@ -68,8 +73,9 @@ import random
 import re
 import statistics
 
-from common import (VERDICT, DataError, chat_prompt, cli, join_steps, judge_context, last_boxed, load_prompt,
-                    read_jsonl, save_config, skip_if_done, split_steps, write_jsonl)
+from common import (VERDICT, DataError, chat_prompt, cli, is_done, join_steps, judge_context, last_boxed, load_prompt,
+                    output_flags, prompt_path, read_jsonl, save_config, split_steps, stage_manifest, write_jsonl,
+                    write_manifest)
 from modeling import generate, judge_pairs, load_model
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -497,20 +503,111 @@ def report_overlap(records, test_problems, test_path, what, exclude):
 
 
 # ----------------------------------------------------------------------------------------------------------------
+# every input of the paper preset, by hub name (datasets.load_dataset), mapped to the native JSONL records the code
+# reads (evaluate.normalize, the IFT/EFT builders above). `--source hub` downloads them into <out-dir>/hub/ in the
+# layout of a local folder of copies; `--source DIR` reads such a folder as is. Everything after reads local files.
+
+
+def load_hub(name, config=None, split="train", **kwargs):
+    """datasets.load_dataset(name, config, split=...) as a list of dicts; a DataError if it cannot be read."""
+    try:
+        import datasets
+        return [dict(r) for r in datasets.load_dataset(name, config, split=split, **kwargs)]
+    except Exception as e:  # no network, no hub, no `datasets`, a renamed set: all end here
+        raise DataError(f"cannot load {name}{'/' + config if config else ''} ({split}) from the hub "
+                        f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}); run where the hub is "
+                        f"reachable, or pass --source DIR with local JSONL copies (layout: prepare/paper_data.py)") \
+            from None
+
+
+def native(record, drop=()):
+    """A hub record as the JSONL line the code reads: its fields as they are, minus those that are None (Arrow
+    gives a field that only some rows have to every row, as None) and those in drop."""
+    return {k: v for k, v in record.items() if v is not None and k not in drop}
+
+
+MATH_SUBJECTS = ["algebra", "counting_and_probability", "geometry", "intermediate_algebra", "number_theory",
+                 "prealgebra", "precalculus"]
+OLYMPIAD_IMAGES = [f"image_{k}" for k in range(1, 6)]
+
+# local path -> the set downloaded and its records mapped. Hub names, configs, splits and fields: the dataset cards.
+HUB_SETS = {
+    # GSM8K (Cobbe et al. 2021): config "main", splits train/test, {question, answer ending "#### N"}
+    "gsm8k/train.jsonl": lambda: [native(r) for r in load_hub("openai/gsm8k", "main", "train")],
+    "gsm8k/test.jsonl": lambda: [native(r) for r in load_hub("openai/gsm8k", "main", "test")],
+    # MATH (Hendrycks et al. 2021), 7,500 train / 5,000 test: one config per subject, {problem, level, type, solution}
+    "math/train.jsonl": lambda: [native(r) for subject in MATH_SUBJECTS
+                                 for r in load_hub("EleutherAI/hendrycks_math", subject, "train")],
+    "math/test.jsonl": lambda: [native(r) for subject in MATH_SUBJECTS
+                                for r in load_hub("EleutherAI/hendrycks_math", subject, "test")],
+    # MATH-500 (PRM800K's 500-problem test split): {problem, solution, answer, subject, level, unique_id}
+    "math500/test.jsonl": lambda: [native(r) for r in load_hub("HuggingFaceH4/MATH-500", None, "test")],
+    # Gaokao2023En, the source of Qwen2.5-Math's gaokao2023en (MARIO, Liao et al. 2024): {question, answer, ...}
+    "gaokao2023en/test.jsonl": lambda: [native(r) for r in load_hub("MARIO-Math-Reasoning/Gaokao2023-Math-En")],
+    # OlympiadBench (He et al. 2024), open-ended text-only English competition maths: {id, question, context,
+    # final_answer: [str], solution: [str], ...}; its image columns are empty in this text-only subset
+    "olympiadbench/test.jsonl": lambda: [native(r, drop=OLYMPIAD_IMAGES)
+                                         for r in load_hub("Hothan/OlympiadBench", "OE_TO_maths_en_COMP")],
+    # AIME 2024 I and II, 30 problems: {id, problem, solution, answer, url, year}
+    "aime24/test.jsonl": lambda: [native(r) for r in load_hub("HuggingFaceH4/aime_2024")],
+    # AMC 2023: the 40 AMC 12 2023 problems of AI-MO's 83 (2022-2023), {id, problem, answer (a float), url}
+    "amc23/test.jsonl": lambda: [native(r) for r in load_hub("AI-MO/aimo-validation-amc")
+                                 if "2023_AMC" in r["url"]],
+    # PRM800K (Lightman et al. 2023) phase-1 test ratings, one row per rated step, as converted by
+    # scottlogic-alex/prm800k-denorm: {instruction, responses, next_response, answer, is_human_response,
+    # is_solution, is_preferred_response, rating} (rating and answer may be null: kept)
+    "prm800k/phase1_test_stepwise_critique.jsonl": lambda: load_hub(
+        "Birchlabs/openai-prm800k-stepwise-critic", None, "test",
+        data_files={"test": "data/phase1_test.stepwise-critic.parquet"}),
+}
+
+
+def fetch_hub(folder):
+    """Download every set of HUB_SETS into folder/<path>; a file already there is kept (a rerun downloads nothing)."""
+    for path, fetch in HUB_SETS.items():
+        out = os.path.join(folder, path)
+        if os.path.exists(out):
+            continue
+        records = fetch()
+        write_jsonl(out, records)
+        print(f"hub -> {out}: {len(records)} records")
+
+
+def check_source(folder):
+    """A local folder of copies must hold every file of HUB_SETS (its layout); a clear error names those missing."""
+    missing = [p for p in HUB_SETS if not os.path.exists(os.path.join(folder, p))]
+    if missing:
+        raise DataError(f"--source {folder}: missing {', '.join(missing)} (the layout of --source hub's copies; "
+                        f"or pass --source hub to download them)")
+
+
+# ----------------------------------------------------------------------------------------------------------------
 # the paper preset's data set in one command (presets/paper.sh)
 
 
-def hold_out_questions(math_train, out_dir, counts=(400, 800, 1200)):
-    """
-    Iteration questions (paper: 400/800/1200 NuminaMath questions, not reachable offline): a fixed draw of MATH train
-    problems over all subjects and levels, without answers (the loop uses none). Returns the rest, for IFT.
-    """
-    rows = read_jsonl(math_train, ["problem", "unique_id"])
+def content_id(source, text):
+    """An id made from the text itself: the same whichever copy (hub or local file) the record came from."""
+    return f"{source}:{hashlib.sha1(text.encode()).hexdigest()[:16]}"
+
+
+def canonical_order(rows, text_field):
+    """The rows sorted by their text, then shuffled with seed 0: a fixed order that depends on the records' content
+    only, never on how a copy orders them (the hub's MATH comes one subject config at a time)."""
+    rows = sorted(rows, key=lambda r: r[text_field])
     random.Random(0).shuffle(rows)
+    return rows
+
+
+def hold_out_questions(rows, text_field, source, counts, out_dir):
+    """
+    Iteration questions (paper: 400/800/1200 NuminaMath questions): the first of the canonically ordered training
+    problems, without answers (the loop uses none), written as questions1..3.jsonl {id, question}. Returns the rest,
+    which go to IFT (a question the loop searches is never an SFT example).
+    """
     start = 0
     for t, n in enumerate(counts, 1):
         write_jsonl(os.path.join(out_dir, f"questions{t}.jsonl"),
-                    [dict(id=r["unique_id"], question=r["problem"]) for r in rows[start:start + n]])
+                    [dict(id=content_id(source, r[text_field]), question=r[text_field]) for r in rows[start:start + n]])
         start += n
     return rows[start:]
 
@@ -527,18 +624,36 @@ def split_eft_by_problem(eft, every=5):
 def build_paper_set(args):
     """
     paper: IFT = 28,889 NuminaMath-CoT solutions split into steps by o1; EFT = 4,167 PRM-found step pairs judged by
-    o1; iterations: 400/800/1200 NuminaMath questions. Here: iteration questions are 2,400 MATH train problems held
-    out of IFT; IFT = the other 5,100 MATH train + 7,473 GSM8K train solutions, split into steps by rules; EFT =
-    PRM800K's +1/-1 rated steps at a shared prefix, template judgments. eft_test.jsonl is written last: its presence
-    means the whole set is there.
+    o1; iterations: 400/800/1200 NuminaMath questions. Here (defaults): iteration questions are 2,400 MATH train
+    problems held out of IFT (--question-source gsm8k: GSM8K train ones); IFT = the other 5,100 MATH train + 7,473
+    GSM8K train solutions, split into steps by rules; EFT = PRM800K's +1/-1 rated steps at a shared prefix, template
+    judgments. The build reads only the records' content, so the hub's copies and local ones give the same files.
+    eft_test.jsonl is written last: its presence means the whole set is there.
     """
-    out, src = args.out_dir, args.source
-    if skip_if_done(os.path.join(out, "eft_test.jsonl"), args.overwrite):
+    out = args.out_dir
+    if args.source == "hub":
+        src = os.path.join(out, "hub")
+        fetch_hub(src)  # a file already there is kept: a rerun downloads nothing
+    else:
+        src = args.source
+        check_source(src)
+    sources = {name: os.path.join(src, *path) for name, path in [
+        ("math", ["math", "train.jsonl"]), ("gsm8k", ["gsm8k", "train.jsonl"]), ("test_set", ["math", "test.jsonl"]),
+        ("prm800k", ["prm800k", "phase1_test_stepwise_critique.jsonl"])]}
+    manifest = stage_manifest("paper_data", sources, output_flags(args, *NOT_OUTPUT))
+    if is_done(os.path.join(out, "eft_test.jsonl"), manifest, args.overwrite):
         return
-    rest = hold_out_questions(os.path.join(src, "math", "train.jsonl"), out)
-    args.math = os.path.join(out, "math_train_ift.jsonl")
-    write_jsonl(args.math, rest)
-    args.gsm8k = os.path.join(src, "gsm8k", "train.jsonl")
+    math_train = read_jsonl(os.path.join(src, "math", "train.jsonl"), ["problem", "solution"])
+    gsm8k_train = read_jsonl(os.path.join(src, "gsm8k", "train.jsonl"), ["question", "answer"])
+    math_rows = canonical_order([dict(problem=r["problem"], solution=r["solution"]) for r in math_train], "problem")
+    gsm8k_rows = canonical_order([dict(question=r["question"], answer=r["answer"]) for r in gsm8k_train], "question")
+    if args.question_source == "math":
+        math_rows = hold_out_questions(math_rows, "problem", "math", args.num_questions, out)
+    else:
+        gsm8k_rows = hold_out_questions(gsm8k_rows, "question", "gsm8k", args.num_questions, out)
+    args.math, args.gsm8k = os.path.join(out, "math_train_ift.jsonl"), os.path.join(out, "gsm8k_train_ift.jsonl")
+    write_jsonl(args.math, math_rows)
+    write_jsonl(args.gsm8k, gsm8k_rows)
     args.prm800k = os.path.join(src, "prm800k", "phase1_test_stepwise_critique.jsonl")
     args.test_set = os.path.join(src, "math", "test.jsonl")
     args.out_ift, args.out_eft = os.path.join(out, "ift.jsonl"), os.path.join(out, "eft_all.jsonl")
@@ -546,25 +661,40 @@ def build_paper_set(args):
     train, test = split_eft_by_problem(read_jsonl(args.out_eft))
     write_jsonl(os.path.join(out, "eft.jsonl"), train)
     write_jsonl(os.path.join(out, "eft_test.jsonl"), test)
+    write_manifest(os.path.join(out, "eft_test.jsonl"), manifest)
     print(f"EFT: {len(train)} pairs for SFT, {len(test)} held out on "
           f"{len({r['question'] for r in test})} problems")
+
+
+NOT_OUTPUT = ("batch_size", "source", "out_ift", "out_eft")  # flags that do not change what a builder writes
 
 
 def build_ift_and_eft(args):
     test_problems = problem_set(args.test_set) if os.path.exists(args.test_set) else None
     if test_problems is None:
         print(f"!!! WARNING: --test-set {args.test_set} not found: overlap with the test set is NOT checked")
+    test_set = args.test_set if test_problems is not None else None
+    model = args.splitter == "model"
+    ift_manifest = stage_manifest("paper_data ift", dict(
+        math=args.math, gsm8k=args.gsm8k, test_set=test_set, splitter_model=args.splitter_model if model else None,
+        segment_prompt=prompt_path(args.segment_prompt) if model else None), output_flags(args, *NOT_OUTPUT))
+    eft_manifest = stage_manifest("paper_data eft", dict(
+        prm800k=args.prm800k, test_set=test_set, explainer_model=args.explainer_model,
+        judge_prompt=prompt_path(args.judge_prompt) if args.explainer_model else None),
+        output_flags(args, *NOT_OUTPUT))
 
-    if args.out_ift and not skip_if_done(args.out_ift, args.overwrite):
+    if args.out_ift and not is_done(args.out_ift, ift_manifest, args.overwrite, [args.out_ift + ".config.json"]):
         model, tokenizer = load_model(args.splitter_model) if args.splitter == "model" else (None, None)
         records, _ = make_ift(ift_items(args), args, model, tokenizer)
         if test_problems is not None:
             records = report_overlap(records, test_problems, args.test_set, "IFT", args.exclude_test_problems)
+        random.Random(args.seed).shuffle(records)  # any first N (train_sft.py --limit) mixes the sources
         write_jsonl(args.out_ift, records)
         save_config(args, args.out_ift + ".config.json")
+        write_manifest(args.out_ift, ift_manifest)
         print(f"wrote {len(records)} IFT records to {args.out_ift}")
 
-    if args.out_eft and not skip_if_done(args.out_eft, args.overwrite):
+    if args.out_eft and not is_done(args.out_eft, eft_manifest, args.overwrite, [args.out_eft + ".config.json"]):
         print("!!! WARNING: the PRM800K phase1_test sample's problems are MATH-500 TEST problems; EFT pairs from it "
               "put test problems into M1's training data (see the overlap count below).")
         rows = read_jsonl(args.prm800k, ["instruction", "responses", "next_response", "rating"])[:args.limit]
@@ -577,9 +707,21 @@ def build_ift_and_eft(args):
         records, _ = make_eft(rows, args, model, tokenizer)
         if test_problems is not None:
             records = report_overlap(records, test_problems, args.test_set, "EFT", args.exclude_test_problems)
+        random.Random(args.seed).shuffle(records)  # any first N mixes the problems
         write_jsonl(args.out_eft, records)
         save_config(args, args.out_eft + ".config.json")
+        write_manifest(args.out_eft, eft_manifest)
         print(f"wrote {len(records)} EFT records to {args.out_eft}")
+
+
+def int_list(text):
+    try:
+        values = [int(v) for v in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected comma-separated integers, e.g. 400,800,1200") from None
+    if any(v < 0 for v in values):
+        raise argparse.ArgumentTypeError(f"{text!r}: counts must be >= 0")
+    return values
 
 
 def main():
@@ -612,9 +754,14 @@ def main():
     p.add_argument("--exclude-test-problems", action="store_true", help="drop records whose problem is in --test-set")
     p.add_argument("--seed", type=int, default=0, help="A/B positions and per-prefix sampling")
     p.add_argument("--overwrite", action="store_true")
-    p.add_argument("--source", help="with --out-dir: a folder of benchmark copies (math/, gsm8k/, prm800k/ JSONL)")
+    p.add_argument("--source", help="with --out-dir: hub (download every set, HUB_SETS) or a folder of local JSONL "
+                   "copies in the same layout (gsm8k/, math/, math500/, ..., prm800k/)")
     p.add_argument("--out-dir", help="build the paper preset's whole data set here (questions1..3, ift, eft, "
                    "eft_test) from --source; the other input and output flags are then set from these two")
+    p.add_argument("--question-source", choices=["math", "gsm8k"], default="math",
+                   help="with --out-dir: the training set the iteration questions are drawn from (and held out of IFT)")
+    p.add_argument("--num-questions", type=int_list, default=[400, 800, 1200],
+                   help="with --out-dir: questions per iteration, comma-separated (paper: 400,800,1200)")
     args = p.parse_args()
     if args.out_dir:
         if not args.source:

@@ -11,6 +11,7 @@ Writes, into --out-dir, from disjoint seeds (a problem never appears in two file
                                                                      never reads `answer` (kept for analysis only)
   dev.jsonl, test.jsonl  {id, question, answer}                     tuning split and held-out test (>= 1,000)
   eft_dev.jsonl, eft_test.jsonl                                      held-out judge pairs (>= 500)
+  config.json, then config.json.manifest.json (last: the flags that made the set; a rerun skips only if they match)
 
 Corruptions (the errors a judge must catch): wrong arithmetic (result off), wrong operand (a number from
 elsewhere in the problem), wrong operation (+ instead of -, ...). The judgment checks each step against the
@@ -26,7 +27,7 @@ import os
 import random
 import re
 
-from common import cli, save_config, skip_if_done, write_jsonl
+from common import cli, is_done, output_flags, positive_int, save_config, stage_manifest, write_jsonl, write_manifest
 
 NAMES = ["Tom", "Ann", "Ben", "Mia", "Sam", "Lily", "Max", "Eva", "Leo", "Zoe", "Dan", "Ivy"]
 ITEMS = ["apples", "pens", "cards", "coins", "books", "eggs", "shells", "stamps", "cookies", "marbles"]
@@ -213,26 +214,27 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out-dir", default="data/synthetic")
     parser.add_argument("--seed", type=int, default=1234)
-    parser.add_argument("--num-ift", type=int, default=20000)
-    parser.add_argument("--num-eft", type=int, default=10000)
+    parser.add_argument("--num-ift", type=positive_int, default=20000)
+    parser.add_argument("--num-eft", type=positive_int, default=10000)
     parser.add_argument("--num-questions", default="400,800,1200", help="per iteration (paper: 400, 800, 1200)")
-    parser.add_argument("--num-dev", type=int, default=500)
-    parser.add_argument("--num-test", type=int, default=1000)
-    parser.add_argument("--num-eft-test", type=int, default=500)
+    parser.add_argument("--num-dev", type=positive_int, default=500)
+    parser.add_argument("--num-test", type=positive_int, default=1000)
+    parser.add_argument("--num-eft-test", type=positive_int, default=500)
     # difficulty knobs, tuned on the dev split so a ~1M-parameter model lands at 35-75% after ~5.5 minutes of SFT
     # on 2 cores (numbers <= 99 with * and / left it at 3-12%: see README)
-    parser.add_argument("--max-start", type=int, default=12)
-    parser.add_argument("--max-operand", type=int, default=9)
-    parser.add_argument("--max-value", type=int, default=20)
-    parser.add_argument("--min-steps", type=int, default=2)
-    parser.add_argument("--max-steps", type=int, default=4)
+    parser.add_argument("--max-start", type=positive_int, default=12)
+    parser.add_argument("--max-operand", type=positive_int, default=9)
+    parser.add_argument("--max-value", type=positive_int, default=20)
+    parser.add_argument("--min-steps", type=positive_int, default=2)
+    parser.add_argument("--max-steps", type=positive_int, default=4)
     parser.add_argument("--ops", default="+-", help="any of +-*/")
     parser.add_argument("--judgment-check", default="vs", choices=["vs", "diff", "inverse"],
                         help='EFT target: "20 vs 14, wrong", "20 vs 14, off by 6, wrong" or "20 + 3 = 23 vs 17, '
                              'off by 6, wrong" (see judgment)')
     parser.add_argument("--overwrite", action="store_true")
     args = parser.parse_args()
-    if skip_if_done(os.path.join(args.out_dir, "config.json"), args.overwrite):  # written last
+    manifest = stage_manifest("synthetic", {}, output_flags(args))
+    if is_done(os.path.join(args.out_dir, "config.json"), manifest, args.overwrite):  # config.json: written last
         return
     knobs = (args.max_start, args.max_operand, args.min_steps, args.max_steps, args.ops, args.max_value)
     seen = set()  # questions are unique across all files: no test question leaks into training
@@ -270,6 +272,7 @@ def main():
         write_jsonl(os.path.join(args.out_dir, f"{name}.jsonl"), records)
         print(f"{name:12s} {len(records):6d} records")
     save_config(args, os.path.join(args.out_dir, "config.json"))
+    write_manifest(os.path.join(args.out_dir, "config.json"), manifest)
 
 
 if __name__ == "__main__":

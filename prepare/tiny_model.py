@@ -6,7 +6,9 @@ every later stage loads it with AutoTokenizer / AutoModelForCausalLM exactly as 
 Tokenizer choice: digits are split one by one (as in Llama/Qwen) so arithmetic is learned digit-wise, and the
 newline is its own token, so a step boundary "\\n" + "Step" tokenizes the same alone or joined (tests check it).
 Reads:  --corpus (JSONL files whose string fields are the training text; default: the synthetic IFT and EFT files)
-Writes: --out (config.json, model.safetensors, tokenizer.json, tokenizer_config.json with the chat template)
+Writes: --out (config.json, model.safetensors, tokenizer.json, tokenizer_config.json with the chat template,
+        build_config.json, and manifest.json: the corpus and flags that made it), written to <out>.tmp and renamed
+        into place, so a build killed halfway never looks finished
 
     python -m prepare.tiny_model --corpus data/synthetic/ift.jsonl data/synthetic/eft.jsonl --out runs/default/m0
 """
@@ -16,11 +18,16 @@ import os
 
 import torch
 
-from common import cli, load_prompt, read_jsonl, save_config, skip_if_done
+from common import (cli, is_done, load_prompt, output_flags, positive_int, prompt_path, read_jsonl, save_config,
+                    stage_manifest)
+from modeling import save_model
 
 SPECIALS = ["<|endoftext|>", "<|pad|>", "<|user|>", "<|assistant|>", "<|system|>"]
 CHAT_TEMPLATE = ("{% for m in messages %}<|{{ m['role'] }}|>\n{{ m['content'] }}\n{% endfor %}"
                  "{% if add_generation_prompt %}<|assistant|>\n{% endif %}")
+
+
+PROMPTS = ["reasoning", "judge", "reasoning_tiny", "judge_tiny"]  # in the corpus: the model sees them in every stage
 
 
 def corpus_texts(paths):
@@ -32,7 +39,7 @@ def corpus_texts(paths):
                     yield v
                 elif isinstance(v, list):
                     yield from (x for x in v if isinstance(x, str))
-    for name in ["reasoning", "judge", "reasoning_tiny", "judge_tiny"]:
+    for name in PROMPTS:
         yield load_prompt(name)
 
 
@@ -65,23 +72,26 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--corpus", nargs="+", default=["data/synthetic/ift.jsonl", "data/synthetic/eft.jsonl"])
     parser.add_argument("--out", default="runs/default/m0")
-    parser.add_argument("--vocab-size", type=int, default=512)
-    parser.add_argument("--hidden", type=int, default=128)
-    parser.add_argument("--layers", type=int, default=4)
-    parser.add_argument("--heads", type=int, default=4)
-    parser.add_argument("--max-len", type=int, default=512, help="context length (positions)")
+    parser.add_argument("--vocab-size", type=positive_int, default=512)
+    parser.add_argument("--hidden", type=positive_int, default=128)
+    parser.add_argument("--layers", type=positive_int, default=4)
+    parser.add_argument("--heads", type=positive_int, default=4)
+    parser.add_argument("--max-len", type=positive_int, default=512, help="context length (positions)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--overwrite", action="store_true")
     args = parser.parse_args()
-    if skip_if_done(os.path.join(args.out, "config.json"), args.overwrite):
+    inputs = dict(corpus=args.corpus, prompts=[prompt_path(name) for name in PROMPTS])
+    manifest = stage_manifest("tiny_model", inputs, output_flags(args))
+    if is_done(args.out, manifest, args.overwrite, [args.out.rstrip("/") + ".tmp"]):
         return
     tokenizer = build_tokenizer(corpus_texts(args.corpus), args.vocab_size)
     model = build_model(tokenizer, args.hidden, args.layers, args.heads, args.max_len, args.seed)
     model.generation_config.eos_token_id = tokenizer.eos_token_id
     model.generation_config.pad_token_id = tokenizer.pad_token_id
-    tokenizer.save_pretrained(args.out)
-    model.save_pretrained(args.out)  # config.json last-ish; skip_if_done keys on it
-    save_config(args, os.path.join(args.out, "build_config.json"))
+
+    def build_config(folder):
+        save_config(args, os.path.join(folder, "build_config.json"))
+    save_model(model, tokenizer, args.out, manifest, build_config)
     n = sum(p.numel() for p in model.parameters())
     print(f"tiny model: {n / 1e6:.2f}M parameters, vocab {len(tokenizer)}, saved to {args.out}")
 

@@ -20,7 +20,6 @@ import argparse
 import datetime
 import os
 import platform
-import random
 import time
 
 import torch
@@ -66,16 +65,15 @@ def search_run(model, tokenizer, records, args, engine, calls):
                                      max_step_tokens=args.max_step_tokens,
                                      judge_max_new_tokens=args.judge_max_new_tokens,
                                      batch_size=args.search_batch_size, orders=args.orders, judge="model",
-                                     no_dedupe=False, stop_at_verdict=False)
+                                     no_dedupe=False, stop_at_verdict=False, seed=0)
     del calls[:]
-    torch.manual_seed(0)
     start = time.perf_counter()
     trees = []
     per_chunk = args.questions_per_chunk or len(records)
     for c in range(0, len(records), per_chunk):
         chunk = records[c:c + per_chunk]
         trees += search_stage.search(model, tokenizer, chunk, [r["id"] for r in chunk], search_args,
-                                     random.Random(0), argparse.Namespace(update=lambda n: None))
+                                     argparse.Namespace(update=lambda n: None))
     wall = time.perf_counter() - start
     row = dict(engine=engine, questions=len(records), questions_per_chunk=per_chunk, load_average=os.getloadavg()[0],
                batch_size=args.search_batch_size, wall_seconds=wall, rounds=sum(t["rounds"] for t in trees),
@@ -170,7 +168,7 @@ def main():
             top = {e: max(r[kind]["tokens_per_s"] for r in runs[e]) for e in runs}
             result["search"][kind] = dict(best_hf_tokens_per_s=top["hf"], best_vllm_tokens_per_s=top["vllm"],
                                           speedup=top["vllm"] / top["hf"])
-        print(f"search: best vllm / best hf tokens/s: " + ", ".join(
+        print("search: best vllm / best hf tokens/s: " + ", ".join(
             f"{k} {result['search'][k]['speedup']:.2f}x" for k in ["candidates", "judge", "all"]))
     write_json(args.out, result)
 

@@ -144,7 +144,7 @@ def quantize_nf4_in_place(model):
 
 def prepare_lora(model, args, load_in_4bit, checkpointing=True):
     """The trainers' setup (modeling.prepare_for_training: LoRA r=args.lora_rank on all linear layers)."""
-    train_args = argparse.Namespace(lora=True, lora_rank=args.lora_rank, lora_alpha=2 * args.lora_rank,
+    train_args = argparse.Namespace(lora=True, lora_rank=args.lora_rank, lora_alpha=2 * args.lora_rank, lora_layers=0,
                                     lora_dropout=0.0, load_in_4bit=load_in_4bit, gradient_checkpointing=checkpointing,
                                     optim="adamw")
     return modeling.prepare_for_training(model, train_args), train_args

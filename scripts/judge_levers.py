@@ -21,10 +21,7 @@ Paper scale: --prompt-reasoning reasoning --prompt-judge judge --judge-max-new-t
 import argparse
 import datetime
 import math
-import random
 import time
-
-import torch
 
 import generate as search_stage
 import modeling
@@ -77,11 +74,10 @@ def search_cost(model, tokenizer, records, orders, max_new_tokens, stop, args, c
                                      num_candidates=args.num_candidates, temperature=0.5, top_p=0.95, max_steps=20,
                                      max_step_tokens=args.max_step_tokens, judge_max_new_tokens=max_new_tokens,
                                      batch_size=args.batch_size, orders=orders, judge="model", no_dedupe=False,
-                                     stop_at_verdict=stop)
+                                     stop_at_verdict=stop, seed=args.seed)
     del calls[:]
-    torch.manual_seed(args.seed)
     trees = search_stage.search(model, tokenizer, records, [str(r.get("id", i)) for i, r in enumerate(records)],
-                                search_args, random.Random(args.seed), argparse.Namespace(update=lambda n: None))
+                                search_args, argparse.Namespace(update=lambda n: None))
     judge = [c for c in calls if c[1] == "judge"]
     stats, n = search_stats(trees), len(records)
     return dict(questions=n, comparisons_per_question=stats["verdicts"] / n,

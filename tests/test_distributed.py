@@ -29,11 +29,11 @@ from modeling import load_model  # noqa: E402
 TINY_PROMPTS = ["--prompt-reasoning", "reasoning_tiny", "--prompt-judge", "judge_tiny"]
 
 
-def torchrun(*args, nproc=2):
+def torchrun(*args, nproc=2, timeout=300):
     """`torchrun --standalone --nproc_per_node 2 <script> ...` as a subprocess; fails with its output."""
     proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node",
                            str(nproc), *args], cwd=REPO, env=dict(os.environ, OMP_NUM_THREADS="1"),
-                          capture_output=True, text=True, timeout=300)
+                          capture_output=True, text=True, timeout=timeout)
     assert proc.returncode == 0, f"{args} failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
     return proc
 
@@ -60,6 +60,22 @@ def test_sft_under_torchrun(tiny_model_dir, synthetic_dir, tmp_path):
     assert os.path.exists(os.path.join(out, "sft_config.json"))
     m0, m1 = weights(tiny_model_dir), weights(out)
     assert m0.keys() == m1.keys() and all(not torch.equal(m0[k], m1[k]) for k in m0 if "layers" in k)
+
+
+def test_step_dpo_with_fewer_pairs_than_processes(tiny_model_dir, synthetic_dir, tmp_path):
+    """
+    One pair, two processes: DDP's equal slices would be empty, and a rank with no batch used to spin forever looking
+    for one (a toy run, or few pairs on many GPUs). Each process takes the pair: the update is the one-process one.
+    """
+    pairs, ddp, one = str(tmp_path / "pairs.jsonl"), str(tmp_path / "m2_ddp"), str(tmp_path / "m2_one")
+    write_jsonl(pairs, eft_step_pairs(synthetic_dir, 1))
+    flags = ["--pairs", pairs, "--lr", "1e-3", "--batch-size", "1", "--grad-accum", "1", "--model", tiny_model_dir]
+    torchrun("train_step_dpo.py", *flags, "--out", ddp, timeout=120)
+    subprocess.run([sys.executable, "train_step_dpo.py", *flags, "--out", one], cwd=REPO, check=True,
+                   env=dict(os.environ, OMP_NUM_THREADS="1"), capture_output=True, timeout=120)
+    m1, m2_ddp, m2_one = weights(tiny_model_dir), weights(ddp), weights(one)
+    assert any(not torch.equal(m1[k], m2_ddp[k]) for k in m1)  # it trained
+    assert all(torch.allclose(m2_ddp[k], m2_one[k], atol=1e-6) for k in m1)
 
 
 def adapter_update(out_dir):
@@ -150,14 +166,13 @@ def test_step_dpo_ranks_take_the_same_number_of_steps(num_pairs, tiny_model_dir,
 def test_generate_shards_merge_into_the_single_process_output(tiny_model_dir, synthetic_dir, tmp_path, monkeypatch):
     """
     Two concurrent processes (--shard 1/2 in a subprocess, --shard 0/2 in this one) and one process write the same
-    bytes: every question once, in input order, same search. Exact because each chunk is seeded by its first
-    question's id and a chunk here is one question (with the default 128 per chunk, a sharded run samples
-    differently from a single one).
+    bytes: every question once, in input order, same search. Exact because every draw is seeded by its question,
+    not by the chunk or shard it lands in (chunks and resumes: tests/test_provenance.py).
     """
     questions = str(tmp_path / "questions.jsonl")
     write_jsonl(questions, read_jsonl(os.path.join(synthetic_dir, "test.jsonl"))[:4])
     flags = ["--model", tiny_model_dir, "--questions", questions, *TINY_PROMPTS, "--num-candidates", "2",
-             "--max-steps", "2", "--max-step-tokens", "8", "--judge-max-new-tokens", "8", "--questions-per-chunk", "1"]
+             "--max-steps", "2", "--max-step-tokens", "8", "--judge-max-new-tokens", "8"]
     sharded = str(tmp_path / "sharded" / "trees.jsonl")
     other = subprocess.Popen([sys.executable, "generate.py", *flags, "--out", sharded, "--shard", "1/2"], cwd=REPO,
                              env=dict(os.environ, OMP_NUM_THREADS="1"), stdout=subprocess.PIPE,

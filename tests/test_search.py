@@ -25,6 +25,7 @@ import make_pairs  # noqa: E402
 import modeling  # noqa: E402
 import report  # noqa: E402
 from common import BOXED, join_steps, judge_candidates, judge_context, load_prompt, read_jsonl, write_jsonl  # noqa: E402
+from conftest import check_pad_is_eos_search, pad_is_eos_search  # noqa: E402
 from modeling import load_model  # noqa: E402
 
 ARITHMETIC = re.compile(r"(\d+) ([-+*/]) (\d+) = (\d+)")
@@ -181,6 +182,7 @@ def test_report_checks_the_judge_against_true_labels():
     # right-vs-wrong comparisons: (0,1) wrong won, (1,0) right won; (0,2) is right vs right; None counts nowhere
     assert check == dict(search_b_share=0.75, search_right_wins=1, search_wrong_wins=1)
     assert report.verdict_check([dict(question="Find $x$.", steps=[])]) == {}  # no steps: nothing to check
+    assert report.pair_label_check([], {}) == {}  # no pairs: nothing checked (not "0 right, 0 wrong")
     eft = [dict(id="a", step_a="Step 1: 4 more: 5 + 4 = 9.", step_b="Step 1: 4 more: 5 + 4 = 10."),
            dict(id="b", step_a="Step 1: 4 more: 5 + 4 = 9.", step_b="Step 1: 4 more: 5 - 4 = 1."),
            dict(id="c", step_a="Step 1: 4 more: 5 + 4 = 7.", step_b="Step 1: 4 more: 5 + 4 = 9.")]
@@ -338,6 +340,7 @@ def test_make_pairs_rules():
     assert pairs[2]["prefix"] == join_steps(["S1 good", "S2 e"]) == "S1 good\nS2 e\n"
     assert (pairs[2]["chosen_final"], pairs[2]["rejected_final"]) == (False, False)
     assert (pairs[3]["chosen_final"], pairs[3]["rejected_final"]) == (True, False)
+    assert (pairs[3]["chosen_eos"], pairs[3]["rejected_eos"]) == (False, False)  # boxed, but no EOS was emitted
     assert len({p["id"] for p in pairs}) == len(pairs)
 
     skip, dropped = make_pairs.make_pairs(hand_trees(), ties="skip")
@@ -377,11 +380,14 @@ def test_search_stats_measure_position_bias_per_judged_step():
     """Candidate indices restart at 0 in every step: pair (0, 1) of one step is not pair (0, 1) of the next."""
     biased = [dict(i=0, j=1, order="ab", verdict="A"), dict(i=1, j=0, order="ba", verdict="A")]  # winners 0, 1
     fair = [dict(i=0, j=1, order="ab", verdict="B"), dict(i=1, j=0, order="ba", verdict="A")]    # winners 1, 1
-    steps = [dict(verdicts=v, outcome="accepted") for v in (biased, fair, fair, fair)]
+    steps = [dict(verdicts=v, outcome="accepted", candidates=[dict(eos=False, final=k == 3)]) for k, v in
+             enumerate((biased, fair, fair, fair))]
     tree = dict(id="q", stop_reason="answer", solution_steps=["a"], rounds=4, steps=steps)
     assert common.order_disagreement(biased) == 1.0 and common.order_disagreement(fair) == 0.0
     stats = common.search_stats([tree])
     assert stats["verdicts"] == 8 and stats["unparsed"] == 0
+    assert (stats["verdicts_a"], stats["verdicts_b"]) == (5, 3)
+    assert (stats["candidates"], stats["candidates_eos"], stats["candidates_final"]) == (4, 0, 1)
     assert stats["order_disagreement"] == pytest.approx(1 / 4)  # one of the four judged pairs disagrees
 
 
@@ -397,7 +403,7 @@ CANDIDATE_FIELDS = {"text", "final", "eos", "new_tokens"}
 def search_args(**kw):
     args = dict(prompt_reasoning="reasoning_tiny", prompt_judge="judge_tiny", num_candidates=3, temperature=0.5,
                 top_p=0.95, max_steps=3, max_step_tokens=12, judge_max_new_tokens=8, orders=2, judge="model",
-                no_dedupe=False, batch_size=64, stop_at_verdict=False)
+                no_dedupe=False, batch_size=64, seed=0, stop_at_verdict=False)
     args.update(kw)
     return argparse.Namespace(**args)
 
@@ -430,9 +436,8 @@ def test_search_end_to_end_on_the_tiny_model(tiny_model_dir, synthetic_dir, monk
     calls = []
     monkeypatch.setattr(modeling, "judge_pairs", consistent_judge(calls))
     records = read_jsonl(os.path.join(synthetic_dir, "questions1.jsonl"))[:2]
-    torch.manual_seed(0)
     bar = Count()
-    trees = generate.search(model, tokenizer, records, ["a", "b"], search_args(), random.Random(0), bar)
+    trees = generate.search(model, tokenizer, records, ["a", "b"], search_args(), bar)
     assert [t["id"] for t in trees] == ["a", "b"] and bar.n == 2
     for t, r in zip(trees, records):
         check_tree(t, max_steps=3)
@@ -456,10 +461,8 @@ def test_model_without_step_marker_or_answer_stops_at_max_steps(tiny_model_dir, 
     calls = []
     monkeypatch.setattr(modeling, "judge_pairs", consistent_judge(calls))
     records = read_jsonl(os.path.join(synthetic_dir, "questions1.jsonl"))[:2]
-    torch.manual_seed(0)
     try:
-        trees = generate.search(model, tokenizer, records, ["a", "b"], search_args(temperature=1.0), random.Random(0),
-                                Count())
+        trees = generate.search(model, tokenizer, records, ["a", "b"], search_args(temperature=1.0), Count())
     finally:
         handle.remove()
     for t in trees:
@@ -471,6 +474,21 @@ def test_model_without_step_marker_or_answer_stops_at_max_steps(tiny_model_dir, 
             assert n["outcome"] in ("accepted", "single")
             if n["outcome"] == "accepted":  # the fake judge prefers the larger text
                 assert n["candidates"][n["best"]]["text"] == max(c["text"] for c in n["candidates"])
+
+
+@pytest.mark.parametrize("pad_is_eos", [False, True])
+def test_scripted_search_with_pad_equal_to_eos(tiny_model_dir, pad_is_eos):
+    """
+    pad = EOS (Qwen2.5's base models, SmolLM2): rows that stopped at the next step marker are padded with the EOS id
+    while other rows run on; those candidates did not end the solution, and the search goes on to the answer at
+    step 3. Both tokenizer settings must give the same trees (tests/test_real_tokenizer.py: the same with SmolLM2's).
+    """
+    model, tokenizer = load_model(tiny_model_dir)
+    if pad_is_eos:
+        tokenizer.pad_token = tokenizer.eos_token
+        model.generation_config.pad_token_id = tokenizer.eos_token_id
+    assert (tokenizer.pad_token_id == tokenizer.eos_token_id) == pad_is_eos
+    check_pad_is_eos_search(**pad_is_eos_search(model, tokenizer, "reasoning_tiny"))
 
 
 def test_pure_json_stages_import_without_torch():

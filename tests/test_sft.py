@@ -141,13 +141,14 @@ def test_short_sft_run_lowers_the_loss_and_is_skipped_when_rerun(tiny_model_dir,
     out = str(tmp_path / "m1")
     argv = ["train_sft.py", "--model", tiny_model_dir, "--ift", os.path.join(synthetic_dir, "ift.jsonl"),
             "--eft", os.path.join(synthetic_dir, "eft.jsonl"), "--out", out, "--prompt-reasoning", "reasoning_tiny",
-            "--prompt-judge", "judge_tiny", "--limit", "40", "--epochs", "1", "--lr", "3e-3", "--batch-size", "8",
-            "--max-len", "512"]
+            "--prompt-judge", "judge_tiny", "--limit", "40", "--limit-eft", "32", "--epochs", "1", "--lr", "3e-3",
+            "--batch-size", "8", "--max-len", "512"]
     monkeypatch.setattr(sys, "argv", argv)
     train_sft.main()
-    assert "40 IFT + 40 EFT examples, 10 optimizer steps" in capsys.readouterr().out
+    assert "40 IFT + 32 EFT records, 0 dropped (prompt alone >= --max-len 512), 9 optimizer steps" in \
+        capsys.readouterr().out
     log = read_jsonl(os.path.join(out, "train_log.jsonl"), ["step", "loss", "lr"])
-    assert [r["step"] for r in log] == list(range(1, 11))
+    assert [r["step"] for r in log] == list(range(1, 10))
     assert log[0]["loss"] > 4.0
     assert log[-1]["loss"] < log[0]["loss"] - 0.5
     assert max(r["lr"] for r in log) == pytest.approx(3e-3)
@@ -163,7 +164,7 @@ def test_short_sft_run_lowers_the_loss_and_is_skipped_when_rerun(tiny_model_dir,
     train_sft.main()
     assert "skipping" in capsys.readouterr().out
     assert os.path.getmtime(weights) == mtime
-    assert len(read_jsonl(os.path.join(out, "train_log.jsonl"))) == 10
+    assert len(read_jsonl(os.path.join(out, "train_log.jsonl"))) == 9
 
 
 def test_no_examples_left_ends_instead_of_looping_forever(tiny_model_dir, synthetic_dir, tmp_path, monkeypatch):

@@ -17,6 +17,7 @@ import torch
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 
+import make_pairs  # noqa: E402
 import train_step_dpo as dpo  # noqa: E402
 from conftest import eft_step_pairs, ends_within, ids_of  # noqa: E402
 from common import chat_prompt, read_jsonl  # noqa: E402
@@ -142,7 +143,8 @@ def test_tokenize_pair_eos_only_after_a_final_step(tiny):
     pair = dict(prompt="Solve step by step. Problem: Tom has 3 pens. He buys 4 more.",
                 prefix="Step 1: 4 more: 3 + 4 = 7.\n",
                 chosen="Step 2: 2 times as many: 7 * 2 = 14. The answer is \\boxed{14}.",
-                rejected="Step 2: 2 times as many: 7 + 2 = 9.", chosen_final=True, rejected_final=False)
+                rejected="Step 2: 2 times as many: 7 + 2 = 9.", chosen_final=True, rejected_final=False,
+                chosen_eos=True, rejected_eos=False)
     prefix_ids, chosen_ids, rejected_ids = dpo.tokenize_pair(tokenizer, pair, final_step_eos=True)
     prefix_text = chat_prompt(tokenizer, pair["prompt"]) + pair["prefix"]
     eos, newline = tokenizer.eos_token_id, ids_of(tokenizer, "\n")
@@ -155,6 +157,41 @@ def test_tokenize_pair_eos_only_after_a_final_step(tiny):
     assert prefix_ids + chosen_ids[:-1] == ids_of(tokenizer, prefix_text + pair["chosen"])
     _, chosen_plain, _ = dpo.tokenize_pair(tokenizer, pair, final_step_eos=False)
     assert chosen_plain == ids_of(tokenizer, pair["chosen"]) + newline
+
+
+def test_boxed_step_without_an_emitted_eos_is_scored_with_its_newline(tiny):
+    """
+    A candidate with \\boxed{} ends the solution (final), but if it was cut at the next "Step" marker or at the
+    token limit the model emitted no EOS after it: Step-DPO must not score an EOS the model did not produce.
+    From search tree to tokens: make_pairs carries whether each side's EOS was emitted, tokenize_pair obeys it.
+    """
+    _, tokenizer = tiny
+    boxed = "Step 2: 7 * 2 = 14. The answer is \\boxed{14}."
+    newline = ids_of(tokenizer, "\n")
+    cut = dict(prompt="Solve step by step. Problem: Tom has 3 pens. He buys 4 more.", prefix="Step 1: 3 + 4 = 7.\n",
+               chosen=boxed, rejected="Step 2: 7 + 2 = 9.", chosen_final=True, rejected_final=False,
+               chosen_eos=False, rejected_eos=False)
+    assert dpo.tokenize_pair(tokenizer, cut, final_step_eos=True)[1] == ids_of(tokenizer, boxed) + newline
+
+    def cand(text, eos):
+        return dict(text=text, final=eos or "\\boxed" in text, eos=eos, new_tokens=9)
+    node = dict(step=2, round=2, prefix_steps=["Step 1: 3 + 4 = 7."], scores=[2, 0, 1], best=0, worst=1,
+                outcome="accepted", rolled_back=False, tie=False,
+                candidates=[cand(boxed, eos=False), cand("Step 2: 7 + 2 = 9.", eos=False),
+                            cand("Step 2: 7 * 2 = 14.", eos=True)])
+    tree = dict(id="q", question="Q", prompt="Solve step by step. Problem: Tom has 3 pens. He buys 4 more.",
+                steps=[node], finished=True, stop_reason="answer")
+    (pair,) = make_pairs.make_pairs([tree])[0]
+    assert (pair["chosen_final"], pair["chosen_eos"], pair["rejected_final"], pair["rejected_eos"]) == \
+        (True, False, False, False)
+    _, chosen_ids, rejected_ids = dpo.tokenize_pair(tokenizer, pair, final_step_eos=True)
+    assert chosen_ids == ids_of(tokenizer, boxed) + newline and tokenizer.eos_token_id not in chosen_ids
+    assert rejected_ids == ids_of(tokenizer, "Step 2: 7 + 2 = 9.") + newline
+    node.update(best=2, scores=[1, 0, 2])  # the step after which the model did emit EOS: scored with it
+    (pair,) = make_pairs.make_pairs([tree])[0]
+    assert pair["chosen_eos"] is True
+    assert dpo.tokenize_pair(tokenizer, pair, final_step_eos=True)[1] == \
+        ids_of(tokenizer, "Step 2: 7 * 2 = 14.") + [tokenizer.eos_token_id]
 
 
 # ----------------------------------------------------------------------------------------------------------------

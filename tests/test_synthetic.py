@@ -258,11 +258,12 @@ def test_missing_field_is_named(tmp_path):
 def test_partial_drops_torn_line_and_resumes_without_duplicates(tmp_path, capsys):
     out = str(tmp_path / "trees.jsonl")
     records = [dict(id=f"q{i}", value=i * i) for i in range(5)]
-    progress = PartialJSONL(out)
+    manifest = dict(stage="test", inputs={}, flags={})
+    progress = PartialJSONL(out, manifest)
     progress.add(records[:2])
-    progress.file.write('{"id": "q2", "val')  # killed in the middle of writing the third record
+    progress.file.write(b'{"id": "q2", "val')  # killed in the middle of writing the third record
     progress.file.close()
-    resumed = PartialJSONL(out)
+    resumed = PartialJSONL(out, manifest)
     assert "resuming: 2 records" in capsys.readouterr().out
     assert sorted(resumed.done) == ["q0", "q1"]
     todo = [r for r in records if r["id"] not in resumed.done]
@@ -270,9 +271,10 @@ def test_partial_drops_torn_line_and_resumes_without_duplicates(tmp_path, capsys
     resumed.add(todo[:1])
     resumed.file.close()
     # the torn bytes were cut, so the appended record sits on its own line and a second resume parses it
-    lines = open(out + ".partial").read().splitlines()
+    header, *lines = open(out + ".partial").read().splitlines()
+    assert json.loads(header) == dict(manifest=manifest)  # what made the records: resumed only by the same run
     assert [json.loads(line)["id"] for line in lines] == ["q0", "q1", "q2"]
-    last = PartialJSONL(out)
+    last = PartialJSONL(out, manifest)
     last.add([r for r in records if r["id"] not in last.done])
     last.finish([r["id"] for r in records])
     assert read_jsonl(out) == records  # input order, each once

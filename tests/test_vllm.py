@@ -79,12 +79,17 @@ def test_step_stopping_and_eos_greedy(models):
 
 
 def test_sampled_candidates_stop_and_end_the_same_way(models):
-    """Sampled (T=0.5, top_p=0.95, one seed per prompt), repeated prompts as the search sends them: the scripted
-    margins make every draw the scripted token, so each candidate's text, eos and new_tokens are known. The EOS flag
-    comes from vLLM's finish reason: a candidate stopped at a step marker is not an EOS, though pad == EOS here."""
+    """Sampled (T=0.5, top_p=0.95), repeated prompts as the search sends them, with one seed per prompt (the
+    search's) and without: the scripted margins make every draw the scripted token, so each candidate's text, eos and
+    new_tokens are known. The EOS flag comes from vLLM's finish reason: a candidate stopped at a step marker is not
+    an EOS, though pad == EOS here."""
     tok, prompts = models["tokenizer"], [p for p in EXPECTED for _ in range(3)]
-    outs = modeling.generate(models["vllm_base"], tok, prompts, MAX, temperature=0.5, top_p=0.95, one_step=True)
-    assert as_tuples(outs) == [EXPECTED[p][0] for p in prompts]
+    expected = [EXPECTED[p][0] for p in prompts]
+    sampled = dict(temperature=0.5, top_p=0.95, one_step=True)
+    assert as_tuples(modeling.generate(models["vllm_base"], tok, prompts, MAX, **sampled)) == expected
+    seeds = list(range(100, 100 + len(prompts)))
+    assert as_tuples(modeling.generate(models["vllm_base"], tok, prompts, MAX, seeds=seeds, **sampled)) == expected
+    assert as_tuples(modeling.generate(models["hf_base"], tok, prompts, MAX, seeds=seeds, **sampled)) == expected
 
 
 def random_prompts(tokenizer, n, length=6, seed=0):
