@@ -698,7 +698,10 @@ def add_model_args(parser, required=True):
 
 
 def add_generation_args(parser):
-    parser.add_argument("--batch-size", type=positive_int, default=64, help="sequences per generate call")
+    parser.add_argument("--engine", default="hf", choices=["hf", "vllm"],
+                        help="hf: plain HF generate (the reference); vllm: the same generation through vLLM "
+                             "(vllm_engine.py; pip install -r requirements-vllm.txt; docs/vllm.md)")
+    parser.add_argument("--batch-size", type=positive_int, default=64, help="sequences per generate call (hf)")
     parser.add_argument("--prefill-chunk", type=nonnegative_int, default=0,
                         help="prompt tokens per prefill forward (0: all at once); caps the prefill's activations, "
                              "the memory peak of large batches (docs/gpu.md)")
@@ -709,6 +712,9 @@ def add_judge_args(parser, search=True):
     parser.add_argument("--prompt-judge", default="judge", help="paper Fig. 5; the tiny default: judge_tiny")
     parser.add_argument("--judge-max-new-tokens", type=positive_int, default=512,
                         help="the judge's explanation + verdict")
+    parser.add_argument("--stop-at-verdict", action="store_true",
+                        help="stop the judge right after its first [[A]]/[[B]] (a cost lever; the paper's judge "
+                             "writes on; docs/vllm.md measures it)")
     if not search:
         return
     parser.add_argument("--orders", type=int, default=2, choices=[1, 2],

@@ -238,7 +238,8 @@ def evaluate_judge(model, tokenizer, pairs, out_path, manifest, args):
 
     def process(batch):
         items = [(judge_context(p["question"], p["previous_steps"]), p["step_a"], p["step_b"]) for p in batch]
-        verdicts = judge_pairs(model, tokenizer, template, items, args.judge_max_new_tokens, args.batch_size)
+        verdicts = judge_pairs(model, tokenizer, template, items, args.judge_max_new_tokens, args.batch_size,
+                               stop_at_verdict=args.stop_at_verdict)
         return [dict(id=p["id"], label=p["label"], verdict=v, correct=v == p["label"], raw=raw)
                 for p, (v, raw) in zip(batch, verdicts)]
 
@@ -291,7 +292,8 @@ def main():
         return
 
     # every output is checked before the model loads: finished by this run -> skipped, by another -> an error
-    model_flags = dict(limit=args.limit, load_in_4bit=args.load_in_4bit, attn=args.attn)
+    # --engine too: the two engines' float sums differ, so a near-tie can decode differently (docs/vllm.md)
+    model_flags = dict(limit=args.limit, load_in_4bit=args.load_in_4bit, attn=args.attn, engine=args.engine)
     todo = []
     for (name, items), path in zip(benchmarks, args.data):
         out_path = os.path.join(args.out_dir, f"{name}.jsonl")
@@ -310,14 +312,15 @@ def main():
         out_path = os.path.join(args.out_dir, "judge_eval.jsonl")
         manifest = stage_manifest("evaluate judge", dict(model=args.model, judge_eval=args.judge_eval,
                                                          prompt_judge=prompt_path(args.prompt_judge)),
-                                  dict(model_flags, judge_max_new_tokens=args.judge_max_new_tokens))
+                                  dict(model_flags, judge_max_new_tokens=args.judge_max_new_tokens,
+                                       stop_at_verdict=args.stop_at_verdict))
         if to_do(out_path, manifest, args, [os.path.join(args.out_dir, "judge_eval.summary.json")]):
             judge = (pairs, out_path, manifest)
     if not todo and judge is None:
         return
     save_config(args, os.path.join(args.out_dir, "evaluate_config.json"))
     model, tokenizer = load_model(args.model, load_in_4bit=args.load_in_4bit, attn=args.attn,
-                                  prefill_chunk=args.prefill_chunk)
+                                  prefill_chunk=args.prefill_chunk, engine=args.engine)
     template = load_prompt(args.prompt_reasoning)
 
     summaries = []

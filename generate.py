@@ -12,7 +12,8 @@ Every random draw is seeded by its question: candidate c of round r of question 
 by (--seed, q, r, c) (modeling.SeededGumbel), and the coin flips of --judge random / oracle come from one generator
 per question. So a question's tree is the same whatever else shares its chunk: with any --questions-per-chunk, any
 number of shards, and after a resume (byte for byte on CPU: tests/test_provenance.py; on a GPU, kernels picked by
-batch shape may still round a near-tie differently).
+batch shape may still round a near-tie differently). Under --engine vllm each candidate is one request with that
+seed, but vLLM's batching and prefix cache give no such promise for its logits (not tested here).
 
 "At most 20 steps" (paper: "max iteration number = 20") is counted in search rounds, roll-backs included, so a
 search that keeps tying still ends.
@@ -151,7 +152,8 @@ def main():
     args = parser.parse_args()
     inputs = dict(model=args.model, questions=args.questions, prompt_reasoning=prompt_path(args.prompt_reasoning),
                   prompt_judge=prompt_path(args.prompt_judge))
-    # batch size, prefill chunks and questions per chunk change the speed, not the trees
+    # batch size, prefill chunks and questions per chunk change the speed, not the trees; --engine changes them
+    # (vLLM samples from its own random streams) and stays in the manifest
     manifest = stage_manifest("generate", inputs, output_flags(args, "batch_size", "prefill_chunk",
                                                                 "questions_per_chunk"))
     shard, num_shards = parse_shard(args.shard)
@@ -164,7 +166,7 @@ def main():
         progress = PartialJSONL(out_path, manifest)
         todo = [(i, r) for i, r in list(zip(ids, records))[shard::num_shards] if i not in progress.done]
         model, tokenizer = load_model(args.model, load_in_4bit=args.load_in_4bit, attn=args.attn,
-                                      prefill_chunk=args.prefill_chunk)
+                                      prefill_chunk=args.prefill_chunk, engine=args.engine)
         t0 = time.time()
         with tqdm(total=len(todo), desc="search (questions done)") as bar:
             for c in range(0, len(todo), args.questions_per_chunk):

@@ -12,6 +12,7 @@
 #   SPLIT=dev RUN=try1 DPO_ARGS="..." INIT=... bash iterate.sh              # tune on the dev split, never on test
 #   PRESET=smollm2 SHARED=/path/to/copies bash iterate.sh  # the paper's path on a real pretrained model, CPU, toy
 #   PRESET=paper MODEL=Qwen/Qwen2.5-Math-7B RUN=qwen7b bash iterate.sh      # paper setup on GPUs (see README)
+#   PATH=.venv-vllm/bin:$PATH ENGINE=vllm RUN=vllm bash iterate.sh         # search + evaluation through vLLM
 set -euo pipefail
 cd "$(dirname "$0")"
 
@@ -22,11 +23,14 @@ INIT=${INIT:-}                 # an existing M1 to start from (skips SFT), e.g. 
 JUDGE=${JUDGE:-model}          # model: the paper's self-judging | controls: random (coin flips), oracle (true labels)
 NUM_ITERS=${NUM_ITERS:-}       # default 3, paper: M1 -> M2 -> M3 -> M4 (the smollm2 preset: 1)
 OVERWRITE=${OVERWRITE:-}       # 1: redo every stage
+ENGINE=${ENGINE:-}             # hf: HF generate | vllm (docs/vllm.md); default hf (PRESET=paper: vllm if installed)
 # Each stage's flags below can be overridden from the environment (SFT_ARGS=..., SYNTH_ARGS=..., MODEL_ARGS=...).
 # DATA holds questions1..3.jsonl, eft_test.jsonl, ift.jsonl, eft.jsonl; NPROC = processes (CPU cores, or GPUs)
 
 if [ "$PRESET" = tiny ]; then
   DATA=${DATA:-data/synthetic}
+  ENGINE=${ENGINE:-hf}
+  [ "$ENGINE" = vllm ] && NPROC=${NPROC:-1}  # vLLM's CPU worker binds a core of its own: one engine, not two
   NPROC=${NPROC:-2}
   PROMPTS="--prompt-reasoning reasoning_tiny"
   JUDGE_PROMPT="--prompt-judge judge_tiny"
@@ -49,6 +53,7 @@ else
   source "presets/$PRESET.sh"  # sets the same variables (and MODEL, DATA, DATA_SOURCE, NPROC)
 fi
 NUM_ITERS=${NUM_ITERS:-3}
+ENGINE=${ENGINE:-hf}
 [ -n "$OVERWRITE" ] && OW="--overwrite" || OW=""
 R=${RUN_DIR:-runs/$RUN}
 mkdir -p "$R"
@@ -78,9 +83,9 @@ sharded() {  # a stage as NPROC processes over every NPROC-th record; the last t
 
 evaluate() {  # $1: model dir -> $1/../eval
   local out; out=$(dirname "$1")/eval
-  sharded python evaluate.py --model "$1" $EVAL_DATA --out-dir "$out" $PROMPTS $EVAL_ARGS $OW
+  sharded python evaluate.py --model "$1" $EVAL_DATA --out-dir "$out" $PROMPTS $EVAL_ARGS --engine "$ENGINE" $OW
   sharded python evaluate.py --model "$1" --judge-eval "$JUDGE_EVAL_DATA" --out-dir "$out" $JUDGE_PROMPT \
-      $JUDGE_EVAL_ARGS $OW
+      $JUDGE_EVAL_ARGS --engine "$ENGINE" $OW
 }
 
 # --- data and M0 (the tiny default builds both; the real-data presets build their data and load MODEL) -------------
@@ -122,7 +127,7 @@ for t in $(seq 1 "$NUM_ITERS"); do
   prev=$R/iter$((t - 1))/model
   it=$R/iter$t
   sharded python generate.py --model "$prev" --questions "$DATA/questions$t.jsonl" --out "$it/trees.jsonl" \
-      $PROMPTS $JUDGE_PROMPT $GEN_ARGS --judge "$JUDGE" $OW
+      $PROMPTS $JUDGE_PROMPT $GEN_ARGS --judge "$JUDGE" --engine "$ENGINE" $OW
   run python make_pairs.py --trees "$it/trees.jsonl" --out "$it/pairs.jsonl" $OW
   run env -u OMP_NUM_THREADS $TRAIN train_step_dpo.py --model "$prev" --pairs "$it/pairs.jsonl" --out "$it/model" \
       $DPO_ARGS $OW

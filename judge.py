@@ -53,7 +53,7 @@ def main():
     model = tokenizer = None
     if args.judge == "model":
         model, tokenizer = load_model(args.model, load_in_4bit=args.load_in_4bit, attn=args.attn,
-                                      prefill_chunk=args.prefill_chunk)
+                                      prefill_chunk=args.prefill_chunk, engine=args.engine)
     jobs, where = [], []
     for t, tree in enumerate(trees):
         for s, node in enumerate(tree["steps"]):

@@ -16,8 +16,8 @@ import time
 import torch
 from tqdm import tqdm
 
-from common import (NEXT_STEP, DataError, chat_prompt, cut_at_next_step, dir_files, judge_context, oracle_verdicts,
-                    parse_verdict, random_verdicts, remove, save_config, write_jsonl, write_manifest)
+from common import (NEXT_STEP, VERDICT, DataError, chat_prompt, cut_at_next_step, dir_files, judge_context,
+                    oracle_verdicts, parse_verdict, random_verdicts, remove, save_config, write_jsonl, write_manifest)
 
 # ----------------------------------------------------------------------------------------------------------------
 # loading and saving
@@ -56,12 +56,16 @@ def load_tokenizer(path):
     return tok
 
 
-def load_model(path, load_in_4bit=False, attn="sdpa", trainable=False, prefill_chunk=0):
+def load_model(path, load_in_4bit=False, attn="sdpa", trainable=False, prefill_chunk=0, engine="hf"):
     """
     A causal LM and its tokenizer, loaded as from the hub. If `path` holds a LoRA adapter (adapter_config.json),
     its base model is loaded first (in 4 bit if asked) and the adapter put on top: that is M_t under (Q)LoRA.
     prefill_chunk > 0: HF generate's chunked prefill (the prompt's forward pass N tokens at a time).
+    engine="vllm": the same model served by vLLM (vllm_engine.py), for generate() and judge_pairs() only.
     """
+    if engine == "vllm":
+        import vllm_engine
+        return vllm_engine.load_model(path, load_in_4bit=load_in_4bit)
     from transformers import AutoModelForCausalLM
     device, dtype = device_and_dtype()
     adapter = path if os.path.exists(os.path.join(path, "adapter_config.json")) else None
@@ -146,12 +150,26 @@ class StopAtNextStep:
         start = max(self.prompt_len, input_ids.shape[1] - self.window)
         texts = self.tokenizer.batch_decode(input_ids[:, start:], skip_special_tokens=True)
         skip = 1 if start == self.prompt_len else 0
-        hits = [t.find(NEXT_STEP, skip) >= 0 for t in texts]
+        hits = [self.found(t, skip) for t in texts]
         if self.stopped_at is None:
             self.stopped_at = [None] * len(hits)
         newest = input_ids.shape[1] - self.prompt_len - 1
         self.stopped_at = [newest if hit and at is None else at for hit, at in zip(hits, self.stopped_at)]
         return torch.tensor(hits, device=input_ids.device)
+
+    def found(self, text, skip):
+        return text.find(NEXT_STEP, skip) >= 0
+
+
+class StopAtVerdict(StopAtNextStep):
+    """
+    --stop-at-verdict: stop a judge's sequence once its text holds a verdict, "[[A]]" or "[[B]]" (common.VERDICT),
+    found and recorded (stopped_at) as StopAtNextStep finds its marker; one at the very start counts. The
+    explanation after the verdict is not written.
+    """
+
+    def found(self, text, skip):
+        return VERDICT.search(text) is not None
 
 
 class SeededGumbel:
@@ -181,16 +199,21 @@ def row_seed(seed, t):
 
 @torch.no_grad()
 def generate(model, tokenizer, prompts, max_new_tokens, temperature=0.0, top_p=1.0, batch_size=64,
-             one_step=False, progress=None, seeds=None):
+             one_step=False, progress=None, seeds=None, stop_at_verdict=False):
     """
     Batched generation for a list of prompt strings (already chat-formatted). Greedy if temperature == 0.
     Returns one dict per prompt: text (special tokens dropped), eos (did it end with EOS), new_tokens.
     Prompts are sorted by length so batches pad little; left padding, as decoder-only generation needs.
-    With one_step=True each sequence stops at the next 'Step' marker and the text is cut to one step.
+    With one_step=True each sequence stops at the next 'Step' marker and the text is cut to one step; with
+    stop_at_verdict=True a judge's sequence stops right after its verdict.
     seeds (one int per prompt, with temperature > 0): each prompt samples from its own seeded generator
     (SeededGumbel: temperature, top-p, then the Gumbel-max draw), so its text does not depend on the batch.
     Without seeds, HF samples all rows from torch's global generator (and adds its default top_k=50).
     """
+    if getattr(model, "engine", "hf") == "vllm":  # --engine vllm: the same generation through vLLM
+        import vllm_engine
+        return vllm_engine.generate(model, tokenizer, prompts, max_new_tokens, temperature, top_p, batch_size,
+                                    one_step, progress, seeds=seeds, stop_at_verdict=stop_at_verdict)
     tokenizer.padding_side = "left"
     order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
     results = [None] * len(prompts)
@@ -210,13 +233,14 @@ def generate(model, tokenizer, prompts, max_new_tokens, temperature=0.0, top_p=1
                 warpers + [SeededGumbel([seeds[i] for i in idx], plen)]))
         else:
             sampling = dict(do_sample=True, temperature=temperature, top_p=top_p) if temperature > 0 else greedy
-        stop = StopAtNextStep(tokenizer, plen) if one_step else None
+        stop = StopAtNextStep(tokenizer, plen) if one_step else StopAtVerdict(tokenizer, plen) if stop_at_verdict \
+            else None
         out = model.generate(**enc, max_new_tokens=max_new_tokens, pad_token_id=tokenizer.pad_token_id,
-                             stopping_criteria=[stop] if one_step else None, **sampling)
+                             stopping_criteria=[stop] if stop is not None else None, **sampling)
         new = out[:, plen:].tolist()
         for row, (i, ids) in enumerate(zip(idx, new)):
-            # what the model generated: up to the token that completed the next step marker (the rest is padding,
-            # and pad may be the EOS id), or all of it; an EOS counts only if the model emitted it in there
+            # what the model generated: up to the token that completed the next step marker or the verdict (the rest
+            # is padding, and pad may be the EOS id), or all of it; an EOS counts only if the model emitted it there
             stopped = stop.stopped_at[row] if stop is not None and stop.stopped_at else None
             generated = ids if stopped is None else ids[:stopped + 1]
             ended = next((k for k, t in enumerate(generated) if t in eos_ids), None)
@@ -229,11 +253,12 @@ def generate(model, tokenizer, prompts, max_new_tokens, temperature=0.0, top_p=1
     return results
 
 
-def judge_pairs(model, tokenizer, template, items, max_new_tokens=512, batch_size=64, progress=None):
+def judge_pairs(model, tokenizer, template, items, max_new_tokens=512, batch_size=64, progress=None,
+                stop_at_verdict=False):
     """The model judge (paper Fig. 5): [(context, step_a, step_b)] -> [(verdict or None, raw judge text)]."""
     prompts = [chat_prompt(tokenizer, template.format(context=c, step_a=a, step_b=b)) for c, a, b in items]
     outs = generate(model, tokenizer, prompts, max_new_tokens, temperature=0.0, batch_size=batch_size,
-                    progress=progress)  # judge decoding is not given by the paper: greedy here
+                    progress=progress, stop_at_verdict=stop_at_verdict)  # judge decoding: greedy (not in the paper)
     return [(parse_verdict(o["text"]), o["text"]) for o in outs]
 
 
@@ -245,7 +270,7 @@ def verdict_fn(args, model, tokenizer, template, rng=None, progress=None):
         return oracle_verdicts(rng)
     return lambda comparisons: judge_pairs(
         model, tokenizer, template, [(judge_context(q, prev), a, b) for q, prev, a, b in comparisons],
-        args.judge_max_new_tokens, args.batch_size, progress)
+        args.judge_max_new_tokens, args.batch_size, progress, args.stop_at_verdict)
 
 
 # ----------------------------------------------------------------------------------------------------------------

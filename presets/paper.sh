@@ -24,6 +24,11 @@ GPU_GIB=${GPU_GIB:-$(nvidia-smi --query-gpu=memory.total --format=csv,noheader,n
   | awk '{print int($1 / 1024)}')}
 if [ "${GPU_GIB:-0}" -ge 36 ]; then GEN_BATCH=${GEN_BATCH:-128}; else GEN_BATCH=${GEN_BATCH:-64}; fi
 PREFILL="--prefill-chunk 256"
+# Generation engine: vLLM where it is installed (pip install -r requirements-vllm.txt; docs/vllm.md): the same
+# search and evaluation, served with continuous batching and prefix caching (the judge prompts of a step share
+# question and steps). It serves M_t as base + adapter; under --load-in-4bit, the base's NF4 weights dequantized to
+# bf16 (written once per base model). --batch-size and --prefill-chunk then do nothing. ENGINE=hf forces HF generate.
+ENGINE=${ENGINE:-$(python -c "import vllm" 2>/dev/null && echo vllm || echo hf)}
 
 PROMPTS="--prompt-reasoning reasoning"           # Fig. 4
 JUDGE_PROMPT="--prompt-judge judge"              # Fig. 5

@@ -12,6 +12,7 @@ DATA_SOURCE=${SHARED:-hub}                 # as presets/paper.sh: the hub, or a 
 BENCH=${SHARED:-$DATA/hub}
 DATA_ARGS=${DATA_ARGS:-"--question-source gsm8k --num-questions 2"}   # NUM_ITERS=1: M1 -> M2 on 2 questions
 NUM_ITERS=${NUM_ITERS:-1}
+[ "${ENGINE:-hf}" = vllm ] && NPROC=${NPROC:-1}  # vLLM's CPU worker binds a core of its own: one engine
 NPROC=${NPROC:-2}                          # search and evaluation: 2 processes of 1 thread (OMP_NUM_THREADS below)
 PROMPTS="--prompt-reasoning reasoning"     # Fig. 4
 JUDGE_PROMPT="--prompt-judge judge"        # Fig. 5

@@ -13,7 +13,13 @@ below as numbers) with random weights, so nothing is downloaded. For each size i
   (d) the settings that fit 24, 40 and 80 GB cards, from the measured peaks;
   (e) hours per iteration of the paper's loop (400/800/1,200 questions), estimated from the measured parts: the
       search's token count (the paper's measured solution shape, w, both orders; see search_tokens) over the
-      measured 4-bit+LoRA tokens/s, plus Step-DPO at the measured seconds per step.
+      measured 4-bit+LoRA tokens/s, plus Step-DPO at the measured seconds per step;
+  (f) where vllm is importable, the same for the vLLM engine (--engine vllm, vllm_engine.py): the base from its
+      config with random weights (load_format="dummy"), the adapter trained in (c) applied as vllm_engine serves
+      M_t (LoRARequest), loaded as the search loads it: a chunk's candidates (--vllm-questions x w, sampled, one
+      seed each) and a chunk's judge comparisons at once (each question's C(w,2) x orders prompts sharing their
+      first judge_prompt_tokens - 2 x step_tokens tokens, as a step's judge prompts share question and steps);
+      its engine start apart; and hours per iteration with its tokens/s.
 Writes --out (JSON), rewritten after every measurement, so a run cut short still leaves what it measured.
 scripts/estimate_memory.py estimates the same Step-DPO rows on a CPU (scripts/estimate_memory.json); after a run,
 `python -m scripts.estimate_memory --compare gpu_check.json` prints the two side by side.
@@ -33,13 +39,16 @@ import gc
 import importlib.util
 import json
 import math
+import os
 import platform
 import sys
+import tempfile
 import time
 
 import torch
 
 import modeling
+import vllm_engine
 from common import DataError, cli, write_json
 from train_step_dpo import sequence_logps, step_dpo_loss
 
@@ -53,11 +62,13 @@ QWEN25_MATH = {
 BOTH = dict(max_position_embeddings=4096, rope_theta=10000.0, rms_norm_eps=1e-6, hidden_act="silu",
             use_sliding_window=False, attention_dropout=0.0, bos_token_id=151643, eos_token_id=151643)
 # --tiny: the same architecture (and tying) shrunk so the whole script runs on CPU in seconds
-TINY = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+# (head dim 32: vLLM's CPU attention has no smaller one)
+TINY = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1,
             vocab_size=1024, bos_token_id=1023, eos_token_id=1023)
 # flags left unset: (GPU value, --tiny value)
 SHAPES = dict(seq_lens=("512,1024,2048", "32,64"), step_tokens=(128, 8), questions=(16, 2), prompt_tokens=(256, 16),
-              judge_batch=(96, 12), judge_prompt_tokens=(600, 32), new_tokens=(64, 8), prefill_chunk=(256, 8))
+              judge_batch=(96, 12), judge_prompt_tokens=(600, 32), new_tokens=(64, 8), prefill_chunk=(256, 8),
+              vllm_questions=(32, 4))
 CHUNKED_JUDGE = "judge, chunked prefill"
 # GiB a program can allocate on a card of each size (an L4/A10 "24 GB" shows ~22.5 GiB), less the CUDA context
 BUDGETS_GIB = {"24GB": 22.0, "40GB": 39.0, "80GB": 78.5}
@@ -296,16 +307,71 @@ def iteration_hours(gen_rows, dpo_rows, args, questions):
                 hours=(search_s + dpo_s) / 3600)
 
 
+def vllm_rows(size, args, workdir, weights):
+    """
+    (f) Candidates and judge through the vLLM engine, as the search sends them (see the docstring). Random weights
+    never stop early: every sequence writes exactly --new-tokens (ignore_eos, min_tokens).
+    """
+    from vllm import LLM, SamplingParams
+    from vllm.lora.request import LoRARequest
+    reset_peak()
+    start = time.perf_counter()
+    settings = vllm_engine.engine_settings()
+    if torch.cuda.is_available():
+        settings["gpu_memory_utilization"] = 0.8  # this process keeps its CUDA context and cache
+    llm = LLM(model=os.path.join(workdir, "base"), load_format="dummy", skip_tokenizer_init=True, enable_lora=True,
+              max_lora_rank=max(16, args.lora_rank), **settings)
+    engine_start = time.perf_counter() - start
+    log(f"{size}: vLLM engine started in {engine_start:.1f} s")
+    lora = LoRARequest("adapter", 1, os.path.join(workdir, "adapter"))
+    vocab = llm.llm_engine.model_config.hf_config.vocab_size
+    g = torch.Generator().manual_seed(args.seed)
+    random_ids = lambda n: torch.randint(vocab, (n,), generator=g).tolist()  # noqa: E731
+    fixed = dict(max_tokens=args.new_tokens, min_tokens=args.new_tokens, ignore_eos=True, detokenize=False)
+    questions = args.vllm_questions
+    candidates = [random_ids(args.prompt_tokens) for _ in range(questions)]
+    candidates = [p for p in candidates for _ in range(args.num_candidates)]
+    comparisons = math.comb(args.num_candidates, 2) * args.orders
+    shared = max(1, args.judge_prompt_tokens - 2 * args.step_tokens)
+    judge = []
+    for _ in range(questions):
+        prefix = random_ids(shared)
+        judge += [prefix + random_ids(args.judge_prompt_tokens - shared) for _ in range(comparisons)]
+    runs = [("step candidates", candidates, [SamplingParams(temperature=args.temperature, top_p=args.top_p, seed=i,
+                                                            **fixed) for i in range(len(candidates))]),
+            ("judge", judge, SamplingParams(temperature=0.0, **fixed))]
+    llm.generate([{"prompt_token_ids": random_ids(8)}], SamplingParams(max_tokens=2), lora_request=lora,
+                 use_tqdm=False)  # warm-up
+    for name, prompts, params in runs:
+        reset_peak()
+        start = time.perf_counter()
+        outs = llm.generate([{"prompt_token_ids": p} for p in prompts], params, lora_request=lora, use_tqdm=False)
+        seconds = time.perf_counter() - start
+        assert all(len(o.outputs[0].token_ids) == args.new_tokens for o in outs)
+        row = dict(name=name, weights=weights + "+lora", engine="vllm", sequences=len(prompts),
+                   prompt_tokens=len(prompts[0]), new_tokens=args.new_tokens, seconds=seconds,
+                   tokens_per_s=len(prompts) * args.new_tokens / seconds, engine_start_seconds=engine_start)
+        if name == "judge":
+            row["shared_prefix_tokens"] = shared
+        log(f"  vLLM {name} ({row['weights']}): {len(prompts)} x ({row['prompt_tokens']} + {args.new_tokens}) "
+            f"tokens, {row['tokens_per_s']:.0f} new tokens/s")
+        yield row
+    vllm_engine.shutdown(llm)
+    del llm
+    gc.collect()
+
+
 def versions():
     import peft
     import transformers
-    try:
-        import bitsandbytes
-        bnb = bitsandbytes.__version__
-    except ImportError:
-        bnb = None
+    found = {}
+    for name in ["bitsandbytes", "vllm"]:
+        try:
+            found[name] = __import__(name).__version__
+        except ImportError:
+            found[name] = None
     return dict(python=platform.python_version(), torch=torch.__version__, cuda=torch.version.cuda,
-                transformers=transformers.__version__, peft=peft.__version__, bitsandbytes=bnb)
+                transformers=transformers.__version__, peft=peft.__version__, **found)
 
 
 def parse_args(argv=None):
@@ -327,6 +393,8 @@ def parse_args(argv=None):
     p.add_argument("--judge-prompt-tokens", type=int, help="judge prompt length (default 600)")
     p.add_argument("--new-tokens", type=int, help="new tokens per sequence, exactly (default 64)")
     p.add_argument("--prefill-chunk", type=int, help="judge again with this --prefill-chunk (default 256; 0: not)")
+    p.add_argument("--vllm-questions", type=int, help="vLLM: questions per search chunk (default 32, the preset's)")
+    p.add_argument("--engines", default="hf,vllm", help="vllm is measured only where it is importable")
     p.add_argument("--judge-tokens", type=float, default=300, help="time estimate: judge explanation (assumed)")
     p.add_argument("--orders", type=int, default=2, help="time estimate: judging orders (the paper preset's 2)")
     p.add_argument("--time-budget", type=float, default=420, help="seconds; later measurements are skipped after")
@@ -376,14 +444,28 @@ def run(args, device, dtype):
                   else 0.0, versions=versions(), args=vars(args), models={})
     save = lambda: write_json(args.out, result)  # noqa: E731
     log(f"gpu check on {result['gpu']}, {result['versions']}")
+    with_vllm = "vllm" in args.engines and importlib.util.find_spec("vllm") is not None
+    if "vllm" in args.engines and not with_vllm:
+        log("vllm is not importable: the vLLM engine is not measured (pip install -r requirements-vllm.txt)")
     for size in args.sizes:
         if time.perf_counter() - T0 > args.time_budget:
             log(f"{size}: skipped, past --time-budget {args.time_budget:.0f} s")
             result["models"][size] = dict(skipped="time budget")
             continue
-        result["models"][size] = {}
-        check_model(size, result["models"][size], args, device, dtype, save)
-        reset_peak()
+        result["models"][size] = r = {}
+        with tempfile.TemporaryDirectory() as workdir:
+            check_model(size, r, args, device, dtype, save, workdir if with_vllm else None)
+            reset_peak()
+            if with_vllm and time.perf_counter() - T0 <= args.time_budget:
+                r["vllm"] = list(vllm_rows(size, args, workdir, str(dtype).replace("torch.", "")))
+                r["iteration_estimate_vllm"] = [iteration_hours(r["vllm"], r["step_dpo"], args, q)
+                                                for q in (400, 800, 1200)]
+                save()
+                for est in filter(None, r["iteration_estimate_vllm"]):
+                    log(f"{size}, {est['questions']} questions, vLLM: ~{est['hours']:.1f} h per iteration on one GPU "
+                        f"(estimated: search {est['search_hours']:.1f} h, Step-DPO {est['step_dpo_hours']:.1f} h)")
+            elif with_vllm:
+                log(f"{size}: vLLM skipped, past --time-budget")
     checks = [r["checks"] for r in result["models"].values() if "checks" in r]
     result["checks_passed"] = bool(checks) and all(c["adapter_trains"] and c["loss_starts_at_log2"] for c in checks)
     result["total_seconds"] = time.perf_counter() - T0
@@ -393,8 +475,11 @@ def run(args, device, dtype):
     return result
 
 
-def check_model(size, r, args, device, dtype, save):
-    """One size, filling r: generate in bf16, quantize to NF4, put LoRA on, Step-DPO per length, generate again."""
+def check_model(size, r, args, device, dtype, save, workdir=None):
+    """
+    One size, filling r: generate in bf16, quantize to NF4, put LoRA on, Step-DPO per length, generate again.
+    workdir: where the vLLM measurement's inputs go (the config, the trained adapter); None: not written.
+    """
     torch.manual_seed(args.seed)
     weights = str(dtype).replace("torch.", "")  # bfloat16 on GPU, float32 on CPU (--tiny)
     start = time.perf_counter()
@@ -430,6 +515,9 @@ def check_model(size, r, args, device, dtype, save):
     del optimizer, before
     model.eval()
     r["generation"] += list(generation_rows(model, weights + "+lora", args, vocab, device))
+    if workdir:
+        model.config.save_pretrained(os.path.join(workdir, "base"))
+        model.save_pretrained(os.path.join(workdir, "adapter"))  # PEFT: the adapter only
     r["fits"] = fits(r["step_dpo"], r["generation"])
     r["iteration_estimate"] = [iteration_hours(r["generation"], r["step_dpo"], args, q) for q in (400, 800, 1200)]
     save()

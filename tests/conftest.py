@@ -185,7 +185,7 @@ def pad_is_eos_search(model, tokenizer, prompt_reasoning):
     args = argparse.Namespace(prompt_reasoning=prompt_reasoning, prompt_judge="judge", num_candidates=3,
                               temperature=0.5, top_p=0.95, max_steps=5, max_step_tokens=max_step_tokens,
                               judge_max_new_tokens=8, orders=2, judge="model", no_dedupe=False, batch_size=64,
-                              seed=0)
+                              seed=0, stop_at_verdict=False)
     records = [dict(question="Tom has 5 pens. He buys 2 more. How many pens does he have?"),
                dict(question="Ann has 9 apples and eats 2 of them. How many are left?")]
     real_judge = modeling.judge_pairs

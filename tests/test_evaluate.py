@@ -176,7 +176,7 @@ def test_judge_eval(tmp_path, monkeypatch, fake_model):
              for i, label in enumerate("AABB")]
     data = write_lines(tmp_path / "eft_test.jsonl", pairs)
     # verdicts: right, wrong, unparsed, right
-    monkeypatch.setattr(evaluate, "judge_pairs", lambda model, tok, template, items, max_new_tokens, batch_size:
+    monkeypatch.setattr(evaluate, "judge_pairs", lambda model, tok, template, items, max_new_tokens, batch_size, **kw:
                         [("A", "[[A]]"), ("B", "[[B]]"), (None, "?"), ("B", "[[B]]")][:len(items)])
     run_main(monkeypatch, "--model", "m", "--judge-eval", data, "--out-dir", str(tmp_path / "eval"))
     summary = json.loads((tmp_path / "eval" / "judge_eval.summary.json").read_text())

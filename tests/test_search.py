@@ -403,7 +403,7 @@ CANDIDATE_FIELDS = {"text", "final", "eos", "new_tokens"}
 def search_args(**kw):
     args = dict(prompt_reasoning="reasoning_tiny", prompt_judge="judge_tiny", num_candidates=3, temperature=0.5,
                 top_p=0.95, max_steps=3, max_step_tokens=12, judge_max_new_tokens=8, orders=2, judge="model",
-                no_dedupe=False, batch_size=64, seed=0)
+                no_dedupe=False, batch_size=64, seed=0, stop_at_verdict=False)
     args.update(kw)
     return argparse.Namespace(**args)
 
