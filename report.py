@@ -9,7 +9,8 @@ Writes runs/<name>/summary.json  [{model, accuracy, accuracy_se, judge_accuracy,
                                    steps_per_solution, pairs, pairs_per_question, unparsed_verdicts, verdicts_a,
                                    verdicts_b, order_disagreement, tie_rollbacks, data, pairs_right_over_wrong,
                                    pairs_wrong_over_right (synthetic task: chosen step right and rejected wrong,
-                                   and the reverse, by the task's true labels), search_b_share,
+                                   and the reverse, by the task's true labels), search_generation,
+                                   search_verification, search_b_share,
                                    search_right_wins, search_wrong_wins, judge_near_accuracy, judge_near_n,
                                    judge_far_accuracy, judge_far_n (synthetic task: the judge against true
                                    labels, see verdict_check and judge_gap_check)}]
@@ -44,14 +45,19 @@ def pair_label_check(pairs, questions):
 
 def verdict_check(trees):
     """
-    Synthetic task only: the self-judge inside the search. Share of its verdicts that name B (position bias), and
-    over comparisons of a right candidate with a wrong one, how often each wins. {} for other data.
+    Synthetic task only: generation vs verification inside the search, by the task's true step labels.
+    search_generation = share of the sampled candidates that are right; search_verification = share of the judge's
+    verdicts on one right and one wrong candidate that pick the right one (right_wins / (right_wins + wrong_wins)):
+    self-judging can only improve the model where verification beats generation (Song et al. 2024, "Mind the Gap").
+    search_b_share = share of verdicts that name B (position bias). {} for other data.
     """
-    b = right_wins = wrong_wins = total = 0
+    b = right_wins = wrong_wins = total = candidates = right_candidates = 0
     try:
         for tree in trees:
             for node in tree["steps"]:
                 right = [step_is_right(tree["question"], node["step"], c["text"]) for c in node["candidates"]]
+                candidates += len(right)
+                right_candidates += sum(right)
                 for v in node["verdicts"]:
                     total += 1
                     b += v["verdict"] == "B"
@@ -61,7 +67,12 @@ def verdict_check(trees):
                         wrong_wins += not right[winner]
     except ValueError:  # not synthetic questions
         return {}
-    return dict(search_b_share=b / total, search_right_wins=right_wins, search_wrong_wins=wrong_wins) if total else {}
+    out = dict(search_generation=right_candidates / candidates) if candidates else {}
+    if right_wins + wrong_wins:
+        out["search_verification"] = right_wins / (right_wins + wrong_wins)
+    if total:
+        out.update(search_b_share=b / total, search_right_wins=right_wins, search_wrong_wins=wrong_wins)
+    return out
 
 
 def judge_gap_check(judge_rows, eft_rows):
@@ -161,12 +172,15 @@ def main():
               f"| {fmt(r['verdicts_a'])} / {fmt(r['verdicts_b'])} / {fmt(r['unparsed_verdicts'])} "
               f"| {fmt(r['order_disagreement'])} | {fmt(r['tie_rollbacks'])} |")
     if any("search_b_share" in r or "judge_near_accuracy" in r for r in rows):
-        print("\nsynthetic task, the judge checked against true labels: in the search that trained the model, the "
-              "share of [[B]] verdicts and right-vs-wrong wins; on the EFT test, accuracy by result gap")
-        print("| model | [[B]] share % | right wins / wrong wins | EFT, gap <= 2: % (n) | EFT, gap > 2: % (n) |")
-        print("|---|---|---|---|---|")
+        print("\nsynthetic task, against true labels: in the search that trained the model, generation (right "
+              "candidates %) vs verification (right picked over wrong %), [[B]] share and right-vs-wrong wins; "
+              "on the EFT test, judge accuracy by result gap")
+        print("| model | generation % | verification % | [[B]] share % | right wins / wrong wins "
+              "| EFT, gap <= 2: % (n) | EFT, gap > 2: % (n) |")
+        print("|---|---|---|---|---|---|---|")
         for r in rows:
-            print(f"| {r['model']} | {fmt(r.get('search_b_share'), True)} "
+            print(f"| {r['model']} | {fmt(r.get('search_generation'), True)} "
+                  f"| {fmt(r.get('search_verification'), True)} | {fmt(r.get('search_b_share'), True)} "
                   f"| {fmt(r.get('search_right_wins'))} / {fmt(r.get('search_wrong_wins'))} "
                   f"| {fmt(r.get('judge_near_accuracy'), True)} ({fmt(r.get('judge_near_n'))}) "
                   f"| {fmt(r.get('judge_far_accuracy'), True)} ({fmt(r.get('judge_far_n'))}) |")

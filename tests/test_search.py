@@ -179,8 +179,10 @@ def test_report_checks_the_judge_against_true_labels():
     verdicts = [dict(i=0, j=1, verdict="B"), dict(i=1, j=0, verdict="B"), dict(i=0, j=2, verdict="B"),
                 dict(i=1, j=2, verdict=None)]
     check = report.verdict_check([dict(question=q, steps=[dict(step=1, candidates=cands, verdicts=verdicts)])])
-    # right-vs-wrong comparisons: (0,1) wrong won, (1,0) right won; (0,2) is right vs right; None counts nowhere
-    assert check == dict(search_b_share=0.75, search_right_wins=1, search_wrong_wins=1)
+    # right-vs-wrong comparisons: (0,1) wrong won, (1,0) right won; (0,2) is right vs right; None counts nowhere.
+    # generation: 2 of the 3 sampled candidates are right; verification: the right one won 1 of its 2 comparisons
+    assert check == dict(search_generation=2 / 3, search_verification=0.5, search_b_share=0.75, search_right_wins=1,
+                         search_wrong_wins=1)
     assert report.verdict_check([dict(question="Find $x$.", steps=[])]) == {}  # no steps: nothing to check
     assert report.pair_label_check([], {}) == {}  # no pairs: nothing checked (not "0 right, 0 wrong")
     eft = [dict(id="a", step_a="Step 1: 4 more: 5 + 4 = 9.", step_b="Step 1: 4 more: 5 + 4 = 10."),
