@@ -337,6 +337,15 @@ def init_distributed():
     return int(os.environ.get("RANK", 0)), world
 
 
+def rank_slice(examples, rank, world):
+    """
+    This process's share under DDP: equal slices, so every process takes the same number of optimizer steps (else the
+    all-reduce hangs). Fewer examples than processes: each takes them all (DDP's mean of equal gradients is the
+    one-process gradient; an empty slice would have no batch to train on).
+    """
+    return examples[:len(examples) // world * world][rank::world] if len(examples) >= world else examples
+
+
 def load_for_training(args):
     """A trainer's start: join DDP under torchrun, seed, load M_t with trainable adapters. (rank, world, model, tok)."""
     rank, world = init_distributed()

@@ -27,7 +27,7 @@ import torch
 from common import (DataError, add_training_args, chat_prompt, cli, fraction, is_done, judge_context, load_prompt,
                     nonnegative_float, output_flags, positive_float, positive_int, prompt_path, read_jsonl,
                     stage_manifest)
-from modeling import load_for_training, padded_batch, prepare_for_training, save_trained, train_loop
+from modeling import load_for_training, padded_batch, prepare_for_training, rank_slice, save_trained, train_loop
 
 
 IFT_FIELDS = {"question": str, "solution": str}
@@ -88,7 +88,8 @@ def main():
                         help="paper batch 32 = batch-size x grad-accum x GPUs")
     parser.add_argument("--max-len", type=positive_int, default=2048)
     parser.add_argument("--limit", type=positive_int, default=None, help="use only the first N records of each file")
-    parser.add_argument("--limit-eft", type=positive_int, default=None, help="the first N EFT records (default: --limit)")
+    parser.add_argument("--limit-eft", type=positive_int, default=None,
+                        help="the first N EFT records (default: --limit)")
     add_training_args(parser)
     args = parser.parse_args()
     inputs = dict(model=args.model, ift=args.ift, eft=args.eft, prompt_reasoning=prompt_path(args.prompt_reasoning),
@@ -97,7 +98,8 @@ def main():
     if is_done(args.out, manifest, args.overwrite, [args.out.rstrip("/") + ".tmp"]):
         return
     ift = read_jsonl(args.ift, IFT_FIELDS)[:args.limit]
-    eft = read_jsonl(args.eft, EFT_FIELDS)[:args.limit if args.limit_eft is None else args.limit_eft] if args.eft else []
+    eft_limit = args.limit if args.limit_eft is None else args.limit_eft
+    eft = read_jsonl(args.eft, EFT_FIELDS)[:eft_limit] if args.eft else []
     rank, world, model, tokenizer = load_for_training(args)
     model = prepare_for_training(model, args)
     examples = build_examples(tokenizer, ift, eft, load_prompt(args.prompt_reasoning), load_prompt(args.prompt_judge),
@@ -105,10 +107,7 @@ def main():
     dropped = len(ift) + len(eft) - len(examples)
     if not examples:
         raise DataError(f"no SFT example left to train on (are --ift/--eft empty, or --max-len {args.max_len} too short?)")
-    # DDP: equal slices, so every process takes the same number of optimizer steps (else the all-reduce hangs). Fewer
-    # examples than processes: each process takes them all (an empty slice would have no batch to train on)
-    if len(examples) >= world:
-        examples = examples[:len(examples) // world * world][rank::world]
+    examples = rank_slice(examples, rank, world)
     rng = random.Random(args.seed)
     steps_per_epoch = len(batches(examples, args.batch_size, rng)) // args.grad_accum
     total_steps = max(1, int(steps_per_epoch * args.epochs))

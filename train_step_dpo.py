@@ -43,7 +43,7 @@ from tqdm import tqdm
 
 from common import (PartialJSONL, add_training_args, chat_prompt, cli, fraction, is_done, nonnegative_float,
                     output_flags, positive_float, positive_int, read_jsonl, stage_manifest, write_manifest)
-from modeling import load_for_training, padded_batch, prepare_for_training, save_trained, train_loop
+from modeling import load_for_training, padded_batch, prepare_for_training, rank_slice, save_trained, train_loop
 
 PAIR_FIELDS = {"id": (str, int), "prompt": str, "prefix": str, "chosen": str, "rejected": str, "chosen_eos": bool,
                "rejected_eos": bool}
@@ -179,11 +179,7 @@ def main():
         if rank == 0:
             save_trained(model, tokenizer, args.out, [], args, "dpo_config.json", manifest)
         return
-    # DDP: equal slices, so every process takes the same number of optimizer steps (else the all-reduce hangs). Fewer
-    # pairs than processes: each process takes them all (DDP's mean of equal gradients is the one-process gradient);
-    # an empty slice would have no batch to train on.
-    if len(examples) >= world:
-        examples = examples[:len(examples) // world * world][rank::world]
+    examples = rank_slice(examples, rank, world)
     ref = reference_logps(model, examples, tokenizer.pad_token_id, args.batch_size, ref_path, ref_manifest)
     model = prepare_for_training(model, args)
     rng = random.Random(args.seed)
