@@ -707,16 +707,26 @@ def add_generation_args(parser):
                              "the memory peak of large batches (docs/gpu.md)")
 
 
-def add_judge_args(parser, search=True):
-    """The step judge (paper §3.1, Fig. 5); search=True adds how the search uses it (the re-judge CLI too)."""
+def add_search_args(parser):
+    """How the step search (step_search.py, paper §3.3) samples: generate.py, and evaluate.py --search at test time."""
+    parser.add_argument("--num-candidates", type=checked(int, lambda v: v >= 2, "an integer >= 2 (a pair to judge)"),
+                        default=6, help="w, paper §4")
+    parser.add_argument("--temperature", type=nonnegative_float, default=0.5, help="paper §4")
+    parser.add_argument("--top-p", type=probability, default=0.95, help="paper §4")
+    parser.add_argument("--max-steps", type=positive_int, default=20,
+                        help="paper: max iteration number 20 (search rounds)")
+    parser.add_argument("--max-step-tokens", type=positive_int, default=256, help="new tokens per candidate step")
+    parser.add_argument("--seed", type=int, default=0, help="sampling seed (every draw is seeded per question)")
+
+
+def add_judge_args(parser):
+    """The step judge (paper §3.1, Fig. 5) and how the search uses it (the re-judge CLI too)."""
     parser.add_argument("--prompt-judge", default="judge", help="paper Fig. 5; the tiny default: judge_tiny")
     parser.add_argument("--judge-max-new-tokens", type=positive_int, default=512,
                         help="the judge's explanation + verdict")
     parser.add_argument("--stop-at-verdict", action="store_true",
                         help="stop the judge right after its first [[A]]/[[B]] (a cost lever; the paper's judge "
                              "writes on; docs/vllm.md measures it)")
-    if not search:
-        return
     parser.add_argument("--orders", type=int, default=2, choices=[1, 2],
                         help="judge both (A,B) and (B,A) (not stated in the paper; 2 cancels position bias)")
     parser.add_argument("--judge", default="model", choices=["model", "random", "oracle"],

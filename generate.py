@@ -1,12 +1,10 @@
 """
 Step-by-step search with self-judging (paper §3.3): M_t builds its own step-level preferences, with no labels.
 
-For every question, at each step: sample w candidate next steps from M_t (T=0.5, top_p=0.95), stopping each at the
-next "Step" marker or EOS; the same M_t judges every pair of candidates with the pairwise judge prompt (judge.py);
-score = number of wins (Eqs. 1-5); the best candidate is appended and the search goes on; (best, worst) is the
-step's preference pair. If all candidates tie, the previous step and its pair are dropped and the search rolls back
-one step. A candidate that holds \\boxed{} or ends with EOS ends the solution. All unfinished questions of a chunk
-advance together: one batched generate call for the candidates, one for all their judgments, per step.
+The search itself is step_search.py (shared with evaluate.py --search): for every question, at each step, w
+candidate next steps sampled from M_t (T=0.5, top_p=0.95), every pair judged by M_t with the pairwise judge prompt,
+score = number of wins (Eqs. 1-5), the best appended; (best, worst) is the step's preference pair; an all-tie rolls
+back one step (its pair dropped). All unfinished questions of a chunk advance together.
 
 Every random draw is seeded by its question: candidate c of round r of question q samples from a generator seeded
 by (--seed, q, r, c) (modeling.SeededGumbel), and the coin flips of --judge random / oracle come from one generator
@@ -14,9 +12,6 @@ per question. So a question's tree is the same whatever else shares its chunk: w
 number of shards, and after a resume (byte for byte on CPU: tests/test_provenance.py; on a GPU, kernels picked by
 batch shape may still round a near-tie differently). Under --engine vllm each candidate is one request with that
 seed, but vLLM's batching and prefix cache give no such promise for its logits (not tested here).
-
-"At most 20 steps" (paper: "max iteration number = 20") is counted in search rounds, roll-backs included, so a
-search that keeps tying still ends.
 
 Reads  --questions JSONL {id, question: str} (other fields, e.g. answer, are carried along and never used)
 Writes --out JSONL, one search tree per question:
@@ -36,96 +31,15 @@ rerun skips only when it matches, see common.is_done).
 """
 
 import argparse
-import random
 import time
-import zlib
 
 from tqdm import tqdm
 
-from common import (BOXED, PartialJSONL, add_generation_args, add_judge_args, add_model_args, chat_prompt, checked,
-                    cli, is_done, join_steps, judge_candidates, load_prompt, merge_shards, nonnegative_float,
-                    output_flags, parse_shard, positive_int, probability, prompt_path, read_jsonl, record_ids,
+from common import (PartialJSONL, add_generation_args, add_judge_args, add_model_args, add_search_args, cli, is_done,
+                    merge_shards, output_flags, parse_shard, positive_int, prompt_path, read_jsonl, record_ids,
                     save_config, search_stats, shard_path, sidecars, stage_manifest, write_json, write_manifest)
-from modeling import generate, load_model, verdict_fn
-
-
-def new_tree(rid, record, prompt):
-    return dict(id=rid, question=record["question"], prompt=prompt, solution_steps=[], finished=False,
-                stop_reason=None, rounds=0, steps=[])
-
-
-def apply_judgment(tree, node, max_steps):
-    """The search rules of §3.3 for one question after its step was judged: accept, roll back, or stop."""
-    tree["rounds"] += 1
-    if node["best"] is None and not node["tie"]:
-        node["outcome"], tree["finished"], tree["stop_reason"] = "empty", True, "empty"
-        return
-    if node["tie"]:
-        node["outcome"] = "tie_rollback"
-        if tree["solution_steps"]:  # drop the previous step and its pair; at step 1 there is nothing to drop
-            tree["solution_steps"].pop()
-            accepted = [n for n in tree["steps"] if n["outcome"] in ("accepted", "single") and not n["rolled_back"]]
-            accepted[-1]["rolled_back"] = True
-    else:
-        node["outcome"] = "accepted" if node["worst"] is not None else "single"
-        best = node["candidates"][node["best"]]
-        tree["solution_steps"].append(best["text"])
-        if best["final"]:
-            tree["finished"], tree["stop_reason"] = True, "answer" if BOXED in best["text"] else "eos"
-            return
-    if tree["rounds"] >= max_steps:
-        tree["finished"], tree["stop_reason"] = True, "max_steps"
-
-
-def candidate_seed(seed, question_id, search_round, candidate):
-    """The sampling seed of one candidate step: its question, search round and index, never its chunk or shard."""
-    return zlib.crc32(f"{seed}-{question_id}-{search_round}-{candidate}".encode())
-
-
-def search(model, tokenizer, records, ids, args, bar):
-    """Run the step search for a chunk of questions, all advancing together. Returns their trees."""
-    reasoning = load_prompt(args.prompt_reasoning)
-    judge_template = load_prompt(args.prompt_judge)
-    coins = {rid: random.Random(f"{args.seed}-{rid}") for rid in ids}  # --judge random / oracle: one per question
-    max_len = getattr(model.config, "max_position_embeddings", 1 << 30)
-    trees = [new_tree(rid, r, reasoning.format(problem=r["question"])) for rid, r in zip(ids, records)]
-    while True:
-        active = [t for t in trees if not t["finished"]]
-        if not active:
-            return trees
-        prompts = []
-        for t in active:
-            text = chat_prompt(tokenizer, t["prompt"]) + join_steps(t["solution_steps"])
-            if len(tokenizer(text, add_special_tokens=False)["input_ids"]) + args.max_step_tokens > max_len:
-                t["finished"], t["stop_reason"] = True, "too_long"
-            prompts.append(text)
-        keep = [k for k, t in enumerate(active) if not t["finished"]]
-        active, prompts = [active[k] for k in keep], [prompts[k] for k in keep]
-        # w candidates per question: the prompt repeated w times, sampled independently
-        outs = generate(model, tokenizer, [p for p in prompts for _ in range(args.num_candidates)],
-                        args.max_step_tokens, temperature=args.temperature, top_p=args.top_p,
-                        batch_size=args.batch_size, one_step=True,
-                        seeds=[candidate_seed(args.seed, t["id"], t["rounds"] + 1, c)
-                               for t in active for c in range(args.num_candidates)])
-        nodes = []
-        for k, t in enumerate(active):
-            cands = [dict(text=o["text"], final=o["eos"] or BOXED in o["text"], eos=o["eos"],
-                          new_tokens=o["new_tokens"])
-                     for o in outs[k * args.num_candidates:(k + 1) * args.num_candidates] if o["text"]]
-            nodes.append(dict(round=t["rounds"] + 1, step=len(t["solution_steps"]) + 1,
-                              prefix_steps=list(t["solution_steps"]), candidates=cands, rolled_back=False))
-        jobs = [(t["question"], n["prefix_steps"], [c["text"] for c in n["candidates"]]) for t, n in zip(active, nodes)]
-        if args.judge == "model":  # every question's comparisons in one batched generation (greedy)
-            judgments = judge_candidates(jobs, verdict_fn(args, model, tokenizer, judge_template), args.orders,
-                                         not args.no_dedupe)
-        else:  # a control: each question's coin flips from its own generator
-            judgments = [judge_candidates([job], verdict_fn(args, None, None, None, coins[t["id"]]), args.orders,
-                                          not args.no_dedupe)[0] for job, t in zip(jobs, active)]
-        for t, node, judgment in zip(active, nodes, judgments):
-            node.update(judgment)
-            t["steps"].append(node)
-            apply_judgment(t, node, args.max_steps)
-        bar.update(sum(t["finished"] for t in active))
+from modeling import load_model
+from step_search import search
 
 
 def main():
@@ -134,20 +48,13 @@ def main():
     parser.add_argument("--questions", required=True)
     parser.add_argument("--out", required=True)
     parser.add_argument("--prompt-reasoning", default="reasoning", help="paper Fig. 4; the tiny default: reasoning_tiny")
-    parser.add_argument("--num-candidates", type=checked(int, lambda v: v >= 2, "an integer >= 2 (a pair to judge)"),
-                        default=6, help="w, paper §4")
-    parser.add_argument("--temperature", type=nonnegative_float, default=0.5, help="paper §4")
-    parser.add_argument("--top-p", type=probability, default=0.95, help="paper §4")
-    parser.add_argument("--max-steps", type=positive_int, default=20,
-                        help="paper: max iteration number 20 (search rounds)")
-    parser.add_argument("--max-step-tokens", type=positive_int, default=256, help="new tokens per candidate step")
+    add_search_args(parser)
     add_judge_args(parser)
     add_generation_args(parser)
     parser.add_argument("--questions-per-chunk", type=positive_int, default=128, help="questions searched together; "
                         "the unit of progress saved for resuming (the trees do not depend on it)")
     parser.add_argument("--limit", type=positive_int, default=None, help="only the first N questions")
     parser.add_argument("--shard", default=None, help="i/n: take every n-th question from the i-th (default: torchrun rank)")
-    parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--overwrite", action="store_true")
     args = parser.parse_args()
     inputs = dict(model=args.model, questions=args.questions, prompt_reasoning=prompt_path(args.prompt_reasoning),
