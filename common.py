@@ -520,6 +520,30 @@ def parse_verdict(text):
     return found.pop() if len(found) == 1 else None
 
 
+# The outcome-based judge of the SRLM baseline (Yuan et al. 2024, "Self-Rewarding Language Models", Fig. 2): an
+# additive 5-point score of a whole solution, written last as "Score: <total points>".
+SCORE = re.compile(r"Score:[ \t]*([^\n]*)")
+NUMBER = re.compile(r"-?\d+(?:\.\d+)?")
+
+
+def parse_score(text):
+    """
+    'Score: 4' -> 4. None (unparseable, counted by the caller) when there is no 'Score:', when the rest of its line
+    holds no number or several ('Score: 4/5'), when the number is not a whole one in 0..5, or when two 'Score:'
+    lines disagree (the same score repeated counts once, as a repeated verdict does in parse_verdict).
+    """
+    values = set()
+    for rest in SCORE.findall(text):
+        numbers = NUMBER.findall(rest)
+        if len(numbers) != 1:
+            return None
+        values.add(float(numbers[0]))
+    if len(values) != 1:
+        return None
+    value = values.pop()
+    return int(value) if value.is_integer() and 0 <= value <= 5 else None
+
+
 def pairs_to_judge(num_candidates, orders):
     """All (i, j, order) comparisons among w candidates: i shown as A and j as B, plus the swap if orders == 2."""
     pairs = []
