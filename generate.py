@@ -32,8 +32,8 @@ Writes --out JSONL, one search tree per question:
   rolled_back marks an accepted step later discarded by a tie (make_pairs.py drops its pair).
   --mode srlm: the same with mode "srlm", one node (round 1, step 1, prefix_steps []) whose candidates are whole
   solutions, verdicts [], scorings [{i, scoring, score: 0-5 or null, raw, new_tokens}], scores [mean or null],
-  outcome accepted | single | tie | empty; solution_steps: the best solution's steps; stop_reason answer | eos |
-  max_tokens (the best solution's end) | tie | empty.
+  outcome accepted | single | tie | unscored (no scoring parsed) | empty; solution_steps: the best solution's steps;
+  stop_reason answer | eos | max_tokens (the best solution's end), or the outcome when there is no best.
 and next to it <out>.stats.json, <out>.config.json, and <out>.manifest.json (written last: what made the trees; a
 rerun skips only when it matches, see common.is_done).
 
@@ -85,7 +85,8 @@ def srlm_judgment(node):
     elif scored:
         best = scored[0]
     tie = len(scored) >= 2 and best is None
-    outcome = "tie" if tie else "empty" if not scored else "single" if worst is None else "accepted"
+    outcome = "tie" if tie else "accepted" if worst is not None else "single" if scored else \
+        "unscored" if node["candidates"] else "empty"
     node.update(scores=scores, best=best, worst=worst, tie=tie, outcome=outcome,
                 unparsed=sum(s["score"] is None for s in node["scorings"]))
 

@@ -41,6 +41,8 @@ def pair_from_node(tree, node, min_gap, ties):
         return None, "all candidates tied (roll-back)"
     if node["outcome"] == "tie":  # generate.py --mode srlm: every scored solution got the same mean score
         return None, "all solutions scored the same"
+    if node["outcome"] == "unscored":  # generate.py --mode srlm: no scoring of any solution could be parsed
+        return None, "no solution scored"
     if node["outcome"] in ("single", "empty"):
         return None, "one distinct candidate" if node["outcome"] == "single" else "no candidates"
     if node["rolled_back"]:

@@ -81,7 +81,7 @@ def test_srlm_pair_is_highest_vs_lowest_mean_and_has_the_step_pair_schema():
     (["A", "B", "C"], {0: [2], 1: [2], 2: [2]}, "all solutions scored the same"),   # all equal: no pair
     (["A", "A", "A"], {0: [5]}, "one distinct candidate"),                          # one distinct solution
     (["A", "B"], {0: [None, None], 1: [4]}, "one distinct candidate"),              # one scored solution
-    (["A", "B"], {0: [None], 1: [None]}, "no candidates"),                          # nothing parsed
+    (["A", "B"], {0: [None], 1: [None]}, "no solution scored"),                     # nothing parsed
 ])
 def test_srlm_no_pair(texts, scores, reason):
     pairs, dropped = pairs_of(srlm_node(texts, scores))
