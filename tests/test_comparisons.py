@@ -269,3 +269,29 @@ def test_search_eval_counts_the_judge_tokens(tiny_model_dir, synthetic_dir, tmp_
     _, tokenizer = modeling.load_model(tiny_model_dir)
     records = read_jsonl(str(out / "questions1.search.jsonl"))
     assert sum(r["judge_tokens"] for r in records) == sum(len(tokenizer(t, add_special_tokens=False)["input_ids"]) for t in texts) > 0
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# report.py: runs side by side, greedy vs search
+
+
+def test_report_compares_runs_and_greedy_with_search(tmp_path, monkeypatch, capsys):
+    import report
+    for run_name, accuracies in [("psrlm", [0.5, 0.6]), ("srlm", [0.5, 0.55])]:
+        for t, acc in enumerate(accuracies):
+            folder = tmp_path / run_name / f"iter{t}" / "eval"
+            folder.mkdir(parents=True)
+            (folder / "test.summary.json").write_text(json.dumps(dict(
+                dataset="test", n=100, accuracy=acc, accuracy_se=0.05, steps_per_solution=2.0, mean_output_tokens=30)))
+            if run_name == "psrlm":
+                (folder / "test.search.summary.json").write_text(json.dumps(dict(
+                    dataset="test", n=100, accuracy=acc + 0.1, accuracy_se=0.05, mean_candidate_tokens=400,
+                    mean_judge_tokens=900)))
+    run(monkeypatch, report, "--run", tmp_path / "psrlm", "--run", tmp_path / "srlm")
+    out = capsys.readouterr().out
+    assert "| psrlm | 50.0 ± 5.0 | 60.0 ± 5.0 |" in out and "| srlm | 50.0 ± 5.0 | 55.0 ± 5.0 |" in out
+    assert "| psrlm | M2 | 60.0 ± 5.0 | 30 | 70.0 ± 5.0 | 400 | 900 |" in out  # greedy vs search, M2
+    assert "| srlm | M1 |" not in out.split("greedy %")[1]  # no search results: no row
+    assert (tmp_path / "comparison.png").stat().st_size > 1000
+    rows = json.loads((tmp_path / "psrlm" / "summary.json").read_text())
+    assert rows[0]["accuracy"] == 0.5 and rows[0]["search_accuracy"] == 0.6  # the greedy row is not the search's
