@@ -32,7 +32,7 @@ NUM_ITERS=${NUM_ITERS:-}       # default 3, paper: M1 -> M2 -> M3 -> M4 (the smo
 OVERWRITE=${OVERWRITE:-}       # 1: redo every stage
 ENGINE=${ENGINE:-}             # hf: HF generate | vllm (docs/vllm.md); default hf (PRESET=paper: vllm if installed)
 # Each stage's flags below can be overridden from the environment (SFT_ARGS=..., SYNTH_ARGS=..., MODEL_ARGS=...).
-# DATA holds questions1..3.jsonl, eft_test.jsonl, ift.jsonl, eft.jsonl; NPROC = processes (CPU cores, or GPUs)
+# DATA holds questions1..3.jsonl, eft_test.jsonl, ift.jsonl, eft.jsonl (+ srlm_eft.jsonl); NPROC = processes (CPU cores, or GPUs)
 
 if [ "$PRESET" = tiny ]; then
   DATA=${DATA:-data/synthetic}
