@@ -25,14 +25,14 @@ INIT=${INIT:-}                 # an existing M1 to start from (skips SFT), e.g. 
 JUDGE=${JUDGE:-model}          # model: the paper's self-judging | controls: random (coin flips), oracle (true labels)
 METHOD=${METHOD:-psrlm}        # psrlm: the paper's step search | srlm: the outcome-based baseline (Yuan et al. 2024,
                                # paper Table 1): whole solutions scored 0-5 by the model, best vs worst
-SRLM_EFT=${SRLM_EFT:-}         # N: M1 also learns the SRLM judge from N whole-solution scorings (tiny preset; METHOD=srlm
-                               # without INIT: 5000); empty: the default M1 (step judge only)
+SRLM_EFT=${SRLM_EFT:-}         # N: M1 also learns the SRLM judge from N whole-solution scorings (tiny preset;
+                               # METHOD=srlm without INIT: 5000); empty: the default M1 (step judge only)
 SEED=${SEED:-}                 # the loop's seed (search sampling, DPO order); empty: each stage's default, 0
 NUM_ITERS=${NUM_ITERS:-}       # default 3, paper: M1 -> M2 -> M3 -> M4 (the smollm2 preset: 1)
 OVERWRITE=${OVERWRITE:-}       # 1: redo every stage
 ENGINE=${ENGINE:-}             # hf: HF generate | vllm (docs/vllm.md); default hf (PRESET=paper: vllm if installed)
 # Each stage's flags below can be overridden from the environment (SFT_ARGS=..., SYNTH_ARGS=..., MODEL_ARGS=...).
-# DATA holds questions1..3.jsonl, eft_test.jsonl, ift.jsonl, eft.jsonl (+ srlm_eft.jsonl); NPROC = processes (CPU cores, or GPUs)
+# DATA holds questions1..3.jsonl, eft_test.jsonl, ift.jsonl, eft.jsonl (+ srlm_eft.jsonl); NPROC = processes
 
 if [ "$PRESET" = tiny ]; then
   DATA=${DATA:-data/synthetic}

@@ -1,8 +1,9 @@
 """
 The table of a run, or of several runs side by side (the paper's Table 1: PSRLM, SRLM and the controls from one M1;
-Table 5: greedy vs step search at test time, evaluate.py --search). Of a run: per model M1, M2, ... its accuracy on the held-out test (± standard error), its step-judge
-accuracy on the held-out EFT pairs, steps per solution, and for the iteration that produced it the number of
-preference pairs, unparseable verdicts and how often the two judging orders disagreed.
+Table 5: greedy vs step search at test time, evaluate.py --search). Of a run: per model M1, M2, ... its accuracy on
+the held-out test (± standard error), its step-judge accuracy on the held-out EFT pairs, steps per solution, and for
+the iteration that produced it the number of preference pairs, unparseable verdicts and how often the two judging
+orders disagreed.
 
 Reads  runs/<name>/iter<t>/{eval/*.summary.json, eval/judge_eval.jsonl, trees.jsonl, pairs.jsonl(.stats.json)}
        and the EFT test file named in judge_eval.summary.json
@@ -48,8 +49,8 @@ def pair_label_check(pairs, questions, srlm=False):
     if not pairs:  # nothing to check (and no way to tell synthetic questions)
         return {}
     try:
-        checks = [tuple(is_right(questions[p["question_id"]], p["step"], p[side], srlm) for side in ("chosen", "rejected"))
-                  for p in pairs]
+        checks = [tuple(is_right(questions[p["question_id"]], p["step"], p[side], srlm)
+                        for side in ("chosen", "rejected")) for p in pairs]
     except ValueError:  # not synthetic questions
         return {}
     return dict(pairs_right_over_wrong=checks.count((True, False)), pairs_wrong_over_right=checks.count((False, True)))

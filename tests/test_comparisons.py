@@ -65,7 +65,8 @@ def pairs_of(node):
 
 
 def test_srlm_pair_is_highest_vs_lowest_mean_and_has_the_step_pair_schema():
-    node = srlm_node(["Step 1: a.\nStep 2: b.", "Step 1: c.", "Step 1: d."], {0: [5, 4, 5], 1: [1, 2, None], 2: [3, 3, 3]})
+    node = srlm_node(["Step 1: a.\nStep 2: b.", "Step 1: c.", "Step 1: d."],
+                     {0: [5, 4, 5], 1: [1, 2, None], 2: [3, 3, 3]})
     (pair,), dropped = pairs_of(node)
     assert node["scores"] == [14 / 3, 1.5, 3.0] and node["unparsed"] == 1 and node["outcome"] == "accepted"
     assert (pair["chosen"], pair["rejected"]) == ("Step 1: a.\nStep 2: b.", "Step 1: c.")
@@ -181,7 +182,8 @@ def test_solution_score_follows_the_true_step_labels():
     assert synthetic.solution_score(question, right) == 5
     assert synthetic.solution_score(question, right[:1]) == 2  # right so far, no answer
     assert synthetic.solution_score(question, ["Step 1: 3 more: 9 + 3 = 13.", right[1]]) == 1
-    assert synthetic.solution_score(question, [right[0], "Step 2: 2 fewer: 12 - 2 = 11. The answer is \\boxed{11}."]) == 2
+    wrong_answer = "Step 2: 2 fewer: 12 - 2 = 11. The answer is \\boxed{11}."
+    assert synthetic.solution_score(question, [right[0], wrong_answer]) == 2
     assert synthetic.solution_score(question, ["I do not know."]) == 0
     assert synthetic.srlm_judgment(question, right) == "Step 1: 12 vs 12, right. Step 2: 10 vs 10, right. Score: 5"
 
@@ -200,7 +202,8 @@ def test_srlm_eft_is_optional_and_leaves_the_default_set_unchanged(synthetic_dir
     for r in records:
         assert parse_score(r["judgment"]) == r["score"] == synthetic.solution_score(r["question"],
                                                                                    r["response"].split("\n"))
-    held_out = {r["question"] for name in ("test", "dev", "eft_test", "eft_dev") for r in read_jsonl(str(out / f"{name}.jsonl"))}
+    held_out = {r["question"] for name in ("test", "dev", "eft_test", "eft_dev")
+                for r in read_jsonl(str(out / f"{name}.jsonl"))}
     assert not held_out & {r["question"] for r in records}
 
 
@@ -268,7 +271,8 @@ def test_search_eval_counts_the_judge_tokens(tiny_model_dir, synthetic_dir, tmp_
         os.path.join(synthetic_dir, "questions1.jsonl"), "--out-dir", out, *SEARCH, "--judge", "model", "--limit", "2")
     _, tokenizer = modeling.load_model(tiny_model_dir)
     records = read_jsonl(str(out / "questions1.search.jsonl"))
-    assert sum(r["judge_tokens"] for r in records) == sum(len(tokenizer(t, add_special_tokens=False)["input_ids"]) for t in texts) > 0
+    judge_tokens = sum(len(tokenizer(t, add_special_tokens=False)["input_ids"]) for t in texts)
+    assert sum(r["judge_tokens"] for r in records) == judge_tokens > 0
 
 
 # ----------------------------------------------------------------------------------------------------------------
