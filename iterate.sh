@@ -9,8 +9,8 @@
 #   bash iterate.sh                              # the embedded default: tiny model, synthetic task, CPU, ~13 min
 #   RUN=random JUDGE=random INIT=runs/default/iter0/model bash iterate.sh   # control: coin-flip judge, same M1
 #   RUN=oracle JUDGE=oracle INIT=runs/default/iter0/model bash iterate.sh   # control: a perfect judge, same M1
-#   RUN=srlm METHOD=srlm INIT=runs/both/iter0/model bash iterate.sh         # the outcome-based SRLM baseline
-#     from an M1 that learned both judges (RUN=both SRLM_EFT=5000 bash iterate.sh; docs/comparisons.md)
+#   RUN=srlm METHOD=srlm INIT=runs/psrlm/iter0/model bash iterate.sh        # the outcome-based SRLM baseline
+#     from an M1 that learned both judges (RUN=psrlm SRLM_EFT=5000 bash iterate.sh; docs/comparisons.md)
 #   SPLIT=dev RUN=try1 DPO_ARGS="..." INIT=... bash iterate.sh              # tune on the dev split, never on test
 #   PRESET=smollm2 SHARED=/path/to/copies bash iterate.sh  # the paper's path on a real pretrained model, CPU, toy
 #   PRESET=paper MODEL=Qwen/Qwen2.5-Math-7B RUN=qwen7b bash iterate.sh      # paper setup on GPUs (see README)
@@ -42,8 +42,9 @@ if [ "$PRESET" = tiny ]; then
   PROMPTS="--prompt-reasoning reasoning_tiny"
   JUDGE_PROMPT="--prompt-judge judge_tiny"
   SRLM_JUDGE_PROMPT="--prompt-srlm-judge srlm_judge_tiny"
-  # METHOD=srlm: k=4 solutions (Yuan et al.), 3 scorings each (theirs), as many tokens as the evaluation's solutions
-  SRLM_ARGS=${SRLM_ARGS:-"--num-candidates 4 --srlm-scorings 3 --max-new-tokens 160 --judge-max-new-tokens 64 \
+  # METHOD=srlm: k=4 solutions (Yuan et al.), 3 scorings each (theirs), as many tokens as the evaluation's solutions;
+  # the SRLM EFT judgments run to 62 tokens (39 on average)
+  SRLM_ARGS=${SRLM_ARGS:-"--num-candidates 4 --srlm-scorings 3 --max-new-tokens 160 --judge-max-new-tokens 80 \
 --batch-size 128 --questions-per-chunk 64"}
   SFT_ARGS=${SFT_ARGS:-"--epochs 0.7 --lr 2e-3 --batch-size 16 --max-len 512"}
   # --orders 1: the tiny judge is position-biased, so judged in both orders 543 of 1,196 search steps tied and
