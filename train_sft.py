@@ -122,8 +122,9 @@ def main():
     steps_per_epoch = len(batches(examples, args.batch_size, rng)) // args.grad_accum
     total_steps = max(1, int(steps_per_epoch * args.epochs))
     if rank == 0:
-        print(f"{len(ift)} IFT + {len(eft)} EFT + {len(srlm_eft)} SRLM EFT records, {dropped} dropped (prompt alone "
-              f">= --max-len {args.max_len}), {total_steps} optimizer steps, "
+        srlm_count = f" + {len(srlm_eft)} SRLM EFT" if srlm_eft else ""
+        print(f"{len(ift)} IFT + {len(eft)} EFT{srlm_count} records, {dropped} dropped (prompt alone >= --max-len "
+              f"{args.max_len}), {total_steps} optimizer steps, "
               f"{sum(p.numel() for p in model.parameters() if p.requires_grad) / 1e6:.2f}M trainable parameters")
 
     def groups():  # grad_accum micro-batches per optimizer step, reshuffled every epoch
