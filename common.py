@@ -520,6 +520,30 @@ def parse_verdict(text):
     return found.pop() if len(found) == 1 else None
 
 
+# The outcome-based judge of the SRLM baseline (Yuan et al. 2024, "Self-Rewarding Language Models", Fig. 2): an
+# additive 5-point score of a whole solution, written last as "Score: <total points>".
+SCORE = re.compile(r"Score:[ \t]*([^\n]*)")
+NUMBER = re.compile(r"-?\d+(?:\.\d+)?")
+
+
+def parse_score(text):
+    """
+    'Score: 4' -> 4. None (unparseable, counted by the caller) when there is no 'Score:', when the rest of its line
+    holds no number or several ('Score: 4/5'), when the number is not a whole one in 0..5, or when two 'Score:'
+    lines disagree (the same score repeated counts once, as a repeated verdict does in parse_verdict).
+    """
+    values = set()
+    for rest in SCORE.findall(text):
+        numbers = NUMBER.findall(rest)
+        if len(numbers) != 1:
+            return None
+        values.add(float(numbers[0]))
+    if len(values) != 1:
+        return None
+    value = values.pop()
+    return int(value) if value.is_integer() and 0 <= value <= 5 else None
+
+
 def pairs_to_judge(num_candidates, orders):
     """All (i, j, order) comparisons among w candidates: i shown as A and j as B, plus the swap if orders == 2."""
     pairs = []
@@ -707,16 +731,26 @@ def add_generation_args(parser):
                              "the memory peak of large batches (docs/gpu.md)")
 
 
-def add_judge_args(parser, search=True):
-    """The step judge (paper §3.1, Fig. 5); search=True adds how the search uses it (the re-judge CLI too)."""
+def add_search_args(parser):
+    """How the step search (step_search.py, paper §3.3) samples: generate.py, and evaluate.py --search at test time."""
+    parser.add_argument("--num-candidates", type=checked(int, lambda v: v >= 2, "an integer >= 2 (a pair to judge)"),
+                        default=6, help="w, paper §4")
+    parser.add_argument("--temperature", type=nonnegative_float, default=0.5, help="paper §4")
+    parser.add_argument("--top-p", type=probability, default=0.95, help="paper §4")
+    parser.add_argument("--max-steps", type=positive_int, default=20,
+                        help="paper: max iteration number 20 (search rounds)")
+    parser.add_argument("--max-step-tokens", type=positive_int, default=256, help="new tokens per candidate step")
+    parser.add_argument("--seed", type=int, default=0, help="sampling seed (every draw is seeded per question)")
+
+
+def add_judge_args(parser):
+    """The step judge (paper §3.1, Fig. 5) and how the search uses it (the re-judge CLI too)."""
     parser.add_argument("--prompt-judge", default="judge", help="paper Fig. 5; the tiny default: judge_tiny")
     parser.add_argument("--judge-max-new-tokens", type=positive_int, default=512,
                         help="the judge's explanation + verdict")
     parser.add_argument("--stop-at-verdict", action="store_true",
                         help="stop the judge right after its first [[A]]/[[B]] (a cost lever; the paper's judge "
                              "writes on; docs/vllm.md measures it)")
-    if not search:
-        return
     parser.add_argument("--orders", type=int, default=2, choices=[1, 2],
                         help="judge both (A,B) and (B,A) (not stated in the paper; 2 cancels position bias)")
     parser.add_argument("--judge", default="model", choices=["model", "random", "oracle"],

@@ -15,6 +15,14 @@ Writes, per data set, into --out-dir (name: from the file's folder and name, see
   {name}.jsonl           {id, question, output, extracted, gold, correct, num_steps, output_tokens}
   {name}.summary.json    {dataset, n, accuracy, accuracy_se, steps_per_solution, mean_output_tokens, unextracted,
                           model, data, prompt_reasoning, max_new_tokens}
+With --search (test-time scaling, paper Table 5): each question is solved by the step search of the loop
+(step_search.py: w candidates per step, judged pairwise by the model itself, the best kept; --num-candidates,
+--temperature, --top-p, --orders, --max-steps, --max-step-tokens, --seed, --judge as in generate.py), no pair
+written, the accepted steps graded like a greedy solution. Writes {name}.search.jsonl (the records above plus
+candidate_tokens, judge_tokens: tokens generated for the question's candidates and for its judgments, output_tokens
+their sum, rounds, stop_reason) and {name}.search.summary.json (the summary above plus mean_candidate_tokens,
+mean_judge_tokens and the search flags). Judge tokens are the judge texts re-tokenized (the EOS after a judgment
+is not counted); the random and oracle judges generate none.
 With --judge-eval FILE (EFT pairs {id, question, previous_steps: [str], step_a, step_b, label, judgment}, ids unique):
   judge_eval.jsonl       {id, label, verdict, correct, raw}
   judge_eval.summary.json {n, judge_accuracy, judge_accuracy_se, unparsed, unparsed_share, model, data}
@@ -27,6 +35,9 @@ without a boxed solution gets "... \\boxed{<raw answer field>}"), misgraded item
         --prompt-reasoning reasoning_tiny
     python evaluate.py --model runs/default/m1 --judge-eval data/synthetic/eft_test.jsonl \\
         --out-dir runs/default/m1/eval --prompt-judge judge_tiny
+    python evaluate.py --search --model runs/default/m1 --data data/synthetic/test.jsonl \\
+        --out-dir runs/default/m1/eval --prompt-reasoning reasoning_tiny --prompt-judge judge_tiny --orders 1 \\
+        --max-step-tokens 40 --judge-max-new-tokens 64
     python evaluate.py --oracle --data ../shared/data/gsm8k/test.jsonl
     torchrun --nproc_per_node 8 evaluate.py --model M --data ../shared/data/math500/test.jsonl --out-dir M/eval
 """
@@ -37,11 +48,16 @@ import os
 import re
 import threading
 
-from common import (DataError, PartialJSONL, add_generation_args, add_judge_args, add_model_args, chat_prompt, cli,
-                    is_done, judge_context, last_boxed, load_prompt, made_by, merge_shards, parse_shard,
-                    positive_int, prompt_path, read_jsonl, save_config, shard_path, sidecars, split_steps,
-                    stage_manifest, write_json, write_manifest)
+from common import (DataError, PartialJSONL, add_generation_args, add_judge_args, add_model_args, add_search_args,
+                    chat_prompt, cli, is_done, judge_context, last_boxed, load_prompt, made_by, merge_shards,
+                    parse_shard, positive_int, prompt_path, read_jsonl, save_config, shard_path, sidecars,
+                    split_steps, stage_manifest, write_json, write_manifest)
 from modeling import generate, judge_pairs, load_model
+from step_search import search
+
+# the flags of --search that change its results (evaluate.py --search's manifest)
+SEARCH_FLAGS = ("num_candidates", "temperature", "top_p", "max_steps", "max_step_tokens", "seed", "orders", "judge",
+                "no_dedupe", "judge_max_new_tokens", "stop_at_verdict")
 
 # ----------------------------------------------------------------------------------------------------------------
 # answers: extraction and equivalence
@@ -172,6 +188,23 @@ def solve(model, tokenizer, template, items, max_new_tokens, batch_size):
     return [(o["text"], o["new_tokens"]) for o in outs]
 
 
+def search_solve(model, tokenizer, items, args):
+    """
+    The loop's step search on a batch of items, its accepted steps as the solution -> [(text, token counts)]:
+    the tokens generated for every candidate of every round, and for every judgment (re-tokenized judge texts).
+    """
+    trees = search(model, tokenizer, items, [it["id"] for it in items], args)
+    out = []
+    for tree in trees:
+        candidate_tokens = sum(c["new_tokens"] for node in tree["steps"] for c in node["candidates"])
+        judge_texts = [v["raw"] for node in tree["steps"] for v in node["verdicts"]] if args.judge == "model" else []
+        judge_tokens = sum(len(tokenizer(raw, add_special_tokens=False)["input_ids"]) for raw in judge_texts)
+        out.append(("\n".join(tree["solution_steps"]), dict(
+            candidate_tokens=candidate_tokens, judge_tokens=judge_tokens, rounds=tree["rounds"],
+            stop_reason=tree["stop_reason"])))
+    return out
+
+
 def binomial_se(p, n):
     return math.sqrt(p * (1 - p) / n) if n else 0.0
 
@@ -267,7 +300,11 @@ def main():
     parser.add_argument("--prompt-reasoning", default="reasoning",
                         help="prompt name in prompts/ (paper Fig. 4); the tiny default uses reasoning_tiny")
     parser.add_argument("--judge-eval", help="EFT test pairs: report the judge's accuracy on them")
-    add_judge_args(parser, search=False)
+    add_judge_args(parser)
+    parser.add_argument("--search", action="store_true",
+                        help="test-time scaling (paper Table 5): solve by the loop's step search with the model's own "
+                             "judge instead of greedy decoding")
+    add_search_args(parser)
     parser.add_argument("--oracle", action="store_true", help="grade the gold solutions themselves; no model")
     parser.add_argument("--shard", help="i/n: this process takes items i::n (default: torchrun's RANK/WORLD_SIZE)")
     parser.add_argument("--overwrite", action="store_true")
@@ -276,8 +313,8 @@ def main():
         raise DataError("--model and --out-dir are needed (or --oracle to check the grader on gold solutions)")
     if not args.data and not args.judge_eval:
         raise DataError("nothing to evaluate: pass --data FILE and/or --judge-eval FILE")
-    if args.oracle and args.judge_eval:
-        raise DataError("--judge-eval needs a model; drop --oracle")
+    if args.oracle and (args.judge_eval or args.search):
+        raise DataError("--judge-eval and --search need a model; drop --oracle")
     benchmarks = [load_benchmark(path) for path in args.data]  # bad files fail before the model loads
     first = {}
     for (name, _), path in zip(benchmarks, args.data):
@@ -294,13 +331,19 @@ def main():
     # every output is checked before the model loads: finished by this run -> skipped, by another -> an error
     # --engine too: the two engines' float sums differ, so a near-tie can decode differently (docs/vllm.md)
     model_flags = dict(limit=args.limit, load_in_4bit=args.load_in_4bit, attn=args.attn, engine=args.engine)
+    # --search: {name}.search.jsonl, made from the search flags and the judge's prompt as well
+    kind = ".search" if args.search else ""
+    if args.search:
+        stage, prompts = "evaluate search", dict(prompt_judge=prompt_path(args.prompt_judge))
+        flags = dict(model_flags, **{k: getattr(args, k) for k in SEARCH_FLAGS})
+    else:
+        stage, prompts, flags = "evaluate", {}, dict(model_flags, max_new_tokens=args.max_new_tokens)
     todo = []
     for (name, items), path in zip(benchmarks, args.data):
-        out_path = os.path.join(args.out_dir, f"{name}.jsonl")
-        manifest = stage_manifest("evaluate", dict(model=args.model, data=path,
-                                                   prompt_reasoning=prompt_path(args.prompt_reasoning)),
-                                  dict(model_flags, max_new_tokens=args.max_new_tokens))
-        if to_do(out_path, manifest, args, [os.path.join(args.out_dir, f"{name}.summary.json")]):
+        out_path = os.path.join(args.out_dir, f"{name}{kind}.jsonl")
+        manifest = stage_manifest(stage, dict(model=args.model, data=path,
+                                              prompt_reasoning=prompt_path(args.prompt_reasoning), **prompts), flags)
+        if to_do(out_path, manifest, args, [os.path.join(args.out_dir, f"{name}{kind}.summary.json")]):
             todo.append((name, items[:args.limit], path, out_path, manifest))
     judge = None
     if args.judge_eval:
@@ -326,6 +369,9 @@ def main():
     summaries = []
     for name, items, path, out_path, manifest in todo:
         def process(batch):
+            if args.search:
+                return [dict(grade(it, text, counts["candidate_tokens"] + counts["judge_tokens"]), **counts)
+                        for it, (text, counts) in zip(batch, search_solve(model, tokenizer, batch, args))]
             outs = solve(model, tokenizer, template, batch, args.max_new_tokens, args.batch_size)
             return [grade(it, text, tokens) for it, (text, tokens) in zip(batch, outs)]
 
@@ -333,9 +379,14 @@ def main():
         if records is None:
             continue  # other shards still running; the last one writes the summary
         summary = summarize(name, records)
-        summary.update(model=args.model, data=path, prompt_reasoning=args.prompt_reasoning,
-                       max_new_tokens=args.max_new_tokens)
-        write_json(os.path.join(args.out_dir, f"{name}.summary.json"), summary)
+        summary.update(model=args.model, data=path, prompt_reasoning=args.prompt_reasoning)
+        if args.search:
+            summary.update(search=True, prompt_judge=args.prompt_judge, **{k: getattr(args, k) for k in SEARCH_FLAGS},
+                           **{f"mean_{k}": sum(r[k] for r in records) / len(records)
+                              for k in ("candidate_tokens", "judge_tokens")})
+        else:
+            summary.update(max_new_tokens=args.max_new_tokens)
+        write_json(os.path.join(args.out_dir, f"{name}{kind}.summary.json"), summary)
         write_manifest(out_path, manifest)
         print(f"{name}: n={summary['n']} accuracy: {summary['accuracy']:.4f} ± {summary['accuracy_se']:.4f}")
         summaries.append(summary)

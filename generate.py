@@ -1,12 +1,9 @@
 """
 Step-by-step search with self-judging (paper §3.3): M_t builds its own step-level preferences, with no labels.
-
-For every question, at each step: sample w candidate next steps from M_t (T=0.5, top_p=0.95), stopping each at the
-next "Step" marker or EOS; the same M_t judges every pair of candidates with the pairwise judge prompt (judge.py);
-score = number of wins (Eqs. 1-5); the best candidate is appended and the search goes on; (best, worst) is the
-step's preference pair. If all candidates tie, the previous step and its pair are dropped and the search rolls back
-one step. A candidate that holds \\boxed{} or ends with EOS ends the solution. All unfinished questions of a chunk
-advance together: one batched generate call for the candidates, one for all their judgments, per step.
+The search itself is step_search.py (shared with evaluate.py --search): for every question, at each step, w
+candidate next steps sampled from M_t (T=0.5, top_p=0.95), every pair judged by M_t with the pairwise judge prompt,
+score = number of wins (Eqs. 1-5), the best appended; (best, worst) is the step's preference pair; an all-tie rolls
+back one step (its pair dropped). All unfinished questions of a chunk advance together.
 
 Every random draw is seeded by its question: candidate c of round r of question q samples from a generator seeded
 by (--seed, q, r, c) (modeling.SeededGumbel), and the coin flips of --judge random / oracle come from one generator
@@ -15,8 +12,15 @@ number of shards, and after a resume (byte for byte on CPU: tests/test_provenanc
 batch shape may still round a near-tie differently). Under --engine vllm each candidate is one request with that
 seed, but vLLM's batching and prefix cache give no such promise for its logits (not tested here).
 
-"At most 20 steps" (paper: "max iteration number = 20") is counted in search rounds, roll-backs included, so a
-search that keeps tying still ends.
+--mode srlm: the outcome-based baseline the paper compares with (Table 1, "SRLM"; Yuan et al. 2024, "Self-Rewarding
+Language Models", §2): --num-candidates whole solutions per question (k; Yuan et al.: 4) sampled at --temperature /
+--top-p up to --max-new-tokens; each distinct one scored --srlm-scorings times (Yuan et al.: 3) by the same M_t with
+the additive 5-point LLM-as-a-Judge prompt (their Fig. 2: prompts/srlm_judge.txt; the tiny model's compact variant:
+srlm_judge_tiny), the scorings sampled like the solutions (seeded per question, solution and scoring) and averaged;
+an unparseable scoring (common.parse_score: None) is counted and left out of the mean, a solution with none parsed
+gets no score. Its tree has one node whose candidates are the solutions (prefix_steps []), so make_pairs.py makes
+the highest- vs the lowest-scored solution a pair with no change (pass --min-gap 0: the scores are means, any gap
+counts); no pair when all scored solutions tie (outcome tie) or fewer than two distinct ones were scored.
 
 Reads  --questions JSONL {id, question: str} (other fields, e.g. answer, are carried along and never used)
 Writes --out JSONL, one search tree per question:
@@ -26,106 +30,116 @@ Writes --out JSONL, one search tree per question:
              outcome: accepted | single | tie_rollback | empty, rolled_back: bool} ] }
   stop_reason: answer (a step with \\boxed) | eos (ended without \\boxed) | max_steps | empty | too_long
   rolled_back marks an accepted step later discarded by a tie (make_pairs.py drops its pair).
+  --mode srlm: the same with mode "srlm", one node (round 1, step 1, prefix_steps []) whose candidates are whole
+  solutions, verdicts [], scorings [{i, scoring, score: 0-5 or null, raw, new_tokens}], scores [mean or null],
+  outcome accepted | single | tie | unscored (no scoring parsed) | empty; solution_steps: the best solution's steps;
+  stop_reason answer | eos | max_tokens (the best solution's end), or the outcome when there is no best.
 and next to it <out>.stats.json, <out>.config.json, and <out>.manifest.json (written last: what made the trees; a
 rerun skips only when it matches, see common.is_done).
 
     python generate.py --model runs/default/m1 --questions data/synthetic/questions1.jsonl \\
         --out runs/default/iter1/trees.jsonl --prompt-reasoning reasoning_tiny --prompt-judge judge_tiny \\
         --max-step-tokens 48 --judge-max-new-tokens 64
+    python generate.py --mode srlm --model runs/default/m1 --questions data/synthetic/questions1.jsonl \\
+        --out runs/srlm/iter1/trees.jsonl --prompt-reasoning reasoning_tiny --prompt-srlm-judge srlm_judge_tiny \\
+        --num-candidates 4 --srlm-scorings 3 --max-new-tokens 160 --judge-max-new-tokens 64
     # several GPUs: torchrun --nproc_per_node 2 generate.py ... (each process takes every 2nd question; merged)
 """
 
 import argparse
-import random
 import time
-import zlib
 
 from tqdm import tqdm
 
-from common import (BOXED, PartialJSONL, add_generation_args, add_judge_args, add_model_args, chat_prompt, checked,
-                    cli, is_done, join_steps, judge_candidates, load_prompt, merge_shards, nonnegative_float,
-                    output_flags, parse_shard, positive_int, probability, prompt_path, read_jsonl, record_ids,
-                    save_config, search_stats, shard_path, sidecars, stage_manifest, write_json, write_manifest)
-from modeling import generate, load_model, verdict_fn
+from common import (BOXED, DataError, PartialJSONL, add_generation_args, add_judge_args, add_model_args,
+                    add_search_args, best_and_worst, chat_prompt, checked, cli, distinct_candidates, is_done,
+                    load_prompt, merge_shards, output_flags, parse_score, parse_shard, positive_int, prompt_path,
+                    read_jsonl, record_ids, save_config, search_stats, shard_path, sidecars, split_steps,
+                    stage_manifest, write_json, write_manifest)
+from modeling import generate, load_model
+from step_search import new_tree, sample_seed, search
+
+# flags of --mode srlm alone: left out of a step search's manifest (they do not change its trees)
+SRLM_FLAGS = ("mode", "srlm_scorings", "max_new_tokens", "prompt_srlm_judge")
 
 
-def new_tree(rid, record, prompt):
-    return dict(id=rid, question=record["question"], prompt=prompt, solution_steps=[], finished=False,
-                stop_reason=None, rounds=0, steps=[])
+def srlm_judgment(node):
+    """
+    SRLM's pairing rule on one node with its scorings: each candidate's score is the mean of its parsed scorings
+    (a copy of a judged solution shares its score; None if none parsed); best and worst among the scored judged
+    candidates, first index on ties (common.best_and_worst). Sets scores, best, worst, tie, unparsed, outcome.
+    """
+    parsed = {}
+    for s in node["scorings"]:
+        if s["score"] is not None:
+            parsed.setdefault(s["i"], []).append(s["score"])
+    texts = [c["text"] for c in node["candidates"]]
+    first = {t: i for i, t in reversed(list(enumerate(texts)))}
+    source = [i if i in node["judged"] else first[t] for i, t in enumerate(texts)]
+    scores = [sum(parsed[j]) / len(parsed[j]) if j in parsed else None for j in source]
+    scored = [i for i in node["judged"] if scores[i] is not None]
+    best = worst = None
+    if len(scored) >= 2:
+        b, w = best_and_worst([scores[i] for i in scored])
+        best, worst = (scored[b], scored[w]) if b is not None else (None, None)
+    elif scored:
+        best = scored[0]
+    tie = len(scored) >= 2 and best is None
+    outcome = "tie" if tie else "accepted" if worst is not None else "single" if scored else \
+        "unscored" if node["candidates"] else "empty"
+    node.update(scores=scores, best=best, worst=worst, tie=tie, outcome=outcome,
+                unparsed=sum(s["score"] is None for s in node["scorings"]))
 
 
-def apply_judgment(tree, node, max_steps):
-    """The search rules of §3.3 for one question after its step was judged: accept, roll back, or stop."""
-    tree["rounds"] += 1
-    if node["best"] is None and not node["tie"]:
-        node["outcome"], tree["finished"], tree["stop_reason"] = "empty", True, "empty"
-        return
-    if node["tie"]:
-        node["outcome"] = "tie_rollback"
-        if tree["solution_steps"]:  # drop the previous step and its pair; at step 1 there is nothing to drop
-            tree["solution_steps"].pop()
-            accepted = [n for n in tree["steps"] if n["outcome"] in ("accepted", "single") and not n["rolled_back"]]
-            accepted[-1]["rolled_back"] = True
-    else:
-        node["outcome"] = "accepted" if node["worst"] is not None else "single"
-        best = node["candidates"][node["best"]]
-        tree["solution_steps"].append(best["text"])
-        if best["final"]:
-            tree["finished"], tree["stop_reason"] = True, "answer" if BOXED in best["text"] else "eos"
-            return
-    if tree["rounds"] >= max_steps:
-        tree["finished"], tree["stop_reason"] = True, "max_steps"
+def srlm_search(model, tokenizer, records, ids, args, bar=None):
+    """--mode srlm for a chunk of questions: k whole solutions each, scored --srlm-scorings times. Returns trees."""
+    reasoning, template = load_prompt(args.prompt_reasoning), load_prompt(args.prompt_srlm_judge)
+    k = args.num_candidates
+    trees = [dict(new_tree(rid, r, reasoning.format(problem=r["question"])), mode="srlm", finished=True, rounds=1)
+             for rid, r in zip(ids, records)]
+    outs = generate(model, tokenizer, [chat_prompt(tokenizer, t["prompt"]) for t in trees for _ in range(k)],
+                    args.max_new_tokens, temperature=args.temperature, top_p=args.top_p, batch_size=args.batch_size,
+                    seeds=[sample_seed(args.seed, t["id"], "solution", c) for t in trees for c in range(k)])
+    nodes, scorings = [], []  # scorings: (question, candidate, scoring) to generate
+    for q, t in enumerate(trees):
+        candidates = [dict(text=o["text"], final=o["eos"] or BOXED in o["text"], eos=o["eos"],
+                           new_tokens=o["new_tokens"]) for o in outs[q * k:(q + 1) * k] if o["text"]]
+        texts = [c["text"] for c in candidates]
+        judged = list(range(len(texts))) if args.no_dedupe else distinct_candidates(texts)
+        nodes.append(dict(round=1, step=1, prefix_steps=[], candidates=candidates, judged=judged, verdicts=[],
+                          scorings=[], rolled_back=False))
+        scorings += [(q, i, s) for i in judged for s in range(args.srlm_scorings)]
+    prompts = [chat_prompt(tokenizer, template.format(question=trees[q]["question"],
+                                                      response=nodes[q]["candidates"][i]["text"]))
+               for q, i, _ in scorings]
+    outs = generate(model, tokenizer, prompts, args.judge_max_new_tokens, temperature=args.temperature,
+                    top_p=args.top_p, batch_size=args.batch_size,
+                    seeds=[sample_seed(args.seed, trees[q]["id"], "score", i, s) for q, i, s in scorings])
+    for (q, i, s), o in zip(scorings, outs):
+        nodes[q]["scorings"].append(dict(i=i, scoring=s, score=parse_score(o["text"]), raw=o["text"],
+                                         new_tokens=o["new_tokens"]))
+    for t, node in zip(trees, nodes):
+        srlm_judgment(node)
+        t["steps"].append(node)
+        best = node["candidates"][node["best"]] if node["best"] is not None else None
+        t["solution_steps"] = split_steps(best["text"]) if best else []
+        t["stop_reason"] = node["outcome"] if best is None else "answer" if BOXED in best["text"] else \
+            "eos" if best["eos"] else "max_tokens"
+    if bar is not None:
+        bar.update(len(trees))
+    return trees
 
 
-def candidate_seed(seed, question_id, search_round, candidate):
-    """The sampling seed of one candidate step: its question, search round and index, never its chunk or shard."""
-    return zlib.crc32(f"{seed}-{question_id}-{search_round}-{candidate}".encode())
-
-
-def search(model, tokenizer, records, ids, args, bar):
-    """Run the step search for a chunk of questions, all advancing together. Returns their trees."""
-    reasoning = load_prompt(args.prompt_reasoning)
-    judge_template = load_prompt(args.prompt_judge)
-    coins = {rid: random.Random(f"{args.seed}-{rid}") for rid in ids}  # --judge random / oracle: one per question
-    max_len = getattr(model.config, "max_position_embeddings", 1 << 30)
-    trees = [new_tree(rid, r, reasoning.format(problem=r["question"])) for rid, r in zip(ids, records)]
-    while True:
-        active = [t for t in trees if not t["finished"]]
-        if not active:
-            return trees
-        prompts = []
-        for t in active:
-            text = chat_prompt(tokenizer, t["prompt"]) + join_steps(t["solution_steps"])
-            if len(tokenizer(text, add_special_tokens=False)["input_ids"]) + args.max_step_tokens > max_len:
-                t["finished"], t["stop_reason"] = True, "too_long"
-            prompts.append(text)
-        keep = [k for k, t in enumerate(active) if not t["finished"]]
-        active, prompts = [active[k] for k in keep], [prompts[k] for k in keep]
-        # w candidates per question: the prompt repeated w times, sampled independently
-        outs = generate(model, tokenizer, [p for p in prompts for _ in range(args.num_candidates)],
-                        args.max_step_tokens, temperature=args.temperature, top_p=args.top_p,
-                        batch_size=args.batch_size, one_step=True,
-                        seeds=[candidate_seed(args.seed, t["id"], t["rounds"] + 1, c)
-                               for t in active for c in range(args.num_candidates)])
-        nodes = []
-        for k, t in enumerate(active):
-            cands = [dict(text=o["text"], final=o["eos"] or BOXED in o["text"], eos=o["eos"],
-                          new_tokens=o["new_tokens"])
-                     for o in outs[k * args.num_candidates:(k + 1) * args.num_candidates] if o["text"]]
-            nodes.append(dict(round=t["rounds"] + 1, step=len(t["solution_steps"]) + 1,
-                              prefix_steps=list(t["solution_steps"]), candidates=cands, rolled_back=False))
-        jobs = [(t["question"], n["prefix_steps"], [c["text"] for c in n["candidates"]]) for t, n in zip(active, nodes)]
-        if args.judge == "model":  # every question's comparisons in one batched generation (greedy)
-            judgments = judge_candidates(jobs, verdict_fn(args, model, tokenizer, judge_template), args.orders,
-                                         not args.no_dedupe)
-        else:  # a control: each question's coin flips from its own generator
-            judgments = [judge_candidates([job], verdict_fn(args, None, None, None, coins[t["id"]]), args.orders,
-                                          not args.no_dedupe)[0] for job, t in zip(jobs, active)]
-        for t, node, judgment in zip(active, nodes, judgments):
-            node.update(judgment)
-            t["steps"].append(node)
-            apply_judgment(t, node, args.max_steps)
-        bar.update(sum(t["finished"] for t in active))
+def srlm_stats(trees):
+    """Counts over --mode srlm trees: solutions, scorings, unparseable ones, the mean score, how nodes ended."""
+    nodes = [n for t in trees for n in t["steps"]]
+    scores = [s["score"] for n in nodes for s in n["scorings"] if s["score"] is not None]
+    outcomes = {}
+    for n in nodes:
+        outcomes[n["outcome"]] = outcomes.get(n["outcome"], 0) + 1
+    return dict(questions=len(trees), solutions=sum(len(n["candidates"]) for n in nodes),
+                scorings=sum(len(n["scorings"]) for n in nodes), unparsed=sum(n["unparsed"] for n in nodes),
+                mean_score=sum(scores) / len(scores) if scores else None, outcomes=outcomes)
 
 
 def main():
@@ -134,28 +148,34 @@ def main():
     parser.add_argument("--questions", required=True)
     parser.add_argument("--out", required=True)
     parser.add_argument("--prompt-reasoning", default="reasoning", help="paper Fig. 4; the tiny default: reasoning_tiny")
-    parser.add_argument("--num-candidates", type=checked(int, lambda v: v >= 2, "an integer >= 2 (a pair to judge)"),
-                        default=6, help="w, paper §4")
-    parser.add_argument("--temperature", type=nonnegative_float, default=0.5, help="paper §4")
-    parser.add_argument("--top-p", type=probability, default=0.95, help="paper §4")
-    parser.add_argument("--max-steps", type=positive_int, default=20,
-                        help="paper: max iteration number 20 (search rounds)")
-    parser.add_argument("--max-step-tokens", type=positive_int, default=256, help="new tokens per candidate step")
+    parser.add_argument("--mode", default="step", choices=["step", "srlm"],
+                        help="step: the paper's step search (PSRLM) | srlm: the outcome-based baseline (Yuan et al. "
+                             "2024): whole solutions scored 0-5 by the model")
+    add_search_args(parser)
     add_judge_args(parser)
+    parser.add_argument("--prompt-srlm-judge", default="srlm_judge",
+                        help="--mode srlm: Yuan et al. 2024 Fig. 2; the tiny default: srlm_judge_tiny")
+    parser.add_argument("--srlm-scorings", type=positive_int, default=3,
+                        help="--mode srlm: scorings per solution, averaged (Yuan et al.: 3)")
+    parser.add_argument("--max-new-tokens", type=positive_int, default=512, help="--mode srlm: tokens per solution")
     add_generation_args(parser)
     parser.add_argument("--questions-per-chunk", type=positive_int, default=128, help="questions searched together; "
                         "the unit of progress saved for resuming (the trees do not depend on it)")
     parser.add_argument("--limit", type=positive_int, default=None, help="only the first N questions")
     parser.add_argument("--shard", default=None, help="i/n: take every n-th question from the i-th (default: torchrun rank)")
-    parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--overwrite", action="store_true")
     args = parser.parse_args()
+    srlm = args.mode == "srlm"
+    if srlm and args.judge != "model":
+        raise DataError(f"--mode srlm scores with the model itself; --judge {args.judge} is a control of the step "
+                        f"search")
     inputs = dict(model=args.model, questions=args.questions, prompt_reasoning=prompt_path(args.prompt_reasoning),
-                  prompt_judge=prompt_path(args.prompt_judge))
+                  prompt_judge=None if srlm else prompt_path(args.prompt_judge),
+                  prompt_srlm_judge=prompt_path(args.prompt_srlm_judge) if srlm else None)
     # batch size, prefill chunks and questions per chunk change the speed, not the trees; --engine changes them
-    # (vLLM samples from its own random streams) and stays in the manifest
+    # (vLLM samples from its own random streams) and stays in the manifest; so do the srlm flags in srlm mode
     manifest = stage_manifest("generate", inputs, output_flags(args, "batch_size", "prefill_chunk",
-                                                                "questions_per_chunk"))
+                                                                "questions_per_chunk", *(() if srlm else SRLM_FLAGS)))
     shard, num_shards = parse_shard(args.shard)
     out_path = shard_path(args.out, shard, num_shards)
     if is_done(args.out, manifest, args.overwrite, sidecars(args.out)):
@@ -171,9 +191,10 @@ def main():
         with tqdm(total=len(todo), desc="search (questions done)") as bar:
             for c in range(0, len(todo), args.questions_per_chunk):
                 chunk = todo[c:c + args.questions_per_chunk]
-                progress.add(search(model, tokenizer, [r for _, r in chunk], [i for i, _ in chunk], args, bar))
+                progress.add((srlm_search if srlm else search)(model, tokenizer, [r for _, r in chunk],
+                                                              [i for i, _ in chunk], args, bar))
         progress.finish(ids[shard::num_shards])
-        stats = search_stats(read_jsonl(out_path)) | dict(seconds=round(time.time() - t0, 1))
+        stats = (srlm_stats if srlm else search_stats)(read_jsonl(out_path)) | dict(seconds=round(time.time() - t0, 1))
         print(stats)
         write_json(out_path + ".stats.json", stats)
         save_config(args, out_path + ".config.json")

@@ -9,6 +9,8 @@
 #   bash iterate.sh                              # the embedded default: tiny model, synthetic task, CPU, ~13 min
 #   RUN=random JUDGE=random INIT=runs/default/iter0/model bash iterate.sh   # control: coin-flip judge, same M1
 #   RUN=oracle JUDGE=oracle INIT=runs/default/iter0/model bash iterate.sh   # control: a perfect judge, same M1
+#   RUN=srlm METHOD=srlm INIT=runs/psrlm/iter0/model bash iterate.sh        # the outcome-based SRLM baseline
+#     from an M1 that learned both judges (RUN=psrlm SRLM_EFT=5000 bash iterate.sh; docs/comparisons.md)
 #   SPLIT=dev RUN=try1 DPO_ARGS="..." INIT=... bash iterate.sh              # tune on the dev split, never on test
 #   PRESET=smollm2 SHARED=/path/to/copies bash iterate.sh  # the paper's path on a real pretrained model, CPU, toy
 #   PRESET=paper MODEL=Qwen/Qwen2.5-Math-7B RUN=qwen7b bash iterate.sh      # paper setup on GPUs (see README)
@@ -21,11 +23,16 @@ PRESET=${PRESET:-tiny}         # tiny: the embedded default on CPU | smollm2: Sm
 MODEL=${MODEL:-}               # M0; empty with PRESET=tiny: built here (prepare/tiny_model.py)
 INIT=${INIT:-}                 # an existing M1 to start from (skips SFT), e.g. to compare judges from one M1
 JUDGE=${JUDGE:-model}          # model: the paper's self-judging | controls: random (coin flips), oracle (true labels)
+METHOD=${METHOD:-psrlm}        # psrlm: the paper's step search | srlm: the outcome-based baseline (Yuan et al. 2024,
+                               # paper Table 1): whole solutions scored 0-5 by the model, best vs worst
+SRLM_EFT=${SRLM_EFT:-}         # N: M1 also learns the SRLM judge from N whole-solution scorings (tiny preset;
+                               # METHOD=srlm without INIT: 5000); empty: the default M1 (step judge only)
+SEED=${SEED:-}                 # the loop's seed (search sampling, DPO order); empty: each stage's default, 0
 NUM_ITERS=${NUM_ITERS:-}       # default 3, paper: M1 -> M2 -> M3 -> M4 (the smollm2 preset: 1)
 OVERWRITE=${OVERWRITE:-}       # 1: redo every stage
 ENGINE=${ENGINE:-}             # hf: HF generate | vllm (docs/vllm.md); default hf (PRESET=paper: vllm if installed)
 # Each stage's flags below can be overridden from the environment (SFT_ARGS=..., SYNTH_ARGS=..., MODEL_ARGS=...).
-# DATA holds questions1..3.jsonl, eft_test.jsonl, ift.jsonl, eft.jsonl; NPROC = processes (CPU cores, or GPUs)
+# DATA holds questions1..3.jsonl, eft_test.jsonl, ift.jsonl, eft.jsonl (+ srlm_eft.jsonl); NPROC = processes
 
 if [ "$PRESET" = tiny ]; then
   DATA=${DATA:-data/synthetic}
@@ -34,6 +41,11 @@ if [ "$PRESET" = tiny ]; then
   NPROC=${NPROC:-2}
   PROMPTS="--prompt-reasoning reasoning_tiny"
   JUDGE_PROMPT="--prompt-judge judge_tiny"
+  SRLM_JUDGE_PROMPT="--prompt-srlm-judge srlm_judge_tiny"
+  # METHOD=srlm: k=4 solutions (Yuan et al.), 3 scorings each (theirs), as many tokens as the evaluation's solutions;
+  # the SRLM EFT judgments run to 62 tokens (39 on average)
+  SRLM_ARGS=${SRLM_ARGS:-"--num-candidates 4 --srlm-scorings 3 --max-new-tokens 160 --judge-max-new-tokens 80 \
+--batch-size 128 --questions-per-chunk 64"}
   SFT_ARGS=${SFT_ARGS:-"--epochs 0.7 --lr 2e-3 --batch-size 16 --max-len 512"}
   # --orders 1: the tiny judge is position-biased, so judged in both orders 543 of 1,196 search steps tied and
   # rolled back (10 pairs from 120 questions, measured); the paper does not say it judges both orders
@@ -53,6 +65,14 @@ else
   source "presets/$PRESET.sh"  # sets the same variables (and MODEL, DATA, DATA_SOURCE, NPROC)
 fi
 NUM_ITERS=${NUM_ITERS:-3}
+SRLM_JUDGE_PROMPT=${SRLM_JUDGE_PROMPT:-"--prompt-srlm-judge srlm_judge"}  # Yuan et al. Fig. 2 (other presets)
+SRLM_ARGS=${SRLM_ARGS:-"--num-candidates 4 --srlm-scorings 3"}
+case "$METHOD" in psrlm|srlm) ;; *) echo "METHOD=$METHOD: psrlm or srlm" >&2; exit 1 ;; esac
+[ "$METHOD" = srlm ] && [ "$JUDGE" != model ] && { echo "METHOD=srlm scores with the model; JUDGE=$JUDGE is a" \
+  "control of the step search" >&2; exit 1; }
+[ "$METHOD" = srlm ] && [ "$PRESET" = tiny ] && [ -z "$INIT" ] && SRLM_EFT=${SRLM_EFT:-5000}
+[ -n "$SEED" ] && SEED_ARG="--seed $SEED" || SEED_ARG=""
+[ -n "$SRLM_EFT" ] && SRLM_SFT="--srlm-eft $DATA/srlm_eft.jsonl $SRLM_JUDGE_PROMPT" || SRLM_SFT=""
 ENGINE=${ENGINE:-hf}
 [ -n "$OVERWRITE" ] && OW="--overwrite" || OW=""
 R=${RUN_DIR:-runs/$RUN}
@@ -91,7 +111,8 @@ evaluate() {  # $1: model dir -> $1/../eval
 # --- data and M0 (the tiny default builds both; the real-data presets build their data and load MODEL) -------------
 if [ "$PRESET" = tiny ]; then
   # questions per iteration: the paper's 400/800/1200 scaled by 0.3 so the loop fits ~25 minutes on 2 cores
-  run python -m prepare.synthetic --out-dir "$DATA" ${SYNTH_ARGS:---num-questions 120,240,360} $OW
+  run python -m prepare.synthetic --out-dir "$DATA" ${SYNTH_ARGS:---num-questions 120,240,360} \
+      ${SRLM_EFT:+--srlm-eft $SRLM_EFT} $OW
   [ -z "$MODEL" ] && MODEL=$R/m0 && run python -m prepare.tiny_model --corpus "$DATA/ift.jsonl" "$DATA/eft.jsonl" \
       --out "$MODEL" ${MODEL_ARGS:-} $OW
 else
@@ -118,7 +139,7 @@ else
     run rm "$M1"
   fi
   run env -u OMP_NUM_THREADS $TRAIN train_sft.py --model "$MODEL" --ift "$DATA/ift.jsonl" --eft "$DATA/eft.jsonl" \
-      --out "$R/iter0/model" $PROMPTS $JUDGE_PROMPT $SFT_ARGS $OW
+      --out "$R/iter0/model" $PROMPTS $JUDGE_PROMPT $SRLM_SFT $SFT_ARGS $OW
 fi
 evaluate "$R/iter0/model"
 
@@ -126,11 +147,17 @@ evaluate "$R/iter0/model"
 for t in $(seq 1 "$NUM_ITERS"); do
   prev=$R/iter$((t - 1))/model
   it=$R/iter$t
-  sharded python generate.py --model "$prev" --questions "$DATA/questions$t.jsonl" --out "$it/trees.jsonl" \
-      $PROMPTS $JUDGE_PROMPT $GEN_ARGS --judge "$JUDGE" --engine "$ENGINE" $OW
-  run python make_pairs.py --trees "$it/trees.jsonl" --out "$it/pairs.jsonl" $OW
+  if [ "$METHOD" = srlm ]; then  # k whole solutions, scored by M_t; the highest vs the lowest mean score
+    sharded python generate.py --mode srlm --model "$prev" --questions "$DATA/questions$t.jsonl" \
+        --out "$it/trees.jsonl" $PROMPTS $SRLM_JUDGE_PROMPT $SRLM_ARGS --engine "$ENGINE" $SEED_ARG $OW
+    run python make_pairs.py --trees "$it/trees.jsonl" --out "$it/pairs.jsonl" --min-gap 0 $OW
+  else
+    sharded python generate.py --model "$prev" --questions "$DATA/questions$t.jsonl" --out "$it/trees.jsonl" \
+        $PROMPTS $JUDGE_PROMPT $GEN_ARGS --judge "$JUDGE" --engine "$ENGINE" $SEED_ARG $OW
+    run python make_pairs.py --trees "$it/trees.jsonl" --out "$it/pairs.jsonl" $OW
+  fi
   run env -u OMP_NUM_THREADS $TRAIN train_step_dpo.py --model "$prev" --pairs "$it/pairs.jsonl" --out "$it/model" \
-      $DPO_ARGS $OW
+      $DPO_ARGS $SEED_ARG $OW
   evaluate "$it/model"
 done
 

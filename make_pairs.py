@@ -4,7 +4,8 @@ Search trees -> step-level preference pairs (paper §3.3, Fig. 1: {x, s_1..s_{l-
 One pair per judged step: the best-scored candidate (chosen) against the worst (rejected), given the question and
 the steps before it. The paper's rules: no pair from an all-tie step, and the pair of a step discarded by a
 roll-back is dropped too. Left open by the paper, chosen here (flags):
-  --min-gap 1          best and worst must differ by at least this many wins (1 = any non-tie)
+  --min-gap 1          best and worst must differ by at least this many wins (1 = any non-tie); the mean 0-5
+                       scores of generate.py --mode srlm (whole solutions, prefix "") want --min-gap 0
   --ties first         several candidates share the best (or worst) score: take the first, i.e. a random one,
                        since candidates are i.i.d. samples (--ties skip drops such steps)
   dedupe               identical (prompt, prefix, chosen, rejected) pairs are kept once
@@ -38,6 +39,10 @@ def pair_from_node(tree, node, min_gap, ties):
     """(pair, None) or (None, reason it gives no pair)."""
     if node["outcome"] == "tie_rollback":
         return None, "all candidates tied (roll-back)"
+    if node["outcome"] == "tie":  # generate.py --mode srlm: every scored solution got the same mean score
+        return None, "all solutions scored the same"
+    if node["outcome"] == "unscored":  # generate.py --mode srlm: no scoring of any solution could be parsed
+        return None, "no solution scored"
     if node["outcome"] in ("single", "empty"):
         return None, "one distinct candidate" if node["outcome"] == "single" else "no candidates"
     if node["rolled_back"]:

@@ -1,7 +1,9 @@
 """
-The table of a run: per model M1, M2, ... its accuracy on the held-out test (± standard error), its step-judge
-accuracy on the held-out EFT pairs, steps per solution, and for the iteration that produced it the number of
-preference pairs, unparseable verdicts and how often the two judging orders disagreed.
+The table of a run, or of several runs side by side (the paper's Table 1: PSRLM, SRLM and the controls from one M1;
+Table 5: greedy vs step search at test time, evaluate.py --search). Of a run: per model M1, M2, ... its accuracy on
+the held-out test (± standard error), its step-judge accuracy on the held-out EFT pairs, steps per solution, and for
+the iteration that produced it the number of preference pairs, unparseable verdicts and how often the two judging
+orders disagreed.
 
 Reads  runs/<name>/iter<t>/{eval/*.summary.json, eval/judge_eval.jsonl, trees.jsonl, pairs.jsonl(.stats.json)}
        and the EFT test file named in judge_eval.summary.json
@@ -15,8 +17,14 @@ Writes runs/<name>/summary.json  [{model, accuracy, accuracy_se, judge_accuracy,
                                    judge_far_accuracy, judge_far_n (synthetic task: the judge against true
                                    labels, see verdict_check and judge_gap_check)}]
        runs/<name>/summary.png   accuracy and judge accuracy per model
+A row also holds, where evaluate.py --search ran on the model (eval/<data>.search.summary.json): search_accuracy,
+search_accuracy_se, search_candidate_tokens, search_judge_tokens (mean per question), and greedy_tokens. In a run of
+generate.py --mode srlm (SRLM) the labels checked are those of whole solutions (all steps right through the answer).
+With several --run: the accuracy of each run's M1, M2, ... side by side, greedy vs search for every model that has
+both, and one plot of both (--plot, default comparison.png next to the first run).
 
     python report.py --run runs/default
+    python report.py --run runs/psrlm --run runs/srlm --run runs/random --run runs/oracle
 """
 
 import argparse
@@ -25,19 +33,24 @@ import json
 import os
 
 from common import cli, read_jsonl, search_stats, write_json
-from prepare.synthetic import STEP_EQUATION, step_is_right
+from prepare.synthetic import STEP_EQUATION, solution_is_right, step_is_right
 
 
-def pair_label_check(pairs, questions):
+def is_right(question, step, text, srlm):
+    """The synthetic task's true label of a candidate: a step, or in an SRLM tree a whole solution."""
+    return solution_is_right(question, text) if srlm else step_is_right(question, step, text)
+
+
+def pair_label_check(pairs, questions, srlm=False):
     """
-    Synthetic task only (labels are known): how often a self-made pair put a right step over a wrong one, and the
-    reverse (prepare/synthetic.py: step_is_right). questions: {question_id: text}. {} for other data.
+    Synthetic task only (labels are known): how often a self-made pair put a right step (srlm: solution) over a wrong
+    one, and the reverse (prepare/synthetic.py). questions: {question_id: text}. {} for other data.
     """
     if not pairs:  # nothing to check (and no way to tell synthetic questions)
         return {}
     try:
-        checks = [tuple(step_is_right(questions[p["question_id"]], p["step"], p[side]) for side in ("chosen", "rejected"))
-                  for p in pairs]
+        checks = [tuple(is_right(questions[p["question_id"]], p["step"], p[side], srlm)
+                        for side in ("chosen", "rejected")) for p in pairs]
     except ValueError:  # not synthetic questions
         return {}
     return dict(pairs_right_over_wrong=checks.count((True, False)), pairs_wrong_over_right=checks.count((False, True)))
@@ -55,7 +68,8 @@ def verdict_check(trees):
     try:
         for tree in trees:
             for node in tree["steps"]:
-                right = [step_is_right(tree["question"], node["step"], c["text"]) for c in node["candidates"]]
+                right = [is_right(tree["question"], node["step"], c["text"], tree.get("mode") == "srlm")
+                         for c in node["candidates"]]
                 candidates += len(right)
                 right_candidates += sum(right)
                 for v in node["verdicts"]:
@@ -102,13 +116,13 @@ def collect(run):
     while os.path.isdir(os.path.join(run, f"iter{t}")):
         it = os.path.join(run, f"iter{t}")
         evals = [load(p) for p in sorted(glob.glob(os.path.join(it, "eval", "*.summary.json")))
-                 if not p.endswith("judge_eval.summary.json")]
+                 if not p.endswith(("judge_eval.summary.json", ".search.summary.json"))]
         judge = load(os.path.join(it, "eval", "judge_eval.summary.json"))
         trees_path, pairs_path = os.path.join(it, "trees.jsonl"), os.path.join(it, "pairs.jsonl")
         trees = read_jsonl(trees_path) if os.path.exists(trees_path) else []
         search = search_stats(trees) if trees else {}  # recomputed from the merged trees (shards save their own)
-        labels = pair_label_check(read_jsonl(pairs_path), {t["id"]: t["question"] for t in trees}) \
-            if trees and os.path.exists(pairs_path) else {}
+        labels = pair_label_check(read_jsonl(pairs_path), {t["id"]: t["question"] for t in trees},
+                                  trees[0].get("mode") == "srlm") if trees and os.path.exists(pairs_path) else {}
         judge_rows = os.path.join(it, "eval", "judge_eval.jsonl")
         gaps = judge_gap_check(read_jsonl(judge_rows), read_jsonl(judge["data"])) \
             if os.path.exists(judge_rows) and os.path.exists(judge.get("data", "")) else {}
@@ -116,15 +130,22 @@ def collect(run):
         if not evals and not judge:
             break
         test = evals[0] if evals else {}
+        scaled = load(os.path.join(it, "eval", f"{test.get('dataset')}.search.summary.json"))  # evaluate --search
         rows.append(dict(model=f"M{t + 1}", accuracy=test.get("accuracy"), accuracy_se=test.get("accuracy_se"),
                          judge_accuracy=judge.get("judge_accuracy"), judge_accuracy_se=judge.get("judge_accuracy_se"),
                          steps_per_solution=test.get("steps_per_solution"),
                          # the pairs that trained this model were made by the previous one (iteration t)
                          pairs=pairs.get("pairs"), pairs_per_question=pairs.get("pairs_per_question"),
-                         unparsed_verdicts=search.get("unparsed"), verdicts_a=search.get("verdicts_a"),
+                         # step judge: unparseable verdicts; SRLM: unparseable scorings
+                         unparsed_verdicts=sum(n["unparsed"] for t in trees for n in t["steps"]) if trees else None,
+                         verdicts_a=search.get("verdicts_a"),
                          verdicts_b=search.get("verdicts_b"), order_disagreement=search.get("order_disagreement"),
                          tie_rollbacks=search.get("tie_rollbacks"), data=test.get("dataset"),
                          **labels, **verdict_check(trees), **gaps,
+                         search_accuracy=scaled.get("accuracy"), search_accuracy_se=scaled.get("accuracy_se"),
+                         search_candidate_tokens=scaled.get("mean_candidate_tokens"),
+                         search_judge_tokens=scaled.get("mean_judge_tokens"),
+                         greedy_tokens=test.get("mean_output_tokens"),
                          other_datasets={e["dataset"]: e["accuracy"] for e in evals[1:]}))
         t += 1
     return rows
@@ -154,13 +175,71 @@ def plot(rows, path):
     fig.savefig(path, dpi=120)
 
 
+def scaling_table(runs):
+    """Greedy vs step search (evaluate.py --search) for every model of {run name: rows} that has both; printed."""
+    scaled = [(name, r) for name, rows in runs.items() for r in rows if r.get("search_accuracy") is not None]
+    if scaled:
+        print("\n| run | model | greedy % | tokens/question | search % | candidate tokens/question "
+              "| judge tokens/question |")
+        print("|---|---|---|---|---|---|---|")
+        for name, r in scaled:
+            print(f"| {name} | {r['model']} | {fmt(r['accuracy'], True)} ± {fmt(r['accuracy_se'], True)} "
+                  f"| {fmt(r['greedy_tokens'])} | {fmt(r['search_accuracy'], True)} ± "
+                  f"{fmt(r['search_accuracy_se'], True)} | {fmt(r['search_candidate_tokens'])} "
+                  f"| {fmt(r['search_judge_tokens'])} |")
+    return scaled
+
+
+def compare(runs, path):
+    """Several runs side by side: accuracy per model (Table 1), greedy vs search where both ran (Table 5); one plot."""
+    models = max((len(rows) for rows in runs.values()), default=0)
+    print("| run | " + " | ".join(f"M{t + 1} accuracy %" for t in range(models)) + " |")
+    print("|---|" + "---|" * models)
+    for name, rows in runs.items():
+        cells = [f"{fmt(r['accuracy'], True)} ± {fmt(r['accuracy_se'], True)}" for r in rows]
+        print(f"| {name} | " + " | ".join(cells + ["-"] * (models - len(rows))) + " |")
+    scaled = scaling_table(runs)
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, axes = plt.subplots(1, 2 if scaled else 1, figsize=(10 if scaled else 5, 3.4), squeeze=False)
+    ax = axes[0][0]
+    for name, rows in runs.items():
+        ys = [100 * r["accuracy"] if r["accuracy"] is not None else float("nan") for r in rows]
+        ax.errorbar(range(len(rows)), ys, yerr=[100 * (r["accuracy_se"] or 0) for r in rows], marker="o", capsize=3,
+                    label=name)
+    ax.set_xticks(range(models), [f"M{t + 1}" for t in range(models)])
+    ax.set_ylabel("test accuracy %")
+    ax.legend()
+    ax.grid(alpha=0.3)
+    if scaled:
+        ax = axes[0][1]
+        xs = range(len(scaled))
+        for offset, key, label in [(-0.2, "accuracy", "greedy"), (0.2, "search_accuracy", "step search")]:
+            ax.bar([x + offset for x in xs], [100 * r[key] for _, r in scaled], width=0.4, label=label,
+                   yerr=[100 * (r[key + "_se"] or 0) for _, r in scaled], capsize=3)
+        ax.set_xticks(list(xs), [f"{name}\n{r['model']}" for name, r in scaled])
+        ax.set_ylabel("test accuracy %")
+        ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    print(f"wrote {path}")
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--run", required=True)
+    parser.add_argument("--run", action="append", required=True, help="a run directory; repeat to compare runs")
+    parser.add_argument("--plot", help="with several --run: the comparison plot (default: comparison.png next to "
+                                       "the first run)")
     args = parser.parse_args()
-    rows = collect(args.run)
-    write_json(os.path.join(args.run, "summary.json"), rows)
-    plot(rows, os.path.join(args.run, "summary.png"))
+    runs = {}
+    for run in args.run:
+        runs[os.path.basename(os.path.normpath(run))] = rows = collect(run)
+        write_json(os.path.join(run, "summary.json"), rows)
+        plot(rows, os.path.join(run, "summary.png"))
+    if len(args.run) > 1:
+        compare(runs, args.plot or os.path.join(os.path.dirname(os.path.normpath(args.run[0])), "comparison.png"))
+        return
     # a model's pairs/verdict columns describe the search that trained it (run by the previous model)
     print("| model | accuracy % (± se) | judge accuracy % | steps/solution | pairs trained on | right>wrong / "
           "wrong>right | [[A]] / [[B]] / unparsed verdicts | order disagreement | tie roll-backs |")
@@ -184,7 +263,8 @@ def main():
                   f"| {fmt(r.get('search_right_wins'))} / {fmt(r.get('search_wrong_wins'))} "
                   f"| {fmt(r.get('judge_near_accuracy'), True)} ({fmt(r.get('judge_near_n'))}) "
                   f"| {fmt(r.get('judge_far_accuracy'), True)} ({fmt(r.get('judge_far_n'))}) |")
-    print(f"wrote {args.run}/summary.json and summary.png")
+    scaling_table(runs)
+    print(f"wrote {args.run[0]}/summary.json and summary.png")
 
 
 if __name__ == "__main__":

@@ -7,6 +7,8 @@ not say, a choice here).
 Reads (every field a string, previous_steps a list of strings; a wrong type stops the run before the model loads):
   --ift  JSONL {question, solution}                                   solution = "Step 1: ...\\nStep 2: ..."
   --eft  JSONL {question, previous_steps, step_a, step_b, judgment}   judgment ends with [[A]] or [[B]]
+  --srlm-eft JSONL {question, response, judgment}  optional: the SRLM baseline's judge (generate.py --mode srlm;
+         Yuan et al. 2024), a whole solution scored with --prompt-srlm-judge, judgment ending "Score: k"
 Writes --out: a model directory (full weights, or the LoRA adapter under --lora), train_log.jsonl, sft_config.json
 and manifest.json (what made it: model, data and prompts by content, the flags), all renamed into place at once.
 
@@ -32,6 +34,7 @@ from modeling import load_for_training, padded_batch, prepare_for_training, rank
 
 IFT_FIELDS = {"question": str, "solution": str}
 EFT_FIELDS = {"question": str, "previous_steps": list[str], "step_a": str, "step_b": str, "judgment": str}
+SRLM_EFT_FIELDS = {"question": str, "response": str, "judgment": str}
 
 
 def sft_example(tokenizer, prompt_text, response_text, max_len):
@@ -43,12 +46,14 @@ def sft_example(tokenizer, prompt_text, response_text, max_len):
     return ids, mask
 
 
-def build_examples(tokenizer, ift, eft, reasoning, judge, max_len):
+def build_examples(tokenizer, ift, eft, reasoning, judge, max_len, srlm_eft=(), srlm_judge=None):
     examples = [sft_example(tokenizer, reasoning.format(problem=r["question"]), r["solution"], max_len)
                 for r in ift]
     examples += [sft_example(tokenizer, judge.format(context=judge_context(r["question"], r["previous_steps"]),
                                                      step_a=r["step_a"], step_b=r["step_b"]),
                              r["judgment"], max_len) for r in eft]
+    examples += [sft_example(tokenizer, srlm_judge.format(question=r["question"], response=r["response"]),
+                             r["judgment"], max_len) for r in srlm_eft]
     return [e for e in examples if sum(e[1]) > 0]  # an example truncated to its prompt teaches nothing
 
 
@@ -76,9 +81,12 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--ift", required=True)
     parser.add_argument("--eft", default=None, help="judge data; without it M1 cannot judge")
+    parser.add_argument("--srlm-eft", default=None, help="whole-solution scoring data (the SRLM baseline's judge)")
     parser.add_argument("--out", required=True)
     parser.add_argument("--prompt-reasoning", default="reasoning", help="paper Fig. 4; the tiny default: reasoning_tiny")
     parser.add_argument("--prompt-judge", default="judge", help="paper Fig. 5; the tiny default: judge_tiny")
+    parser.add_argument("--prompt-srlm-judge", default="srlm_judge",
+                        help="with --srlm-eft: Yuan et al. 2024 Fig. 2; the tiny default: srlm_judge_tiny")
     parser.add_argument("--epochs", type=positive_float, default=3, help="paper: 3")
     parser.add_argument("--lr", type=positive_float, default=1e-6, help="paper: 1e-6 (full fine-tuning of 7B)")
     parser.add_argument("--weight-decay", type=nonnegative_float, default=0.0)
@@ -89,22 +97,24 @@ def main():
     parser.add_argument("--max-len", type=positive_int, default=2048)
     parser.add_argument("--limit", type=positive_int, default=None, help="use only the first N records of each file")
     parser.add_argument("--limit-eft", type=positive_int, default=None,
-                        help="the first N EFT records (default: --limit)")
+                        help="the first N EFT records, of each kind (default: --limit)")
     add_training_args(parser)
     args = parser.parse_args()
     inputs = dict(model=args.model, ift=args.ift, eft=args.eft, prompt_reasoning=prompt_path(args.prompt_reasoning),
-                  prompt_judge=prompt_path(args.prompt_judge))
+                  prompt_judge=prompt_path(args.prompt_judge), srlm_eft=args.srlm_eft,
+                  prompt_srlm_judge=prompt_path(args.prompt_srlm_judge) if args.srlm_eft else None)
     manifest = stage_manifest("train_sft", inputs, output_flags(args))
     if is_done(args.out, manifest, args.overwrite, [args.out.rstrip("/") + ".tmp"]):
         return
     ift = read_jsonl(args.ift, IFT_FIELDS)[:args.limit]
     eft_limit = args.limit if args.limit_eft is None else args.limit_eft
     eft = read_jsonl(args.eft, EFT_FIELDS)[:eft_limit] if args.eft else []
+    srlm_eft = read_jsonl(args.srlm_eft, SRLM_EFT_FIELDS)[:eft_limit] if args.srlm_eft else []
     rank, world, model, tokenizer = load_for_training(args)
     model = prepare_for_training(model, args)
     examples = build_examples(tokenizer, ift, eft, load_prompt(args.prompt_reasoning), load_prompt(args.prompt_judge),
-                              args.max_len)
-    dropped = len(ift) + len(eft) - len(examples)
+                              args.max_len, srlm_eft, load_prompt(args.prompt_srlm_judge) if srlm_eft else None)
+    dropped = len(ift) + len(eft) + len(srlm_eft) - len(examples)
     if not examples:
         raise DataError(f"no SFT example left to train on (are --ift/--eft empty, or --max-len {args.max_len} too short?)")
     examples = rank_slice(examples, rank, world)
@@ -112,7 +122,8 @@ def main():
     steps_per_epoch = len(batches(examples, args.batch_size, rng)) // args.grad_accum
     total_steps = max(1, int(steps_per_epoch * args.epochs))
     if rank == 0:
-        print(f"{len(ift)} IFT + {len(eft)} EFT records, {dropped} dropped (prompt alone >= --max-len "
+        srlm_count = f" + {len(srlm_eft)} SRLM EFT" if srlm_eft else ""
+        print(f"{len(ift)} IFT + {len(eft)} EFT{srlm_count} records, {dropped} dropped (prompt alone >= --max-len "
               f"{args.max_len}), {total_steps} optimizer steps, "
               f"{sum(p.numel() for p in model.parameters() if p.requires_grad) / 1e6:.2f}M trainable parameters")
 

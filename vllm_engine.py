@@ -20,7 +20,7 @@ What is kept the same, and how:
 - sampling: temperature and top_p as given and repetition_penalty as HF generate takes it from the model's
   generation_config.json; top_k as modeling.generate samples: off with per-prompt seeds (its SeededGumbel path, the
   one the stages take), else the generation config's (HF's default 50 when sampling; vLLM's default is off). One
-  seed per request: the prompt's seed (generate.py's candidate_seed: question, round, candidate), so a candidate
+  seed per request: the prompt's seed (step_search.candidate_seed: question, round, candidate), so a candidate
   does not depend on its chunk or shard here either. Sampled texts are draws from the same distribution, not the
   same draws: the two engines' random streams differ.
 Greedy texts agree as far as two implementations' float sums do: a near-tie between two tokens can go either way.

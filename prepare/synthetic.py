@@ -12,6 +12,13 @@ Writes, into --out-dir, from disjoint seeds (a problem never appears in two file
   dev.jsonl, test.jsonl  {id, question, answer}                     tuning split and held-out test (>= 1,000)
   eft_dev.jsonl, eft_test.jsonl                                      held-out judge pairs (>= 500)
   config.json, then config.json.manifest.json (last: the flags that made the set; a rerun skips only if they match)
+With --srlm-eft N (off by default; the files above and their manifest do not depend on it), also the SFT data of the
+outcome-based SRLM judge (Yuan et al. 2024: whole solutions scored 0-5; generate.py --mode srlm), drawn after and
+disjoint from all of the above:
+  srlm_eft.jsonl (N), srlm_eft_test.jsonl (--num-eft-test)  {id, question, response, judgment, score}
+  half of the solutions right, half with a first error at a random step carried through the later steps;
+  judgment: "Step 1: 14 vs 14, right. Step 2: 20 vs 17, wrong. Score: 2" (see solution_score); its own manifest
+  srlm_eft.jsonl.manifest.json, written last.
 
 Corruptions (the errors a judge must catch): wrong arithmetic (result off), wrong operand (a number from
 elsewhere in the problem), wrong operation (+ instead of -, ...). The judgment checks each step against the
@@ -27,7 +34,8 @@ import os
 import random
 import re
 
-from common import cli, is_done, output_flags, positive_int, save_config, stage_manifest, write_jsonl, write_manifest
+from common import (cli, is_done, output_flags, positive_int, save_config, split_steps, stage_manifest, write_jsonl,
+                    write_manifest)
 
 NAMES = ["Tom", "Ann", "Ben", "Mia", "Sam", "Lily", "Max", "Eva", "Leo", "Zoe", "Dan", "Ivy"]
 ITEMS = ["apples", "pens", "cards", "coins", "books", "eggs", "shells", "stamps", "cookies", "marbles"]
@@ -138,7 +146,72 @@ def step_is_right(question, step_number, step):
     return (boxed is not None and int(boxed[1]) == c) if final else boxed is None
 
 
-def corrupt(rng, question_numbers, fact):
+def solution_score(question, steps):
+    """
+    The SRLM EFT target's score of a whole synthetic solution, from the task's true step labels: Yuan et al.'s
+    additive 5-point rubric (prompts/srlm_judge.txt) read for this task. 1 point for an attempt in the task's step
+    format (a relevant response), 1 more for each right step before the first wrong one, at most 4 without the answer
+    (a substantial portion, the basic elements, most of the way), and 5 only when every step is right through the
+    boxed answer. 0: no step equation at all. A right step after a wrong one earns nothing: it carries a wrong value
+    or repairs it by chance. So the score of a wrong solution is the number of its first wrong step (capped at 4):
+    the judge writes its checks up to that step and copies the number, a local rule a tiny model can learn.
+    """
+    right = [step_is_right(question, k, step) for k, step in enumerate(steps, 1)]
+    if right and all(right) and len(steps) == len(solve(question)) - 1:
+        return 5
+    if not any(STEP_EQUATION.search(step) for step in steps):
+        return 0
+    return min(4, 1 + (right + [False]).index(False))
+
+
+def solution_is_right(question, text):
+    """A whole solution is right when every step is, through the boxed answer (score 5)."""
+    return solution_score(question, split_steps(text)) == 5
+
+
+def srlm_judgment(question, steps):
+    """The SRLM EFT target: each step's result against the true value, up to the first wrong step, then the score."""
+    values, checks = solve(question), []
+    for k, step in enumerate(steps, 1):
+        m = STEP_EQUATION.search(step)
+        ok = step_is_right(question, k, step)
+        want = values[k] if k < len(values) else "none"
+        checks.append(f"Step {k}: {m[4] if m else 'no result'} vs {want}, {'right' if ok else 'wrong'}.")
+        if not ok:
+            break
+    return " ".join(checks + [f"Score: {solution_score(question, steps)}"])
+
+
+def wrong_solution(rng, question, steps, facts, chain):
+    """The solution with a first error at a random step (corrupt), carried on: the later steps compute right from the
+    wrong value, as a model that slipped once goes on. None if no try kept every value a whole number >= 0."""
+    for _ in range(20):
+        k = rng.randrange(len(facts))
+        a, op, b, value, _ = corrupt(rng, question_numbers(question), facts[k])
+        out = steps[:k] + [step_text(k + 1, chain[k], a, op, b, value, final=k == len(facts) - 1)]
+        for j in range(k + 1, len(facts)):
+            op_j, n = chain[j]
+            if op_j == "/" and value % n or apply(op_j, value, n) < 0:
+                break
+            out.append(step_text(j + 1, chain[j], value, op_j, n, apply(op_j, value, n), final=j == len(facts) - 1))
+            value = apply(op_j, value, n)
+        else:
+            return out
+    return None
+
+
+def make_srlm_eft(rng, idx, question, steps, facts, chain, right):
+    """One SRLM EFT record: a right solution (right=True) or one with an error, its judgment and score."""
+    response = steps if right else wrong_solution(rng, question, steps, facts, chain) or steps
+    return dict(id=idx, question=question, response="\n".join(response),
+                judgment=srlm_judgment(question, response), score=solution_score(question, response))
+
+
+def question_numbers(question):
+    return [int(t.rstrip(".")) for t in question.split() if t.rstrip(".").isdigit()]
+
+
+def corrupt(rng, numbers, fact):
     """A realistic wrong version of one step's arithmetic: (a, op, b, c, error_kind)."""
     a, op, b, c = fact
     kinds = ["arithmetic", "operand", "operation"]
@@ -149,7 +222,7 @@ def corrupt(rng, question_numbers, fact):
             if wrong >= 0 and wrong != c:
                 return a, op, b, wrong, kind
         elif kind == "operand":
-            others = [x for x in question_numbers if x not in (a, b)]
+            others = [x for x in numbers if x not in (a, b)]
             if others:
                 b2 = rng.choice(others)
                 if op != "/" or (b2 > 0 and a % b2 == 0):
@@ -202,8 +275,7 @@ def judgment(gold_step, step_a, step_b, label, check="vs"):
 
 def make_eft(rng, idx, question, steps, facts, chain, label, check="vs"):
     k = rng.randrange(len(facts))  # which step is judged
-    numbers = [int(t.rstrip(".")) for t in question.split() if t.rstrip(".").isdigit()]
-    a, op, b, c, kind = corrupt(rng, numbers, facts[k])
+    a, op, b, c, kind = corrupt(rng, question_numbers(question), facts[k])
     bad = step_text(k + 1, chain[k], a, op, b, c, final=k == len(facts) - 1)
     step_a, step_b = (steps[k], bad) if label == "A" else (bad, steps[k])
     return dict(id=idx, question=question, previous_steps=steps[:k], step_a=step_a, step_b=step_b, label=label,
@@ -231,10 +303,18 @@ def main():
     parser.add_argument("--judgment-check", default="vs", choices=["vs", "diff", "inverse"],
                         help='EFT target: "20 vs 14, wrong", "20 vs 14, off by 6, wrong" or "20 + 3 = 23 vs 17, '
                              'off by 6, wrong" (see judgment)')
+    parser.add_argument("--srlm-eft", type=positive_int, default=None,
+                        help="also write N whole-solution scoring examples for the SRLM baseline's judge (off: none)")
     parser.add_argument("--overwrite", action="store_true")
     args = parser.parse_args()
-    manifest = stage_manifest("synthetic", {}, output_flags(args))
-    if is_done(os.path.join(args.out_dir, "config.json"), manifest, args.overwrite):  # config.json: written last
+    manifest = stage_manifest("synthetic", {}, output_flags(args, "srlm_eft"))  # the default set's, with or without
+    config = os.path.join(args.out_dir, "config.json")  # written last
+    srlm_out = os.path.join(args.out_dir, "srlm_eft.jsonl")
+    srlm_manifest = stage_manifest("synthetic srlm_eft", {}, output_flags(args))
+    done = is_done(config, manifest, args.overwrite)
+    srlm_done = args.srlm_eft is None or is_done(srlm_out, srlm_manifest, args.overwrite,
+                                                 [os.path.join(args.out_dir, "srlm_eft_test.jsonl")])
+    if done and srlm_done:
         return
     knobs = (args.max_start, args.max_operand, args.min_steps, args.max_steps, args.ops, args.max_value)
     seen = set()  # questions are unique across all files: no test question leaks into training
@@ -268,11 +348,21 @@ def main():
     for t, n in enumerate(map(int, args.num_questions.split(",")), 1):
         _, qs = problems(f"questions{t}", n, 5 + t)
         files[f"questions{t}"] = [dict(id=i, question=q, answer=str(a)) for i, q, _, _, _, a in qs]
-    for name, records in files.items():
-        write_jsonl(os.path.join(args.out_dir, f"{name}.jsonl"), records)
-        print(f"{name:12s} {len(records):6d} records")
-    save_config(args, os.path.join(args.out_dir, "config.json"))
-    write_manifest(os.path.join(args.out_dir, "config.json"), manifest)
+    if not done:
+        for name, records in files.items():
+            write_jsonl(os.path.join(args.out_dir, f"{name}.jsonl"), records)
+            print(f"{name:12s} {len(records):6d} records")
+        save_config(argparse.Namespace(**output_flags(args, "srlm_eft")), config)
+        write_manifest(config, manifest)
+    if not srlm_done:  # drawn after every other file, so those are the same with or without it
+        for name, n in [("srlm_eft_test", args.num_eft_test), ("srlm_eft", args.srlm_eft)]:
+            rng, probs = problems(name, n, name)
+            right = [True, False] * (n // 2) + [True] * (n % 2)  # half right, half with an error
+            rng.shuffle(right)
+            records = [make_srlm_eft(rng, i, q, s, f, c, ok) for (i, q, s, f, c, _), ok in zip(probs, right)]
+            write_jsonl(os.path.join(args.out_dir, f"{name}.jsonl"), records)
+            print(f"{name:12s} {len(records):6d} records")
+        write_manifest(srlm_out, srlm_manifest)
 
 
 if __name__ == "__main__":

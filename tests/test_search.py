@@ -24,6 +24,7 @@ import judge  # noqa: E402
 import make_pairs  # noqa: E402
 import modeling  # noqa: E402
 import report  # noqa: E402
+import step_search  # noqa: E402
 from common import BOXED, join_steps, judge_candidates, judge_context, load_prompt, read_jsonl, write_jsonl  # noqa: E402
 from conftest import check_pad_is_eos_search, pad_is_eos_search  # noqa: E402
 from modeling import load_model  # noqa: E402
@@ -253,12 +254,12 @@ def node(texts, best, worst, tie, eos=False):
 def judged(tree, n, max_steps=20):
     n.update(round=tree["rounds"] + 1, step=len(tree["solution_steps"]) + 1, prefix_steps=list(tree["solution_steps"]))
     tree["steps"].append(n)  # as search() does: the node is in the tree when the rules run
-    generate.apply_judgment(tree, n, max_steps)
+    step_search.apply_judgment(tree, n, max_steps)
     return n
 
 
 def test_tie_rolls_back_the_previous_step():
-    tree = generate.new_tree("q", dict(question="Q"), "P")
+    tree = step_search.new_tree("q", dict(question="Q"), "P")
     n1 = judged(tree, node(["s1", "bad1"], 0, 1, False), max_steps=5)
     n2 = judged(tree, node(["bad2", "s2"], 1, 0, False), max_steps=5)
     assert tree["solution_steps"] == ["s1", "s2"] and n1["outcome"] == n2["outcome"] == "accepted"
@@ -276,28 +277,28 @@ def test_tie_rolls_back_the_previous_step():
 
 
 def test_tie_at_step_one_drops_nothing():
-    tree = generate.new_tree("q", dict(question="Q"), "P")
+    tree = step_search.new_tree("q", dict(question="Q"), "P")
     n1 = judged(tree, node(["a", "b"], None, None, True))
     assert tree["solution_steps"] == [] and n1["rolled_back"] is False and n1["outcome"] == "tie_rollback"
     assert not tree["finished"] and tree["rounds"] == 1
 
 
 def test_final_candidates_and_stop_reasons():
-    tree = generate.new_tree("q", dict(question="Q"), "P")
+    tree = step_search.new_tree("q", dict(question="Q"), "P")
     judged(tree, node(["Step 1: 1 + 1 = 2.", "x"], 0, 1, False), max_steps=2)
     judged(tree, node(["Step 2: 2 * 2 = 4. The answer is \\boxed{4}.", "y"], 0, 1, False), max_steps=2)
     assert tree["finished"] and tree["stop_reason"] == "answer"  # the answer wins over max_steps in the same round
     assert len(tree["solution_steps"]) == 2
 
-    tree = generate.new_tree("q", dict(question="Q"), "P")
+    tree = step_search.new_tree("q", dict(question="Q"), "P")
     judged(tree, node(["Step 1: done", "Step 1: other"], 0, 1, False, eos=True))
     assert tree["finished"] and tree["stop_reason"] == "eos"
 
-    tree = generate.new_tree("q", dict(question="Q"), "P")
+    tree = step_search.new_tree("q", dict(question="Q"), "P")
     judged(tree, node(["a", "b"], 1, 0, False), max_steps=1)
     assert tree["finished"] and tree["stop_reason"] == "max_steps" and tree["solution_steps"] == ["b"]
 
-    tree = generate.new_tree("q", dict(question="Q"), "P")
+    tree = step_search.new_tree("q", dict(question="Q"), "P")
     n = judged(tree, node([], None, None, False))
     assert tree["finished"] and tree["stop_reason"] == "empty" and n["outcome"] == "empty"
 
