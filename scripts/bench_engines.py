@@ -24,8 +24,8 @@ import time
 
 import torch
 
-import generate as search_stage
 import modeling
+import step_search
 from common import chat_prompt, cli, load_prompt, read_jsonl, write_json
 
 
@@ -45,7 +45,7 @@ def count_generate_calls():
                       time.perf_counter() - start))
         return outs
 
-    modeling.generate = search_stage.generate = counted  # the names judge_pairs and the search call
+    modeling.generate = step_search.generate = counted  # the names judge_pairs and the search call
     return calls
 
 
@@ -72,7 +72,7 @@ def search_run(model, tokenizer, records, args, engine, calls):
     per_chunk = args.questions_per_chunk or len(records)
     for c in range(0, len(records), per_chunk):
         chunk = records[c:c + per_chunk]
-        trees += search_stage.search(model, tokenizer, chunk, [r["id"] for r in chunk], search_args,
+        trees += step_search.search(model, tokenizer, chunk, [r["id"] for r in chunk], search_args,
                                      argparse.Namespace(update=lambda n: None))
     wall = time.perf_counter() - start
     row = dict(engine=engine, questions=len(records), questions_per_chunk=per_chunk, load_average=os.getloadavg()[0],

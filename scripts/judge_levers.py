@@ -23,8 +23,8 @@ import datetime
 import math
 import time
 
-import generate as search_stage
 import modeling
+import step_search
 from common import (add_generation_args, add_model_args, cli, judge_context, load_prompt, read_jsonl, search_stats,
                     write_json)
 from scripts.bench_engines import count_generate_calls
@@ -76,7 +76,7 @@ def search_cost(model, tokenizer, records, orders, max_new_tokens, stop, args, c
                                      batch_size=args.batch_size, orders=orders, judge="model", no_dedupe=False,
                                      stop_at_verdict=stop, seed=args.seed)
     del calls[:]
-    trees = search_stage.search(model, tokenizer, records, [str(r.get("id", i)) for i, r in enumerate(records)],
+    trees = step_search.search(model, tokenizer, records, [str(r.get("id", i)) for i, r in enumerate(records)],
                                 search_args, argparse.Namespace(update=lambda n: None))
     judge = [c for c in calls if c[1] == "judge"]
     stats, n = search_stats(trees), len(records)
