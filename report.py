@@ -29,6 +29,7 @@ both, and one plot of both (--plot, default comparison.png next to the first run
 
 import argparse
 import glob
+import itertools
 import json
 import os
 
@@ -62,7 +63,8 @@ def verdict_check(trees):
     search_generation = share of the sampled candidates that are right; search_verification = share of the judge's
     verdicts on one right and one wrong candidate that pick the right one (right_wins / (right_wins + wrong_wins)):
     self-judging can only improve the model where verification beats generation (Song et al. 2024, "Mind the Gap").
-    search_b_share = share of verdicts that name B (position bias). {} for other data.
+    search_b_share = share of verdicts that name B (position bias). In an SRLM tree a "verdict" is a pair of one right
+    and one wrong whole solution with unequal mean scores, won by the higher score. {} for other data.
     """
     b = right_wins = wrong_wins = total = candidates = right_candidates = 0
     try:
@@ -72,6 +74,13 @@ def verdict_check(trees):
                          for c in node["candidates"]]
                 candidates += len(right)
                 right_candidates += sum(right)
+                if tree.get("mode") == "srlm":
+                    scores = node["scores"]
+                    for i, j in itertools.combinations(range(len(right)), 2):
+                        if right[i] != right[j] and None not in (scores[i], scores[j]) and scores[i] != scores[j]:
+                            higher_is_right = right[i] if scores[i] > scores[j] else right[j]
+                            right_wins += higher_is_right
+                            wrong_wins += not higher_is_right
                 for v in node["verdicts"]:
                     total += 1
                     b += v["verdict"] == "B"
@@ -83,9 +92,10 @@ def verdict_check(trees):
         return {}
     out = dict(search_generation=right_candidates / candidates) if candidates else {}
     if right_wins + wrong_wins:
-        out["search_verification"] = right_wins / (right_wins + wrong_wins)
+        out.update(search_verification=right_wins / (right_wins + wrong_wins), search_right_wins=right_wins,
+                   search_wrong_wins=wrong_wins)
     if total:
-        out.update(search_b_share=b / total, search_right_wins=right_wins, search_wrong_wins=wrong_wins)
+        out["search_b_share"] = b / total
     return out
 
 

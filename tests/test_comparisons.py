@@ -299,3 +299,20 @@ def test_report_compares_runs_and_greedy_with_search(tmp_path, monkeypatch, caps
     assert (tmp_path / "comparison.png").stat().st_size > 1000
     rows = json.loads((tmp_path / "psrlm" / "summary.json").read_text())
     assert rows[0]["accuracy"] == 0.5 and rows[0]["search_accuracy"] == 0.6  # the greedy row is not the search's
+
+
+def test_report_checks_srlm_scores_against_true_labels():
+    """In an SRLM tree, verification = how often the higher mean score goes to the right whole solution."""
+    import report
+    q = "Tom has 5 pens. He buys 4 more. He loses 2. How many pens does Tom have now?"
+    right = "Step 1: 4 more: 5 + 4 = 9.\nStep 2: 2 fewer: 9 - 2 = 7. The answer is \\boxed{7}."
+    wrong = "Step 1: 4 more: 5 + 4 = 9.\nStep 2: 2 fewer: 9 - 2 = 6. The answer is \\boxed{6}."
+    wrong2 = "Step 1: 4 more: 5 + 4 = 10.\nStep 2: 2 fewer: 10 - 2 = 8. The answer is \\boxed{8}."
+    node = dict(step=1, candidates=[dict(text=t) for t in (right, wrong, wrong2, right + " ")],
+                scores=[4.0, 5.0, 3.0, None], verdicts=[])
+    check = report.verdict_check([dict(question=q, mode="srlm", steps=[node])])
+    # right vs wrong with both scored: (0,1) the wrong one scored higher, (0,2) the right one; 3 has no score
+    assert check == dict(search_generation=0.5, search_verification=0.5, search_right_wins=1, search_wrong_wins=1)
+    node["scores"] = [4.0, 4.0, 3.0, 5.0]  # a tie counts nowhere; 3 (right) beats both wrong ones
+    check = report.verdict_check([dict(question=q, mode="srlm", steps=[node])])
+    assert (check["search_right_wins"], check["search_wrong_wins"]) == (3, 0)
