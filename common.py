@@ -576,12 +576,17 @@ def best_and_worst(scores):
     return scores.index(max(scores)), scores.index(min(scores))
 
 
-def distinct_candidates(texts):
-    """Indices of the first occurrence of each distinct candidate text."""
+def first_copies(texts):
+    """{text: index of its first occurrence}: the copy that is judged (or scored) for all its copies."""
     first = {}
     for i, t in enumerate(texts):
         first.setdefault(t, i)
-    return sorted(first.values())
+    return first
+
+
+def distinct_candidates(texts):
+    """Indices of the first occurrence of each distinct candidate text."""
+    return sorted(first_copies(texts).values())
 
 
 def judge_candidates(jobs, verdict_fn, orders=2, dedupe=True):
@@ -610,7 +615,7 @@ def judge_candidates(jobs, verdict_fn, orders=2, dedupe=True):
     for (question, previous, candidates), o in zip(jobs, out):
         keep = o["judged"]
         wins = win_counts(len(candidates), [(v["i"], v["j"], v["verdict"]) for v in o["verdicts"]])
-        rep = {t: i for i, t in reversed(list(enumerate(candidates)))} if dedupe else None
+        rep = first_copies(candidates) if dedupe else None
         o["scores"] = [wins[rep[t]] for t in candidates] if dedupe else wins
         if len(keep) == 1:  # one distinct candidate: nothing to compare, it is the step
             o["best"], o["worst"], o["tie"] = keep[0], None, False

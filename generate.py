@@ -48,11 +48,12 @@ rerun skips only when it matches, see common.is_done).
 
 import argparse
 import time
+from collections import Counter
 
 from tqdm import tqdm
 
 from common import (BOXED, DataError, PartialJSONL, add_generation_args, add_judge_args, add_model_args,
-                    add_search_args, best_and_worst, chat_prompt, checked, cli, distinct_candidates, is_done,
+                    add_search_args, best_and_worst, chat_prompt, cli, distinct_candidates, first_copies, is_done,
                     load_prompt, merge_shards, output_flags, parse_score, parse_shard, positive_int, prompt_path,
                     read_jsonl, record_ids, save_config, search_stats, shard_path, sidecars, split_steps,
                     stage_manifest, write_json, write_manifest)
@@ -74,7 +75,7 @@ def srlm_judgment(node):
         if s["score"] is not None:
             parsed.setdefault(s["i"], []).append(s["score"])
     texts = [c["text"] for c in node["candidates"]]
-    first = {t: i for i, t in reversed(list(enumerate(texts)))}
+    first = first_copies(texts)
     source = [i if i in node["judged"] else first[t] for i, t in enumerate(texts)]
     scores = [sum(parsed[j]) / len(parsed[j]) if j in parsed else None for j in source]
     scored = [i for i in node["judged"] if scores[i] is not None]
@@ -134,9 +135,7 @@ def srlm_stats(trees):
     """Counts over --mode srlm trees: solutions, scorings, unparseable ones, the mean score, how nodes ended."""
     nodes = [n for t in trees for n in t["steps"]]
     scores = [s["score"] for n in nodes for s in n["scorings"] if s["score"] is not None]
-    outcomes = {}
-    for n in nodes:
-        outcomes[n["outcome"]] = outcomes.get(n["outcome"], 0) + 1
+    outcomes = dict(Counter(n["outcome"] for n in nodes))
     return dict(questions=len(trees), solutions=sum(len(n["candidates"]) for n in nodes),
                 scorings=sum(len(n["scorings"]) for n in nodes), unparsed=sum(n["unparsed"] for n in nodes),
                 mean_score=sum(scores) / len(scores) if scores else None, outcomes=outcomes)
