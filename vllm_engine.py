@@ -102,8 +102,8 @@ def engine_settings():
     cuda = torch.cuda.is_available()
     if not cuda:  # else vLLM reserves 92 % of the machine's memory (gpu_memory_utilization) for its KV cache
         os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "2")
-        # the engine core in this process, not a process of its own: on 2 cores 1.6-1.7x HF's greedy tokens/s against
-        # 1.2-1.3x, and a 4 s start against ~33 s (docs/vllm.md, scripts/bench_vllm_settings.py)
+        # the engine core in this process, not a process of its own: on 2 cores 1.5-1.7x HF's greedy tokens/s against
+        # 1.1-1.3x, and a 4 s start against ~33 s (docs/vllm.md, scripts/bench_vllm_settings.py)
         os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
     return dict(dtype="bfloat16" if cuda else "float32",  # as modeling.load_model
                 enforce_eager=not cuda,  # CPU: eager, no torch.compile (the setting measured in docs/vllm.md)

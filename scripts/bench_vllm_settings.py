@@ -9,7 +9,9 @@ each (best of its runs), its ratio to HF's best, and how many texts equal HF's. 
   chunked    project, with chunked prefill
   no-prefix  project, without prefix caching
   seqs-512   project, 512 sequences per engine step (max_num_seqs; vLLM's CPU default is 256)
-Run it again with VLLM_ENABLE_V1_MULTIPROCESSING=0 for the engine in the calling process.
+The engine core runs in the calling process (vllm_engine.engine_settings sets VLLM_ENABLE_V1_MULTIPROCESSING=0 on CPU
+unless it is set): run with VLLM_ENABLE_V1_MULTIPROCESSING=1 for separate engine processes, as vLLM itself defaults to
+(the issue's call as the issue ran it).
 
 In the vLLM environment (docs/vllm.md), e.g. on the embedded default's M1:
     .venv-vllm/bin/python -m scripts.bench_vllm_settings --model runs/default/iter0/model \\
@@ -27,6 +29,7 @@ import torch
 import modeling
 import vllm_engine
 from common import chat_prompt, cli, load_prompt, read_jsonl, write_json
+from scripts.bench_engines import evaluation_run
 
 
 def settings(name):
@@ -38,18 +41,12 @@ def settings(name):
     return {**project, **changes[name]}
 
 
-def run_hf(model, tokenizer, prompts, args):
-    start = time.perf_counter()
-    outs = modeling.generate(model, tokenizer, prompts, args.max_new_tokens, batch_size=args.hf_batch_size)
-    tokens = sum(o["new_tokens"] for o in outs)
-    return [o["text"] for o in outs], tokens / (time.perf_counter() - start)
-
-
 def run_vllm(name, prompt_ids, tokenizer, args):
     from vllm import LLM, SamplingParams
+    llm_args = settings(name)
     start = time.perf_counter()
-    llm = LLM(model=args.model, max_model_len=args.max_model_len, **settings(name))
-    row = dict(setting=name, llm_args={k: str(v) for k, v in settings(name).items()},
+    llm = LLM(model=args.model, max_model_len=args.max_model_len, **llm_args)
+    row = dict(setting=name, llm_args={k: str(v) for k, v in llm_args.items()},
                engine_start_seconds=time.perf_counter() - start, dtype=str(llm.llm_engine.model_config.dtype),
                runs=[])
     params = SamplingParams(max_tokens=args.max_new_tokens, temperature=0.0, detokenize=False)
@@ -85,7 +82,8 @@ def main():
     prompts = [chat_prompt(tokenizer, template.format(problem=r["question"]))
                for r in read_jsonl(args.data, ["question"])[:args.limit]]
     prompt_ids = [tokenizer(x, add_special_tokens=False)["input_ids"] for x in prompts]
-    hf_texts, first = run_hf(hf, tokenizer, prompts, args)
+    hf_outs, before = evaluation_run(hf, tokenizer, prompts, args, args.hf_batch_size)
+    hf_texts, first = [o["text"] for o in hf_outs], before["tokens_per_s"]
     rows = []
     for name in names:
         row, texts = run_vllm(name, prompt_ids, tokenizer, args)
@@ -93,7 +91,7 @@ def main():
         rows.append(row)
         print(f"{name}: {row['tokens_per_s']:.0f} tokens/s ({row['dtype']}), same texts {row['same_texts']}/"
               f"{len(prompts)}, engine start {row['engine_start_seconds']:.1f} s", flush=True)
-    _, last = run_hf(hf, tokenizer, prompts, args)
+    last = evaluation_run(hf, tokenizer, prompts, args, args.hf_batch_size)[1]["tokens_per_s"]
     hf_best = max(first, last)
     for row in rows:
         row["ratio_to_hf"] = row["tokens_per_s"] / hf_best
