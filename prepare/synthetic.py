@@ -21,10 +21,10 @@ disjoint from all of the above:
   srlm_eft.jsonl.manifest.json, written last.
 
 Corruptions (the errors a judge must catch): wrong arithmetic (result off), wrong operand (a number from
-elsewhere in the problem), wrong operation (+ instead of -, ...). The judgment checks each step against the
-correct one, compares each candidate's result with it (every corruption changes the result), then the verdict:
-"Want Step 2: 3 fewer: 17 - 3 = 14. A: 14 vs 14, right. B: 20 vs 14, wrong. [[A]]" (--judgment-check diff:
-"A: 14 vs 14, off by 0, right. B: 20 vs 14, off by 6, wrong.").
+elsewhere in the problem), wrong operation (+ instead of -, ...). The judgment reads both results, counts the
+step out, compares each result with its own digit by digit, then the verdict (see judgment):
+"A: 14. B: 15. Want Step 2: 3 fewer: 17 - 3: 16 (1), 15 (2), 14 (3). A: 14 vs 14: 1 1 same, 4 4 same, right.
+B: 15 vs 14: 1 1 same, 5 4 differ, wrong. [[A]]"
 
     python -m prepare.synthetic --out-dir data/synthetic
 """
@@ -237,43 +237,46 @@ def corrupt(rng, numbers, fact):
     return a, op, b, c + 1, "arithmetic"
 
 
-def judgment(gold_step, step_a, step_b, label, check="vs"):
+def judgment(gold_step, step_a, step_b, label, check="count"):
     """
-    The EFT target: write the next step as it should be (in the solution's own format, so the judge reuses what the
-    model learned from IFT), check each candidate's result against it, then the verdict. Each comparison puts the
-    two numbers side by side ("20 vs 14") and the verdict follows B's check just before it: a 1M-parameter model
-    learned neither a comparison across a sentence nor a verdict from a distant word in ~6 minutes (measured on the
-    dev split: verdicts at chance).
-    check="diff" also writes the difference ("20 vs 14, off by 6, wrong"), so right/wrong follows from one digit
-    written just before it (0 or not) instead of an equality test of two numbers, which the 4-layer model gets wrong
-    on near misses ("12 vs 11, right"). Measured (README): with one more SFT pass judge accuracy 86.6 % vs 68.0 %,
-    but within the default SFT budget the judge did not learn it (50 %), so the default stays "vs".
-    check="inverse" verifies without solving the step: the judge writes the step without its result ("Want Step 2:
-    3 fewer: 17 - 3."), then undoes each candidate's result ("A: 14 + 3 = 17 vs 17, off by 0, right."). A judge that
-    recomputes the step shares the policy's error exactly where candidates disagree (scripts/judge_recompute_check.py);
-    the inverse operation is a different computation. + and - only (integer division does not undo *): other
-    operations fall back to "diff". Its judgments run to ~68 tokens: give the judge --judge-max-new-tokens 96.
-    Measured (README): its undo lines become reliable, but its verdicts do not (judge 59.8 % after one more SFT
-    pass, 74.2 % after two): the last comparison of two numbers is still the limit.
+    The EFT target. The judge first reads both candidates' results, then builds the right value its own way, one
+    unit at a time ("Want Step 2: 3 fewer: 17 - 3: 16 (1), 15 (2), 14 (3)."), then compares each result with it
+    digit by digit, then gives the verdict:
+    "A: 14. B: 15. Want Step 2: 3 fewer: 17 - 3: 16 (1), 15 (2), 14 (3). A: 14 vs 14: 1 1 same, 4 4 same, right.
+    B: 15 vs 14: 1 1 same, 5 4 differ, wrong. [[A]]"
+    This is what gives the judge its lead over the policy (README): a step writes `17 - 3 = 14` as one fact, the
+    judge spends a token on each unit and each digit, so every token it writes is a fact a ~1M-parameter model learns
+    exactly (a successor, a copy, the equality of two digits). Each piece is there because the shorter version
+    failed on the dev split: a judge that reads the results after its own count copies its own value for both; one
+    that looks a result up in its count, or tests two whole numbers for equality, falls back on saying A on near
+    misses (26 vs 27). Operations other than + and - write the right result without the count.
+    check="vs" is the previous default, kept to reproduce its negative finding (docs/experiments.md): the judge
+    recomputes the step the way the policy does and compares whole numbers ("Want Step 2: 3 fewer: 17 - 3 = 14.
+    A: 14 vs 14, right. B: 15 vs 14, wrong. [[A]]").
     """
     result = lambda s: STEP_EQUATION.search(s)[4]  # "Step 2: 3 more: 14 + 3 = 17." -> "17"
     a, op, b, want = STEP_EQUATION.search(gold_step).groups()
-    inverse = {"+": "-", "-": "+"}.get(op) if check == "inverse" else None
-
-    def check_one(step, ok):
-        got = result(step)
-        if inverse:
-            back = apply(inverse, int(got), int(b))
-            return f"{got} {inverse} {b} = {back} vs {a}, off by {abs(back - int(a))}, {ok}."
-        off = f", off by {abs(int(got) - int(want))}" if check in ("diff", "inverse") else ""
-        return f"{got} vs {want}{off}, {ok}."
-
-    head = gold_step.split(" = ")[0] + "." if inverse else gold_step.split(" The answer")[0]
     ok_a, ok_b = ("right", "wrong") if label == "A" else ("wrong", "right")
-    return f"Want {head} A: {check_one(step_a, ok_a)} B: {check_one(step_b, ok_b)} [[{label}]]"
+    if check == "vs":
+        head = gold_step.split(" The answer")[0]
+        return f"Want {head} A: {result(step_a)} vs {want}, {ok_a}. B: {result(step_b)} vs {want}, {ok_b}. [[{label}]]"
+    if op in "+-":
+        unit = 1 if op == "+" else -1
+        work = ", ".join(f"{int(a) + unit * i} ({i})" for i in range(1, int(b) + 1))
+    else:
+        work = want
+
+    def compare(step):
+        width = max(2, len(result(step)), len(want))  # 0-padded, at least 2 digits: every comparison has one shape
+        got, right = result(step).zfill(width), want.zfill(width)
+        digits = ", ".join(f"{x} {y} {'same' if x == y else 'differ'}" for x, y in zip(got, right))
+        return f"{got} vs {right}: {digits}"
+
+    return (f"A: {result(step_a)}. B: {result(step_b)}. Want {gold_step.split(' = ')[0]}: {work}. "
+            f"A: {compare(step_a)}, {ok_a}. B: {compare(step_b)}, {ok_b}. [[{label}]]")
 
 
-def make_eft(rng, idx, question, steps, facts, chain, label, check="vs"):
+def make_eft(rng, idx, question, steps, facts, chain, label, check="count"):
     k = rng.randrange(len(facts))  # which step is judged
     a, op, b, c, kind = corrupt(rng, question_numbers(question), facts[k])
     bad = step_text(k + 1, chain[k], a, op, b, c, final=k == len(facts) - 1)
@@ -286,8 +289,10 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out-dir", default="data/synthetic")
     parser.add_argument("--seed", type=int, default=1234)
-    parser.add_argument("--num-ift", type=positive_int, default=20000)
-    parser.add_argument("--num-eft", type=positive_int, default=10000)
+    # 8k solutions and 24k judgments: the judge's longer target gets most of the one-epoch SFT budget, the policy
+    # stays weak enough to have steps to improve (dev: 40 % of problems, judge 99.6 %; 20k/10k: see docs/experiments.md)
+    parser.add_argument("--num-ift", type=positive_int, default=8000)
+    parser.add_argument("--num-eft", type=positive_int, default=24000)
     parser.add_argument("--num-questions", default="400,800,1200", help="per iteration (paper: 400, 800, 1200)")
     parser.add_argument("--num-dev", type=positive_int, default=500)
     parser.add_argument("--num-test", type=positive_int, default=1000)
@@ -300,9 +305,9 @@ def main():
     parser.add_argument("--min-steps", type=positive_int, default=2)
     parser.add_argument("--max-steps", type=positive_int, default=4)
     parser.add_argument("--ops", default="+-", help="any of +-*/")
-    parser.add_argument("--judgment-check", default="vs", choices=["vs", "diff", "inverse"],
-                        help='EFT target: "20 vs 14, wrong", "20 vs 14, off by 6, wrong" or "20 + 3 = 23 vs 17, '
-                             'off by 6, wrong" (see judgment)')
+    parser.add_argument("--judgment-check", default="count", choices=["count", "vs"],
+                        help="EFT target: count (the default: the judge counts the step out, then compares digit by "
+                             "digit) or vs (the previous default: recompute, compare whole numbers); see judgment")
     parser.add_argument("--srlm-eft", type=positive_int, default=None,
                         help="also write N whole-solution scoring examples for the SRLM baseline's judge (off: none)")
     parser.add_argument("--overwrite", action="store_true")

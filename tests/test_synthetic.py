@@ -165,45 +165,83 @@ def test_eft_label_points_at_the_uncorrupted_step(synthetic_dir, name, n):
             assert r["error"] == "operation"
             assert (a, b) == (ga, gb) and op != gop and c == APPLY[op](a, b)
         kinds[r["error"]] += 1
-        # the judgment writes the gold step, then compares each candidate's result with the gold result
-        assert r["judgment"].startswith(f"Want Step {k + 1}: ") and f"{ga} {gop} {gb} = {gc}." in r["judgment"]
-        assert r["judgment"].endswith(f"[[{r['label']}]]")
-        assert f"{r['label']}: {gc} vs {gc}, right." in r["judgment"]
-        assert f"{'B' if r['label'] == 'A' else 'A'}: {c} vs {gc}, wrong." in r["judgment"]
+        # the judgment reads both results, counts the gold step out, compares each result with the gold one
+        assert r["judgment"] == prepare_synthetic.judgment(good, r["step_a"], r["step_b"], r["label"])
+        assert f"Want Step {k + 1}: " in r["judgment"] and r["judgment"].endswith(f"[[{r['label']}]]")
     if n >= 200:
         assert set(kinds) == {"arithmetic", "operand", "operation"} and min(kinds.values()) >= 20
 
 
-def test_judgment_check_diff_writes_the_distance_before_each_verdict():
-    gold, right, near, far = ("Step 2: 4 fewer: 16 - 4 = 12.", "Step 2: 4 fewer: 16 - 4 = 12.",
-                              "Step 2: 4 fewer: 16 - 4 = 13.", "Step 2: 4 more: 16 + 4 = 20.")
-    assert prepare_synthetic.judgment(gold, near, right, "B") == \
-        "Want Step 2: 4 fewer: 16 - 4 = 12. A: 13 vs 12, wrong. B: 12 vs 12, right. [[B]]"
-    assert prepare_synthetic.judgment(gold, right, near, "A", check="diff") == \
-        "Want Step 2: 4 fewer: 16 - 4 = 12. A: 12 vs 12, off by 0, right. B: 13 vs 12, off by 1, wrong. [[A]]"
-    assert "B: 20 vs 12, off by 8, wrong. [[A]]" in prepare_synthetic.judgment(gold, right, far, "A", check="diff")
-    final = "Step 3: 2 more: 12 + 2 = 14. The answer is \\boxed{14}."
-    assert prepare_synthetic.judgment(final, final, final.replace("14", "15"), "A", check="diff").startswith(
-        "Want Step 3: 2 more: 12 + 2 = 14. A: 14 vs 14, off by 0, right. B: 15 vs 14, off by 1, wrong.")
+JUDGMENT = re.compile(r"A: (\d+)\. B: (\d+)\. Want Step (\d+): (.+): (\d+) ([-+*/]) (\d+): (.*)\. "
+                      r"A: (\d+) vs (\d+): (.*), (right|wrong)\. B: (\d+) vs (\d+): (.*), (right|wrong)\. "
+                      r"\[\[([AB])\]\]$")
 
 
-def test_judgment_check_inverse_undoes_each_candidate_without_solving_the_step():
-    gold = "Step 2: 3 fewer: 17 - 3 = 14."
-    near, operation, operand = ("Step 2: 3 fewer: 17 - 3 = 13.", "Step 2: 3 more: 17 + 3 = 20.",
-                                "Step 2: 3 fewer: 17 - 5 = 12.")
-    text = prepare_synthetic.judgment(gold, gold, near, "A", check="inverse")
-    assert text == ("Want Step 2: 3 fewer: 17 - 3. A: 14 + 3 = 17 vs 17, off by 0, right. "
-                    "B: 13 + 3 = 16 vs 17, off by 1, wrong. [[A]]")
-    assert "= 14" not in text.split(" A: ")[0]  # the judge never writes the step's result itself
-    assert "A: 20 + 3 = 23 vs 17, off by 6, wrong." in prepare_synthetic.judgment(gold, operation, gold, "B", "inverse")
-    assert "A: 12 + 3 = 15 vs 17, off by 2, wrong." in prepare_synthetic.judgment(gold, operand, gold, "B", "inverse")
-    final = "Step 3: 2 more: 12 + 2 = 14. The answer is \\boxed{14}."
-    assert prepare_synthetic.judgment(final, final, final, "A", "inverse").startswith(
-        "Want Step 3: 2 more: 12 + 2. A: 14 - 2 = 12 vs 12, off by 0, right.")
-    # no exact inverse for * under integer division: the "diff" check instead
-    assert prepare_synthetic.judgment("Step 1: 2 times as many: 4 * 2 = 8.", "Step 1: 2 times as many: 4 * 2 = 8.",
-                                      "Step 1: 2 times as many: 4 * 2 = 9.", "A", "inverse") == (
-        "Want Step 1: 2 times as many: 4 * 2 = 8. A: 8 vs 8, off by 0, right. B: 9 vs 8, off by 1, wrong. [[A]]")
+def check_judgment(text, got_a, got_b, a, op, b):
+    """An independent reading of one judgment: every count, digit comparison and decision in it, checked."""
+    m = JUDGMENT.fullmatch(text)
+    assert m, text
+    read_a, read_b, _, _, a2, op2, b2, work, pad_a, want_a, digits_a, ok_a, pad_b, want_b, digits_b, ok_b, verdict = \
+        m.groups()
+    assert (int(read_a), int(read_b), int(a2), op2, int(b2)) == (got_a, got_b, a, op, b)
+    want = {"+": a + b, "-": a - b, "*": a * b, "/": a // b}[op]
+    if op in "+-":  # one unit at a time, numbered, ending at the right value
+        unit = 1 if op == "+" else -1
+        assert work.split(", ") == [f"{a + unit * i} ({i})" for i in range(1, b + 1)]
+    else:
+        assert work == str(want)
+    for got, pad, right, digits, ok in [(got_a, pad_a, want_a, digits_a, ok_a), (got_b, pad_b, want_b, digits_b, ok_b)]:
+        assert int(pad) == got and int(right) == want and len(pad) == len(right) >= 2
+        pieces = digits.split(", ")
+        assert pieces == [f"{x} {y} {'same' if x == y else 'differ'}" for x, y in zip(pad, right)]
+        assert ok == ("right" if got == want else "wrong")
+    return verdict
+
+
+@pytest.mark.parametrize("op", ["+", "-", "*", "/"])
+def test_judgment_is_right_on_every_operand_pair_and_near_miss_of_a_grid(op):
+    """The default check on a grid: every start 0..20 and operand 1..9 the task allows, the right result against
+    every result 0..30 (near misses, carries and borrows across the tens: 9 -> 10, 10 -> 9, 19 -> 20), in both
+    positions; the verdict points at the right step, and common.parse_verdict reads it."""
+    from common import parse_verdict
+    pairs = 0
+    for a in range(0, 21):
+        for b in range(1, 10):
+            if (op == "-" and b > a) or (op == "/" and a % b) or (op == "*" and b > 5):
+                continue
+            want = {"+": a + b, "-": a - b, "*": a * b, "/": a // b}[op]
+            gold = f"Step 2: {b} more: {a} {op} {b} = {want}."
+            for wrong in range(0, 31):
+                if wrong == want:
+                    continue
+                bad = gold.replace(f"= {want}.", f"= {wrong}.")
+                for label, (step_a, step_b) in [("A", (gold, bad)), ("B", (bad, gold))]:
+                    text = prepare_synthetic.judgment(gold, step_a, step_b, label)
+                    got_a, got_b = (want, wrong) if label == "A" else (wrong, want)
+                    assert check_judgment(text, got_a, got_b, a, op, b) == label == parse_verdict(text)
+                    pairs += 1
+    assert pairs > 1000
+
+
+def test_judgment_count_example_and_the_previous_vs_check():
+    gold, near = "Step 2: 3 fewer: 17 - 3 = 14.", "Step 2: 3 fewer: 17 - 3 = 15."
+    assert prepare_synthetic.judgment(gold, gold, near, "A") == (
+        "A: 14. B: 15. Want Step 2: 3 fewer: 17 - 3: 16 (1), 15 (2), 14 (3). "
+        "A: 14 vs 14: 1 1 same, 4 4 same, right. B: 15 vs 14: 1 1 same, 5 4 differ, wrong. [[A]]")
+    final = "Step 3: 2 more: 7 + 2 = 9. The answer is \\boxed{9}."
+    assert prepare_synthetic.judgment(final, final.replace("9", "10"), final, "B") == (
+        "A: 10. B: 9. Want Step 3: 2 more: 7 + 2: 8 (1), 9 (2). "
+        "A: 10 vs 09: 1 0 differ, 0 9 differ, wrong. B: 09 vs 09: 0 0 same, 9 9 same, right. [[B]]")
+    assert prepare_synthetic.judgment(gold, near, gold, "B", check="vs") == \
+        "Want Step 2: 3 fewer: 17 - 3 = 14. A: 15 vs 14, wrong. B: 14 vs 14, right. [[B]]"
+
+
+def test_an_unfinished_judgment_has_no_verdict():
+    from common import parse_verdict
+    gold, near = "Step 2: 3 fewer: 17 - 3 = 14.", "Step 2: 3 fewer: 17 - 3 = 15."
+    text = prepare_synthetic.judgment(gold, gold, near, "A")
+    assert [parse_verdict(text[:cut]) for cut in (len(text) - 2, len(text) // 2, 0)] == [None] * 3
+    assert parse_verdict(text + " [[B]]") is None  # both letters: unparseable
 
 
 def test_step_oracle_agrees_with_the_questions_and_catches_each_error(synthetic_dir):
