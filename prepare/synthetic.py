@@ -260,15 +260,13 @@ def judgment(gold_step, step_a, step_b, label, check="count"):
     if check == "vs":
         head = gold_step.split(" The answer")[0]
         return f"Want {head} A: {result(step_a)} vs {want}, {ok_a}. B: {result(step_b)} vs {want}, {ok_b}. [[{label}]]"
-    if op in "+-":
-        unit = 1 if op == "+" else -1
-        work = ", ".join(f"{int(a) + unit * i} ({i})" for i in range(1, int(b) + 1))
-    else:
-        work = want
+    # one unit at a time: a + 1, a + 2, ... (a - 1, ...), each numbered, ending at the right value
+    work = ", ".join(f"{apply(op, int(a), i)} ({i})" for i in range(1, int(b) + 1)) if op in "+-" else want
 
     def compare(step):
-        width = max(2, len(result(step)), len(want))  # 0-padded, at least 2 digits: every comparison has one shape
-        got, right = result(step).zfill(width), want.zfill(width)
+        got = result(step)
+        width = max(2, len(got), len(want))  # 0-padded, at least 2 digits: every comparison has one shape
+        got, right = got.zfill(width), want.zfill(width)
         digits = ", ".join(f"{x} {y} {'same' if x == y else 'differ'}" for x, y in zip(got, right))
         return f"{got} vs {right}: {digits}"
 

@@ -18,7 +18,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 
 from prepare import synthetic as prepare_synthetic  # noqa: E402
-from common import BOXED, DataError, PartialJSONL, read_jsonl, split_steps  # noqa: E402
+from common import BOXED, DataError, PartialJSONL, parse_verdict, read_jsonl, split_steps  # noqa: E402
 
 MIN_STEPS, MAX_STEPS = 2, 4  # the fixture's (default) knobs
 STEP = re.compile(r"Step (\d+): (.+?): (\d+) ([-+*/]) (\d+) = (-?\d+)\.(?: The answer is \\boxed\{(-?\d+)\}\.)?")
@@ -184,7 +184,7 @@ def check_judgment(text, got_a, got_b, a, op, b):
     read_a, read_b, _, _, a2, op2, b2, work, pad_a, want_a, digits_a, ok_a, pad_b, want_b, digits_b, ok_b, verdict = \
         m.groups()
     assert (int(read_a), int(read_b), int(a2), op2, int(b2)) == (got_a, got_b, a, op, b)
-    want = {"+": a + b, "-": a - b, "*": a * b, "/": a // b}[op]
+    want = APPLY[op](a, b)
     if op in "+-":  # one unit at a time, numbered, ending at the right value
         unit = 1 if op == "+" else -1
         assert work.split(", ") == [f"{a + unit * i} ({i})" for i in range(1, b + 1)]
@@ -203,13 +203,12 @@ def test_judgment_is_right_on_every_operand_pair_and_near_miss_of_a_grid(op):
     """The default check on a grid: every start 0..20 and operand 1..9 the task allows, the right result against
     every result 0..30 (near misses, carries and borrows across the tens: 9 -> 10, 10 -> 9, 19 -> 20), in both
     positions; the verdict points at the right step, and common.parse_verdict reads it."""
-    from common import parse_verdict
     pairs = 0
     for a in range(0, 21):
         for b in range(1, 10):
             if (op == "-" and b > a) or (op == "/" and a % b) or (op == "*" and b > 5):
                 continue
-            want = {"+": a + b, "-": a - b, "*": a * b, "/": a // b}[op]
+            want = APPLY[op](a, b)
             gold = f"Step 2: {b} more: {a} {op} {b} = {want}."
             for wrong in range(0, 31):
                 if wrong == want:
@@ -237,7 +236,6 @@ def test_judgment_count_example_and_the_previous_vs_check():
 
 
 def test_an_unfinished_judgment_has_no_verdict():
-    from common import parse_verdict
     gold, near = "Step 2: 3 fewer: 17 - 3 = 14.", "Step 2: 3 fewer: 17 - 3 = 15."
     text = prepare_synthetic.judgment(gold, gold, near, "A")
     assert [parse_verdict(text[:cut]) for cut in (len(text) - 2, len(text) // 2, 0)] == [None] * 3
