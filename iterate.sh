@@ -9,6 +9,7 @@
 #   bash iterate.sh                              # the embedded default: tiny model, synthetic task, CPU, ~26 min
 #   RUN=random JUDGE=random INIT=runs/default/iter0/model bash iterate.sh   # control: coin-flip judge, same M1
 #   RUN=oracle JUDGE=oracle INIT=runs/default/iter0/model bash iterate.sh   # control: a perfect judge, same M1
+#   SEED=1 bash iterate.sh                       # a replicate: new data, init, order, sampling (runs/default-seed1)
 #   RUN=srlm METHOD=srlm INIT=runs/psrlm/iter0/model bash iterate.sh        # the outcome-based SRLM baseline
 #     from an M1 that learned both judges (RUN=psrlm SRLM_EFT=5000 bash iterate.sh; docs/comparisons.md)
 #   SPLIT=dev RUN=try1 DPO_ARGS="..." INIT=... bash iterate.sh              # tune on the dev split, never on test
@@ -18,7 +19,9 @@
 set -euo pipefail
 cd "$(dirname "$0")"
 
-RUN=${RUN:-default}            # outputs go to runs/$RUN
+SEED=${SEED:-}                 # a replicate: the seed of M0's init, the SFT and DPO order and the search sampling,
+                               # and (tiny preset) of the data, data/synthetic-seed$SEED; empty: the default run (=0)
+RUN=${RUN:-default${SEED:+-seed$SEED}}  # outputs go to runs/$RUN
 PRESET=${PRESET:-tiny}         # tiny: the embedded default on CPU | smollm2: SmolLM2-135M, CPU | paper: Qwen2.5-Math
 MODEL=${MODEL:-}               # M0; empty with PRESET=tiny: built here (prepare/tiny_model.py)
 INIT=${INIT:-}                 # an existing M1 to start from (skips SFT), e.g. to compare judges from one M1
@@ -27,7 +30,6 @@ METHOD=${METHOD:-psrlm}        # psrlm: the paper's step search | srlm: the outc
                                # paper Table 1): whole solutions scored 0-5 by the model, best vs worst
 SRLM_EFT=${SRLM_EFT:-}         # N: M1 also learns the SRLM judge from N whole-solution scorings (tiny preset;
                                # METHOD=srlm without INIT: 5000); empty: the default M1 (step judge only)
-SEED=${SEED:-}                 # the loop's seed (search sampling, DPO order); empty: each stage's default, 0
 NUM_ITERS=${NUM_ITERS:-}       # default 3, paper: M1 -> M2 -> M3 -> M4 (the smollm2 preset: 1)
 OVERWRITE=${OVERWRITE:-}       # 1: redo every stage
 ENGINE=${ENGINE:-}             # hf: HF generate | vllm (docs/vllm.md); default hf (PRESET=paper: vllm if installed)
@@ -35,7 +37,7 @@ ENGINE=${ENGINE:-}             # hf: HF generate | vllm (docs/vllm.md); default 
 # DATA holds questions1..3.jsonl, eft_test.jsonl, ift.jsonl, eft.jsonl (+ srlm_eft.jsonl); NPROC = processes
 
 if [ "$PRESET" = tiny ]; then
-  DATA=${DATA:-data/synthetic}
+  DATA=${DATA:-data/synthetic${SEED:+-seed$SEED}}
   ENGINE=${ENGINE:-hf}
   [ "$ENGINE" = vllm ] && NPROC=${NPROC:-1}  # vLLM's CPU worker binds a core of its own: one engine, not two
   NPROC=${NPROC:-2}
@@ -112,9 +114,9 @@ evaluate() {  # $1: model dir -> $1/../eval
 if [ "$PRESET" = tiny ]; then
   # questions per iteration: the paper's 400/800/1200 scaled by 0.3 so the loop fits ~25 minutes on 2 cores
   run python -m prepare.synthetic --out-dir "$DATA" ${SYNTH_ARGS:---num-questions 120,240,360} \
-      ${SRLM_EFT:+--srlm-eft $SRLM_EFT} $OW
+      ${SRLM_EFT:+--srlm-eft $SRLM_EFT} ${SEED:+--seed $((1234 + SEED))} $OW
   [ -z "$MODEL" ] && MODEL=$R/m0 && run python -m prepare.tiny_model --corpus "$DATA/ift.jsonl" "$DATA/eft.jsonl" \
-      --out "$MODEL" ${MODEL_ARGS:-} $OW
+      --out "$MODEL" ${MODEL_ARGS:-} $SEED_ARG $OW
 else
   run python -m prepare.paper_data --source "$DATA_SOURCE" --out-dir "$DATA" ${DATA_ARGS:-} $OW
   if [ "$PRESET" = smollm2 ]; then run python -m prepare.smollm2 --out "$MODEL"; fi  # converted once, then cached
@@ -139,7 +141,7 @@ else
     run rm "$M1"
   fi
   run env -u OMP_NUM_THREADS $TRAIN train_sft.py --model "$MODEL" --ift "$DATA/ift.jsonl" --eft "$DATA/eft.jsonl" \
-      --out "$R/iter0/model" $PROMPTS $JUDGE_PROMPT $SRLM_SFT $SFT_ARGS $OW
+      --out "$R/iter0/model" $PROMPTS $JUDGE_PROMPT $SRLM_SFT $SFT_ARGS $SEED_ARG $OW
 fi
 evaluate "$R/iter0/model"
 

@@ -257,6 +257,20 @@ def test_4_iterate_stops_on_a_changed_init_and_relinks_it_under_overwrite(driver
     assert rc != 0 and "INIT changed" in output
 
 
+def test_iterate_seed_reaches_every_stage_that_draws(driver, tmp_path):
+    """SEED=2 is a replicate: its own data (the synthetic seed 1234 + 2), M0 init, SFT order, search and DPO."""
+    rc, output = finished(driver(SEED="2"))
+    assert rc == 0, output
+    seeds = {}
+    for line in open(tmp_path / "log").read().splitlines():  # "-m prepare.synthetic ..." or "train_sft.py ..."
+        words = line.split()
+        stage = words[1] if words[0] == "-m" else words[0]
+        seeds[stage] = words[words.index("--seed") + 1] if "--seed" in words else None
+    assert seeds == {"prepare.synthetic": "1236", "prepare.tiny_model": "2", "train_sft.py": "2",
+                     "evaluate.py": None, "generate.py": "2", "make_pairs.py": None, "train_step_dpo.py": "2",
+                     "report.py": None}
+
+
 def test_8_iterate_stops_every_shard_when_one_fails(driver, tmp_path):
     t0 = time.time()
     rc, output = finished(driver(INIT=str(tmp_path), FAKE_MODE="fail-shard"))
