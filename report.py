@@ -20,11 +20,13 @@ Writes runs/<name>/summary.json  [{model, accuracy, accuracy_se, judge_accuracy,
 A row also holds, where evaluate.py --search ran on the model (eval/<data>.search.summary.json): search_accuracy,
 search_accuracy_se, search_candidate_tokens, search_judge_tokens (mean per question), and greedy_tokens. In a run of
 generate.py --mode srlm (SRLM) the labels checked are those of whole solutions (all steps right through the answer).
-With several --run: the accuracy of each run's M1, M2, ... side by side, greedy vs search for every model that has
-both, and one plot of both (--plot, default comparison.png next to the first run).
+With several --run: the accuracy of each run's M1, M2, ... side by side; runs X, X-seed1, X-seed2 (SEED=N) also as
+one row, the mean over seeds and the gain M_last - M1 per seed, mean ± se; greedy vs search for every model that
+has both, and one plot of both (--plot, default comparison.png next to the first run).
 
     python report.py --run runs/default
     python report.py --run runs/psrlm --run runs/srlm --run runs/random --run runs/oracle
+    python report.py --run runs/default --run runs/default-seed1 --run runs/default-seed2 --run runs/random ...
 """
 
 import argparse
@@ -32,6 +34,8 @@ import glob
 import itertools
 import json
 import os
+import re
+import statistics
 
 from common import cli, read_jsonl, search_stats, write_json
 from prepare.synthetic import STEP_EQUATION, solution_is_right, step_is_right
@@ -200,6 +204,27 @@ def scaling_table(runs):
     return scaled
 
 
+def replicate_table(runs):
+    """Runs named X, X-seed1, X-seed2, ... (`SEED=N bash iterate.sh`) as one row of X: the mean accuracy of each model
+    over the seeds, and the last model's gain over M1 per seed with its mean ± standard error across seeds."""
+    groups = {}
+    for name, rows in runs.items():
+        groups.setdefault(re.sub(r"-seed\d+$", "", name), []).append(rows)
+    groups = {name: seeds for name, seeds in groups.items() if len(seeds) > 1}
+    if not groups:
+        return
+    models = min(len(rows) for seeds in groups.values() for rows in seeds)
+    print("\n| runs | seeds | " + " | ".join(f"M{t + 1} mean %" for t in range(models))
+          + f" | M{models} − M1 per seed | mean ± se |")
+    print("|---|---|" + "---|" * (models + 2))
+    for name, seeds in groups.items():
+        means = [statistics.mean(100 * rows[t]["accuracy"] for rows in seeds) for t in range(models)]
+        gains = [100 * (rows[models - 1]["accuracy"] - rows[0]["accuracy"]) for rows in seeds]
+        se = statistics.stdev(gains) / len(gains) ** 0.5
+        print(f"| {name} | {len(seeds)} | " + " | ".join(f"{m:.1f}" for m in means)
+              + " | " + ", ".join(f"{g:+.1f}" for g in gains) + f" | {statistics.mean(gains):+.1f} ± {se:.1f} |")
+
+
 def compare(runs, path):
     """Several runs side by side: accuracy per model (Table 1), greedy vs search where both ran (Table 5); one plot."""
     models = max((len(rows) for rows in runs.values()), default=0)
@@ -208,6 +233,7 @@ def compare(runs, path):
     for name, rows in runs.items():
         cells = [f"{fmt(r['accuracy'], True)} ± {fmt(r['accuracy_se'], True)}" for r in rows]
         print(f"| {name} | " + " | ".join(cells + ["-"] * (models - len(rows))) + " |")
+    replicate_table(runs)
     scaled = scaling_table(runs)
     import matplotlib
     matplotlib.use("Agg")

@@ -301,6 +301,24 @@ def test_report_compares_runs_and_greedy_with_search(tmp_path, monkeypatch, caps
     assert rows[0]["accuracy"] == 0.5 and rows[0]["search_accuracy"] == 0.6  # the greedy row is not the search's
 
 
+def test_report_pools_seed_replicates(tmp_path, monkeypatch, capsys):
+    """default, default-seed1, default-seed2 (SEED=N bash iterate.sh) -> one row: means and per-seed gains."""
+    import report
+    for run_name, accuracies in [("default", [0.40, 0.46]), ("default-seed1", [0.42, 0.44]),
+                                 ("default-seed2", [0.38, 0.47]), ("random", [0.40, 0.35])]:
+        for t, acc in enumerate(accuracies):
+            folder = tmp_path / run_name / f"iter{t}" / "eval"
+            folder.mkdir(parents=True)
+            (folder / "test.summary.json").write_text(json.dumps(dict(
+                dataset="test", n=100, accuracy=acc, accuracy_se=0.05, steps_per_solution=2.0, mean_output_tokens=30)))
+    run(monkeypatch, report, *[arg for name in ["default", "default-seed1", "default-seed2", "random"]
+                                for arg in ("--run", tmp_path / name)])
+    out = capsys.readouterr().out
+    # gains 6, 2, 9: mean 5.67, sample sd 3.51, se 2.03; "random" has one seed: no pooled row
+    assert "| default | 3 | 40.0 | 45.7 | +6.0, +2.0, +9.0 | +5.7 ± 2.0 |" in out
+    assert "| random | 1 |" not in out
+
+
 def test_report_checks_srlm_scores_against_true_labels():
     """In an SRLM tree, verification = how often the higher mean score goes to the right whole solution."""
     import report
