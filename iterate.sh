@@ -21,6 +21,7 @@ cd "$(dirname "$0")"
 
 SEED=${SEED:-}                 # a replicate: the seed of M0's init, the SFT and DPO order and the search sampling,
                                # and (tiny preset) of the data, data/synthetic-seed$SEED; empty: the default run (=0)
+[[ "$SEED" =~ ^[0-9]*$ ]] || { echo "SEED=$SEED: a non-negative integer (or empty)" >&2; exit 1; }
 RUN=${RUN:-default${SEED:+-seed$SEED}}  # outputs go to runs/$RUN
 PRESET=${PRESET:-tiny}         # tiny: the embedded default on CPU | smollm2: SmolLM2-135M, CPU | paper: Qwen2.5-Math
 MODEL=${MODEL:-}               # M0; empty with PRESET=tiny: built here (prepare/tiny_model.py)
@@ -114,7 +115,7 @@ evaluate() {  # $1: model dir -> $1/../eval
 if [ "$PRESET" = tiny ]; then
   # questions per iteration: the paper's 400/800/1200 scaled by 0.3 so the loop fits ~25 minutes on 2 cores
   run python -m prepare.synthetic --out-dir "$DATA" ${SYNTH_ARGS:---num-questions 120,240,360} \
-      ${SRLM_EFT:+--srlm-eft $SRLM_EFT} ${SEED:+--seed $((1234 + SEED))} $OW
+      ${SRLM_EFT:+--srlm-eft $SRLM_EFT} ${SEED:+--seed $((1234 + SEED))} $OW  # 1234: its default
   [ -z "$MODEL" ] && MODEL=$R/m0 && run python -m prepare.tiny_model --corpus "$DATA/ift.jsonl" "$DATA/eft.jsonl" \
       --out "$MODEL" ${MODEL_ARGS:-} $SEED_ARG $OW
 else

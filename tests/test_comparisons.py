@@ -279,14 +279,22 @@ def test_search_eval_counts_the_judge_tokens(tiny_model_dir, synthetic_dir, tmp_
 # report.py: runs side by side, greedy vs search
 
 
+def write_eval_summaries(run_dir, accuracies):
+    """A run's iter<t>/eval/test.summary.json with these accuracies (M1, M2, ...); returns the eval folders."""
+    folders = []
+    for t, acc in enumerate(accuracies):
+        folder = run_dir / f"iter{t}" / "eval"
+        folder.mkdir(parents=True)
+        (folder / "test.summary.json").write_text(json.dumps(dict(
+            dataset="test", n=100, accuracy=acc, accuracy_se=0.05, steps_per_solution=2.0, mean_output_tokens=30)))
+        folders.append(folder)
+    return folders
+
+
 def test_report_compares_runs_and_greedy_with_search(tmp_path, monkeypatch, capsys):
     import report
     for run_name, accuracies in [("psrlm", [0.5, 0.6]), ("srlm", [0.5, 0.55])]:
-        for t, acc in enumerate(accuracies):
-            folder = tmp_path / run_name / f"iter{t}" / "eval"
-            folder.mkdir(parents=True)
-            (folder / "test.summary.json").write_text(json.dumps(dict(
-                dataset="test", n=100, accuracy=acc, accuracy_se=0.05, steps_per_solution=2.0, mean_output_tokens=30)))
+        for folder, acc in zip(write_eval_summaries(tmp_path / run_name, accuracies), accuracies):
             if run_name == "psrlm":
                 (folder / "test.search.summary.json").write_text(json.dumps(dict(
                     dataset="test", n=100, accuracy=acc + 0.1, accuracy_se=0.05, mean_candidate_tokens=400,
@@ -306,11 +314,7 @@ def test_report_pools_seed_replicates(tmp_path, monkeypatch, capsys):
     import report
     for run_name, accuracies in [("default", [0.40, 0.46]), ("default-seed1", [0.42, 0.44]),
                                  ("default-seed2", [0.38, 0.47]), ("random", [0.40, 0.35])]:
-        for t, acc in enumerate(accuracies):
-            folder = tmp_path / run_name / f"iter{t}" / "eval"
-            folder.mkdir(parents=True)
-            (folder / "test.summary.json").write_text(json.dumps(dict(
-                dataset="test", n=100, accuracy=acc, accuracy_se=0.05, steps_per_solution=2.0, mean_output_tokens=30)))
+        write_eval_summaries(tmp_path / run_name, accuracies)
     run(monkeypatch, report, *[arg for name in ["default", "default-seed1", "default-seed2", "random"]
                                 for arg in ("--run", tmp_path / name)])
     out = capsys.readouterr().out

@@ -269,6 +269,8 @@ def test_iterate_seed_reaches_every_stage_that_draws(driver, tmp_path):
     assert seeds == {"prepare.synthetic": "1236", "prepare.tiny_model": "2", "train_sft.py": "2",
                      "evaluate.py": None, "generate.py": "2", "make_pairs.py": None, "train_step_dpo.py": "2",
                      "report.py": None}
+    rc, output = finished(driver(SEED="two"))
+    assert rc != 0 and "SEED=two: a non-negative integer" in output
 
 
 def test_8_iterate_stops_every_shard_when_one_fails(driver, tmp_path):
