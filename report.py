@@ -213,16 +213,23 @@ def replicate_table(runs):
     groups = {name: seeds for name, seeds in groups.items() if len(seeds) > 1}
     if not groups:
         return
-    models = min(len(rows) for seeds in groups.values() for rows in seeds)
+    models = min(len(rows) for seeds in groups.values() for rows in seeds)  # as far as every seed has got
+    if models < 2:
+        return
     print("\n| runs | seeds | " + " | ".join(f"M{t + 1} mean %" for t in range(models))
-          + f" | M{models} − M1 per seed | mean ± se |")
+          + f" | M{models} - M1 per seed | mean ± se |")
     print("|---|---|" + "---|" * (models + 2))
     for name, seeds in groups.items():
-        means = [statistics.mean(100 * rows[t]["accuracy"] for rows in seeds) for t in range(models)]
-        gains = [100 * (rows[models - 1]["accuracy"] - rows[0]["accuracy"]) for rows in seeds]
-        se = statistics.stdev(gains) / len(gains) ** 0.5
-        print(f"| {name} | {len(seeds)} | " + " | ".join(f"{m:.1f}" for m in means)
-              + " | " + ", ".join(f"{g:+.1f}" for g in gains) + f" | {statistics.mean(gains):+.1f} ± {se:.1f} |")
+        # a seed whose evaluation of a model is missing leaves that mean, and its own gain, as "-"
+        acc = [[None if rows[t]["accuracy"] is None else 100 * rows[t]["accuracy"] for t in range(models)]
+               for rows in seeds]
+        means = [None if any(a[t] is None for a in acc) else statistics.mean(a[t] for a in acc) for t in range(models)]
+        gains = [None if a[0] is None or a[-1] is None else a[-1] - a[0] for a in acc]
+        known = [g for g in gains if g is not None]
+        pooled = (f"{statistics.mean(known):+.1f} ± {statistics.stdev(known) / len(known) ** 0.5:.1f}"
+                  if len(known) > 1 else "-")
+        print(f"| {name} | {len(seeds)} | " + " | ".join("-" if m is None else f"{m:.1f}" for m in means)
+              + " | " + ", ".join("-" if g is None else f"{g:+.1f}" for g in gains) + f" | {pooled} |")
 
 
 def compare(runs, path):

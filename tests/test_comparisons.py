@@ -321,6 +321,14 @@ def test_report_pools_seed_replicates(tmp_path, monkeypatch, capsys):
     # gains 6, 2, 9: mean 5.67, sample sd 3.51, se 2.03; "random" has one seed: no pooled row
     assert "| default | 3 | 40.0 | 45.7 | +6.0, +2.0, +9.0 | +5.7 ± 2.0 |" in out
     assert "| random | 1 |" not in out
+    # a seed whose last test evaluation is missing (deleted to redo it; its judge's is there): "-" there, the others
+    # still pooled
+    folder = tmp_path / "default-seed2" / "iter1" / "eval"
+    (folder / "judge_eval.summary.json").write_text(json.dumps(dict(judge_accuracy=0.99, judge_accuracy_se=0.01)))
+    (folder / "test.summary.json").unlink()
+    run(monkeypatch, report, *[arg for name in ["default", "default-seed1", "default-seed2"]
+                                for arg in ("--run", tmp_path / name)])
+    assert "| default | 3 | 40.0 | - | +6.0, +2.0, - | +4.0 ± 2.0 |" in capsys.readouterr().out
 
 
 def test_report_checks_srlm_scores_against_true_labels():
