@@ -21,7 +21,10 @@ cd "$(dirname "$0")"
 
 SEED=${SEED:-}                 # a replicate: the seed of M0's init, the SFT and DPO order and the search sampling,
                                # and (tiny preset) of the data, data/synthetic-seed$SEED; empty: the default run (=0)
-[[ "$SEED" =~ ^[0-9]*$ ]] || { echo "SEED=$SEED: a non-negative integer (or empty)" >&2; exit 1; }
+DATA_SEED=${DATA_SEED-$SEED}   # the data's seed, if not SEED; DATA_SEED= (set, empty): the default data set
+for v in "$SEED" "$DATA_SEED"; do
+  [[ "$v" =~ ^[0-9]*$ ]] || { echo "SEED=$SEED DATA_SEED=$DATA_SEED: non-negative integers (or empty)" >&2; exit 1; }
+done
 RUN=${RUN:-default${SEED:+-seed$SEED}}  # outputs go to runs/$RUN
 PRESET=${PRESET:-tiny}         # tiny: the embedded default on CPU | smollm2: SmolLM2-135M, CPU | paper: Qwen2.5-Math
 MODEL=${MODEL:-}               # M0; empty with PRESET=tiny: built here (prepare/tiny_model.py)
@@ -38,7 +41,7 @@ ENGINE=${ENGINE:-}             # hf: HF generate | vllm (docs/vllm.md); default 
 # DATA holds questions1..3.jsonl, eft_test.jsonl, ift.jsonl, eft.jsonl (+ srlm_eft.jsonl); NPROC = processes
 
 if [ "$PRESET" = tiny ]; then
-  DATA=${DATA:-data/synthetic${SEED:+-seed$SEED}}
+  DATA=${DATA:-data/synthetic${DATA_SEED:+-seed$DATA_SEED}}
   ENGINE=${ENGINE:-hf}
   [ "$ENGINE" = vllm ] && NPROC=${NPROC:-1}  # vLLM's CPU worker binds a core of its own: one engine, not two
   NPROC=${NPROC:-2}
@@ -115,7 +118,7 @@ evaluate() {  # $1: model dir -> $1/../eval
 if [ "$PRESET" = tiny ]; then
   # questions per iteration: the paper's 400/800/1200 scaled by 0.3 so the loop fits ~25 minutes on 2 cores
   run python -m prepare.synthetic --out-dir "$DATA" ${SYNTH_ARGS:---num-questions 120,240,360} \
-      ${SRLM_EFT:+--srlm-eft $SRLM_EFT} ${SEED:+--seed $((1234 + SEED))} $OW  # 1234: its default
+      ${SRLM_EFT:+--srlm-eft $SRLM_EFT} ${DATA_SEED:+--seed $((1234 + DATA_SEED))} $OW  # 1234: its default
   [ -z "$MODEL" ] && MODEL=$R/m0 && run python -m prepare.tiny_model --corpus "$DATA/ift.jsonl" "$DATA/eft.jsonl" \
       --out "$MODEL" ${MODEL_ARGS:-} $SEED_ARG $OW
 else

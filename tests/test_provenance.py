@@ -270,7 +270,13 @@ def test_iterate_seed_reaches_every_stage_that_draws(driver, tmp_path):
                      "evaluate.py": None, "generate.py": "2", "make_pairs.py": None, "train_step_dpo.py": "2",
                      "report.py": None}
     rc, output = finished(driver(SEED="two"))
-    assert rc != 0 and "SEED=two: a non-negative integer" in output
+    assert rc != 0 and "SEED=two DATA_SEED=two: non-negative integers" in output
+    # DATA_SEED= (empty): the default data, the rest of SEED=2's draws
+    (tmp_path / "log").unlink()
+    rc, output = finished(driver(SEED="2", DATA_SEED=""))
+    assert rc == 0, output
+    synth = next(line.split() for line in open(tmp_path / "log") if "prepare.synthetic" in line)
+    assert "--seed" not in synth and "--seed 2" in open(tmp_path / "log").read()
 
 
 def test_8_iterate_stops_every_shard_when_one_fails(driver, tmp_path):
