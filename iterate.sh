@@ -6,7 +6,7 @@
 # stage's output to redo it). Outputs: runs/$RUN/iter0 (M1), runs/$RUN/iter$t (M_{t+1}), summary. One run at a
 # time per run directory (a lock); when one shard of a stage fails, its sibling shards are stopped too.
 #
-#   bash iterate.sh                              # the embedded default: tiny model, synthetic task, CPU, ~26 min
+#   bash iterate.sh                              # the embedded default: tiny model, synthetic task, CPU, ~25 min
 #   RUN=random JUDGE=random INIT=runs/default/iter0/model bash iterate.sh   # control: coin-flip judge, same M1
 #   RUN=oracle JUDGE=oracle INIT=runs/default/iter0/model bash iterate.sh   # control: a perfect judge, same M1
 #   SEED=1 bash iterate.sh                       # a replicate: new data, init, order, sampling (runs/default-seed1)
