@@ -5,9 +5,11 @@ the held-out test (± standard error), its step-judge accuracy on the held-out E
 the iteration that produced it the number of preference pairs, unparseable verdicts and how often the two judging
 orders disagreed.
 
-Reads  runs/<name>/iter<t>/{eval/*.summary.json, eval/judge_eval.jsonl, trees.jsonl, pairs.jsonl(.stats.json)}
+Reads  runs/<name>/iter<t>/{eval/*.summary.json, eval/<data>.jsonl, eval/judge_eval.jsonl, trees.jsonl,
+       pairs.jsonl(.stats.json)}
        and the EFT test file named in judge_eval.summary.json
-Writes runs/<name>/summary.json  [{model, accuracy, accuracy_se, judge_accuracy, judge_accuracy_se,
+Writes runs/<name>/summary.json  [{model, accuracy, accuracy_se, gain_over_m1, gain_over_m1_se (on the same
+                                   problems: paired se, from eval/<data>.jsonl), judge_accuracy, judge_accuracy_se,
                                    steps_per_solution, pairs, pairs_per_question, unparsed_verdicts, verdicts_a,
                                    verdicts_b, order_disagreement, tie_rollbacks, data, pairs_right_over_wrong,
                                    pairs_wrong_over_right (synthetic task: chosen step right and rejected wrong,
@@ -125,8 +127,21 @@ def load(path):
     return json.load(open(path)) if os.path.exists(path) else {}
 
 
+def paired_gain(first, now):
+    """
+    Accuracy gain over the first model on the same problems, with the paired standard error: the per-problem
+    differences (correct now - correct first, in {-1, 0, 1}) have mean = the gain and se = their sd / sqrt(n); far
+    smaller than two independent accuracies' errors, as both models meet the same problems. {id: correct} each.
+    """
+    common = [i for i in first if i in now]
+    if len(common) < 2:
+        return None, None
+    diffs = [int(now[i]) - int(first[i]) for i in common]
+    return statistics.mean(diffs), statistics.stdev(diffs) / len(diffs) ** 0.5
+
+
 def collect(run):
-    rows, t = [], 0
+    rows, t, first = [], 0, None
     while os.path.isdir(os.path.join(run, f"iter{t}")):
         it = os.path.join(run, f"iter{t}")
         evals = [load(p) for p in sorted(glob.glob(os.path.join(it, "eval", "*.summary.json")))
@@ -144,8 +159,15 @@ def collect(run):
         if not evals and not judge:
             break
         test = evals[0] if evals else {}
+        problems = os.path.join(it, "eval", f"{test.get('dataset')}.jsonl")
+        correct = {r["id"]: r["correct"] for r in read_jsonl(problems)} if test and os.path.exists(problems) else {}
+        if first is None:  # M1: the baseline
+            first, (gain, gain_se) = correct, (None, None)
+        else:
+            gain, gain_se = paired_gain(first, correct)
         scaled = load(os.path.join(it, "eval", f"{test.get('dataset')}.search.summary.json"))  # evaluate --search
         rows.append(dict(model=f"M{t + 1}", accuracy=test.get("accuracy"), accuracy_se=test.get("accuracy_se"),
+                         gain_over_m1=gain, gain_over_m1_se=gain_se,
                          judge_accuracy=judge.get("judge_accuracy"), judge_accuracy_se=judge.get("judge_accuracy_se"),
                          steps_per_solution=test.get("steps_per_solution"),
                          # the pairs that trained this model were made by the previous one (iteration t)
@@ -284,11 +306,13 @@ def main():
         compare(runs, args.plot or os.path.join(os.path.dirname(os.path.normpath(args.run[0])), "comparison.png"))
         return
     # a model's pairs/verdict columns describe the search that trained it (run by the previous model)
-    print("| model | accuracy % (± se) | judge accuracy % | steps/solution | pairs trained on | right>wrong / "
-          "wrong>right | [[A]] / [[B]] / unparsed verdicts | order disagreement | tie roll-backs |")
-    print("|---|---|---|---|---|---|---|---|---|")
+    print("| model | accuracy % (± se) | vs M1, paired se | judge accuracy % | steps/solution | pairs trained on "
+          "| right>wrong / wrong>right | [[A]] / [[B]] / unparsed verdicts | order disagreement | tie roll-backs |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
-        print(f"| {r['model']} | {fmt(r['accuracy'], True)} ± {fmt(r['accuracy_se'], True)} "
+        gain = "-" if r["gain_over_m1"] is None else \
+            f"{100 * r['gain_over_m1']:+.1f} ± {100 * r['gain_over_m1_se']:.1f}"
+        print(f"| {r['model']} | {fmt(r['accuracy'], True)} ± {fmt(r['accuracy_se'], True)} | {gain} "
               f"| {fmt(r['judge_accuracy'], True)} | {fmt(r['steps_per_solution'])} | {fmt(r['pairs'])} "
               f"| {fmt(r.get('pairs_right_over_wrong'))} / {fmt(r.get('pairs_wrong_over_right'))} "
               f"| {fmt(r['verdicts_a'])} / {fmt(r['verdicts_b'])} / {fmt(r['unparsed_verdicts'])} "

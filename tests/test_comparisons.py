@@ -8,6 +8,7 @@ parser, its pairing rule, its pairs trained by train_step_dpo.py unchanged, its 
 
 import json
 import os
+import statistics
 import sys
 
 import pytest
@@ -329,6 +330,21 @@ def test_report_pools_seed_replicates(tmp_path, monkeypatch, capsys):
     run(monkeypatch, report, *[arg for name in ["default", "default-seed1", "default-seed2"]
                                 for arg in ("--run", tmp_path / name)])
     assert "| default | 3 | 40.0 | - | +6.0, +2.0, - | +4.0 ± 2.0 |" in capsys.readouterr().out
+
+
+def test_report_gain_over_m1_has_a_paired_standard_error(tmp_path, monkeypatch, capsys):
+    """The gain over M1 on the same problems: mean of the per-problem differences, se = their sd / sqrt(n)."""
+    import report
+    assert report.paired_gain(dict(a=1, b=0, c=0, d=1), dict(a=1, b=1, c=1, d=0, e=1)) == \
+        pytest.approx((0.25, statistics.stdev([0, 1, 1, -1]) / 2))  # e: not met by M1, left out
+    first = [i % 2 == 0 for i in range(40)]   # M1 right on 20 of 40 problems
+    last = [i % 4 != 3 for i in range(40)]    # M2 right on 30: 10 more, none lost -> +25 points, se 6.9
+    for folder, correct in zip(write_eval_summaries(tmp_path / "run", [0.5, 0.75]), [first, last]):
+        (folder / "test.jsonl").write_text("".join(json.dumps(dict(id=f"q{i}", correct=c)) + "\n"
+                                                   for i, c in enumerate(correct)))
+    run(monkeypatch, report, "--run", tmp_path / "run")
+    out = capsys.readouterr().out
+    assert "| M1 | 50.0 ± 5.0 | - |" in out and "| M2 | 75.0 ± 5.0 | +25.0 ± 6.9 |" in out
 
 
 def test_report_checks_srlm_scores_against_true_labels():
