@@ -127,6 +127,11 @@ def load(path):
     return json.load(open(path)) if os.path.exists(path) else {}
 
 
+def mean_se(xs):
+    """Mean and standard error of the mean (sample sd / sqrt(n)) of two or more numbers."""
+    return statistics.mean(xs), statistics.stdev(xs) / len(xs) ** 0.5
+
+
 def paired_gain(first, now):
     """
     Accuracy gain over the first model on the same problems, with the paired standard error: the per-problem
@@ -136,8 +141,7 @@ def paired_gain(first, now):
     common = [i for i in first if i in now]
     if len(common) < 2:
         return None, None
-    diffs = [int(now[i]) - int(first[i]) for i in common]
-    return statistics.mean(diffs), statistics.stdev(diffs) / len(diffs) ** 0.5
+    return mean_se([int(now[i]) - int(first[i]) for i in common])
 
 
 def collect(run):
@@ -248,8 +252,7 @@ def replicate_table(runs):
         means = [None if any(a[t] is None for a in acc) else statistics.mean(a[t] for a in acc) for t in range(models)]
         gains = [None if a[0] is None or a[-1] is None else a[-1] - a[0] for a in acc]
         known = [g for g in gains if g is not None]
-        pooled = (f"{statistics.mean(known):+.1f} ± {statistics.stdev(known) / len(known) ** 0.5:.1f}"
-                  if len(known) > 1 else "-")
+        pooled = "{:+.1f} ± {:.1f}".format(*mean_se(known)) if len(known) > 1 else "-"
         print(f"| {name} | {len(seeds)} | " + " | ".join("-" if m is None else f"{m:.1f}" for m in means)
               + " | " + ", ".join("-" if g is None else f"{g:+.1f}" for g in gains) + f" | {pooled} |")
 

@@ -259,24 +259,25 @@ def test_4_iterate_stops_on_a_changed_init_and_relinks_it_under_overwrite(driver
 
 def test_iterate_seed_reaches_every_stage_that_draws(driver, tmp_path):
     """SEED=2 is a replicate: its own data (the synthetic seed 1234 + 2), M0 init, SFT order, search and DPO."""
+    def stage_seeds():  # {stage: its --seed} from the fake python's log, which is then cleared for the next run
+        seeds = {}
+        for line in open(tmp_path / "log").read().splitlines():  # "-m prepare.synthetic ..." or "train_sft.py ..."
+            words = line.split()
+            stage = words[1] if words[0] == "-m" else words[0]
+            seeds[stage] = words[words.index("--seed") + 1] if "--seed" in words else None
+        (tmp_path / "log").unlink()
+        return seeds
     rc, output = finished(driver(SEED="2"))
     assert rc == 0, output
-    seeds = {}
-    for line in open(tmp_path / "log").read().splitlines():  # "-m prepare.synthetic ..." or "train_sft.py ..."
-        words = line.split()
-        stage = words[1] if words[0] == "-m" else words[0]
-        seeds[stage] = words[words.index("--seed") + 1] if "--seed" in words else None
-    assert seeds == {"prepare.synthetic": "1236", "prepare.tiny_model": "2", "train_sft.py": "2",
-                     "evaluate.py": None, "generate.py": "2", "make_pairs.py": None, "train_step_dpo.py": "2",
-                     "report.py": None}
+    expected = {"prepare.synthetic": "1236", "prepare.tiny_model": "2", "train_sft.py": "2", "evaluate.py": None,
+                "generate.py": "2", "make_pairs.py": None, "train_step_dpo.py": "2", "report.py": None}
+    assert stage_seeds() == expected
     rc, output = finished(driver(SEED="two"))
     assert rc != 0 and "SEED=two DATA_SEED=two: non-negative integers" in output
     # DATA_SEED= (empty): the default data, the rest of SEED=2's draws
-    (tmp_path / "log").unlink()
     rc, output = finished(driver(SEED="2", DATA_SEED=""))
     assert rc == 0, output
-    synth = next(line.split() for line in open(tmp_path / "log") if "prepare.synthetic" in line)
-    assert "--seed" not in synth and "--seed 2" in open(tmp_path / "log").read()
+    assert stage_seeds() == dict(expected, **{"prepare.synthetic": None})
 
 
 def test_8_iterate_stops_every_shard_when_one_fails(driver, tmp_path):
