@@ -97,13 +97,20 @@ sharded() {  # a stage as NPROC processes over every NPROC-th record; the last t
     LOCAL_RANK=$i "$@" --shard "$i/$NPROC" &
     pids+=($!)
   done
-  for i in "${pids[@]}"; do
-    if ! wait -n; then
-      echo "a shard of $2 failed: stopping the others" >&2
-      kill "${pids[@]}" 2>/dev/null || true
-      wait || true
-      return 1
-    fi
+  while [ ${#pids[@]} -gt 0 ]; do
+    # wakes when a shard ends; its status is read by pid below (bash's `wait -n` misses one that already ended)
+    wait -n "${pids[@]}" 2>/dev/null || true
+    local left=() pid
+    for pid in "${pids[@]}"; do
+      if kill -0 "$pid" 2>/dev/null; then left+=("$pid"); continue; fi
+      if ! wait "$pid"; then
+        echo "a shard of $2 failed: stopping the others" >&2
+        kill "${pids[@]}" 2>/dev/null || true
+        wait || true
+        return 1
+      fi
+    done
+    pids=("${left[@]}")
   done
 }
 
