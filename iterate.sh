@@ -49,8 +49,8 @@ if [ "$PRESET" = tiny ]; then
   JUDGE_PROMPT="--prompt-judge judge_tiny"
   SRLM_JUDGE_PROMPT="--prompt-srlm-judge srlm_judge_tiny"
   # METHOD=srlm: k=4 solutions (Yuan et al.), 3 scorings each (theirs), as many tokens as the evaluation's solutions;
-  # the SRLM EFT judgments run to 62 tokens (39 on average)
-  SRLM_ARGS=${SRLM_ARGS:-"--num-candidates 4 --srlm-scorings 3 --max-new-tokens 160 --judge-max-new-tokens 80 \
+  # the SRLM EFT judgments (each step counted out, as the step judge does) run to 374 tokens (182 on average)
+  SRLM_ARGS=${SRLM_ARGS:-"--num-candidates 4 --srlm-scorings 3 --max-new-tokens 160 --judge-max-new-tokens 384 \
 --batch-size 128 --questions-per-chunk 64"}
   SFT_ARGS=${SFT_ARGS:-"--epochs 1 --lr 2e-3 --batch-size 16 --max-len 512"}
   # --orders 1: each pair judged once, half the judge's time (the paper does not say it judges both orders); the

@@ -17,8 +17,8 @@ outcome-based SRLM judge (Yuan et al. 2024: whole solutions scored 0-5; generate
 disjoint from all of the above:
   srlm_eft.jsonl (N), srlm_eft_test.jsonl (--num-eft-test)  {id, question, response, judgment, score}
   half of the solutions right, half with a first error at a random step carried through the later steps;
-  judgment: "Step 1: 14 vs 14, right. Step 2: 20 vs 17, wrong. Score: 2" (see solution_score); its own manifest
-  srlm_eft.jsonl.manifest.json, written last.
+  judgment: each step checked as the step judge checks a candidate, up to the first wrong one, then the score
+  (srlm_judgment, solution_score); its own manifest srlm_eft.jsonl.manifest.json, written last.
 
 Corruptions (the errors a judge must catch): wrong arithmetic (result off), wrong operand (a number from
 elsewhere in the problem), wrong operation (+ instead of -, ...). The judgment reads both results, counts the
@@ -115,17 +115,30 @@ SENTENCE_RES = [(op, _template_regex(t)) for op, templates in SENTENCES.items() 
 STEP_EQUATION = re.compile(r"(\d+) ([-+*/]) (\d+) = (\d+)")
 
 
-def solve(question):
-    """The gold running values of a synthetic question: [start, after op 1, ..., answer] (parsed from the text)."""
+def parse_question(question):
+    """A synthetic question's start value and operations [(op, operand)], parsed from its text."""
     sentences = re.split(r"(?<=[.?]) ", question)
     start = re.search(r" has (\d+) ", sentences[0])
     ops = [next(((op, int(m[1])) for op, r in SENTENCE_RES if (m := r.match(s))), None) for s in sentences[1:-1]]
     if start is None or not ops or None in ops:
         raise ValueError(f"not a synthetic question: {question[:80]!r}")
-    values = [int(start[1])]
+    return int(start[1]), ops
+
+
+def solve(question):
+    """The gold running values of a synthetic question: [start, after op 1, ..., answer] (parsed from the text)."""
+    start, ops = parse_question(question)
+    values = [start]
     for op, n in ops:
         values.append(apply(op, values[-1], n))
     return values
+
+
+def gold_steps(question):
+    """The gold solution's steps of a synthetic question, as render writes them."""
+    values, (_, ops) = solve(question), parse_question(question)
+    return [step_text(k, (op, n), values[k - 1], op, n, values[k], final=k == len(ops))
+            for k, (op, n) in enumerate(ops, 1)]
 
 
 def step_is_right(question, step_number, step):
@@ -169,15 +182,28 @@ def solution_is_right(question, text):
     return solution_score(question, split_steps(text)) == 5
 
 
-def srlm_judgment(question, steps):
-    """The SRLM EFT target: each step's result against the true value, up to the first wrong step, then the score."""
-    values, checks = solve(question), []
+def srlm_judgment(question, steps, check="count"):
+    """
+    The SRLM EFT target: each step checked against the true step, up to the first wrong one, then the score. With
+    check="count" (the default) each step is checked as the step judge checks a candidate (judgment): its result,
+    the true step counted out, the digit-by-digit comparison: "Step 1: 14. Want Step 1: 3 fewer: 17 - 3: 16 (1),
+    15 (2), 14 (3). 14 vs 14: 1 1 same, 4 4 same, right. ... Score: 5". So the outcome judge of the SRLM baseline
+    verifies with the same means as the process judge, and the comparison is of the two methods, not of two
+    checking skills. check="vs" (the previous default): "Step 1: 14 vs 14, right. Step 2: 20 vs 17, wrong. Score: 2".
+    """
+    values, gold, checks = solve(question), gold_steps(question), []
     for k, step in enumerate(steps, 1):
         m = STEP_EQUATION.search(step)
-        ok = step_is_right(question, k, step)
-        want = values[k] if k < len(values) else "none"
-        checks.append(f"Step {k}: {m[4] if m else 'no result'} vs {want}, {'right' if ok else 'wrong'}.")
-        if not ok:
+        ok = "right" if step_is_right(question, k, step) else "wrong"
+        got = m[4] if m else "no result"
+        if check == "vs":
+            checks.append(f"Step {k}: {got} vs {values[k] if k < len(values) else 'none'}, {ok}.")
+        elif k > len(gold):
+            checks.append(f"Step {k}: {got}. Want none, {ok}.")
+        else:
+            checks.append(f"Step {k}: {got}. Want {count_out(gold[k - 1])}. "
+                          f"{compare(got, str(values[k])) if m else got}, {ok}.")
+        if ok == "wrong":
             break
     return " ".join(checks + [f"Score: {solution_score(question, steps)}"])
 
@@ -200,11 +226,11 @@ def wrong_solution(rng, question, steps, facts, chain):
     return None
 
 
-def make_srlm_eft(rng, idx, question, steps, facts, chain, right):
+def make_srlm_eft(rng, idx, question, steps, facts, chain, right, check="count"):
     """One SRLM EFT record: a right solution (right=True) or one with an error, its judgment and score."""
     response = steps if right else wrong_solution(rng, question, steps, facts, chain) or steps
     return dict(id=idx, question=question, response="\n".join(response),
-                judgment=srlm_judgment(question, response), score=solution_score(question, response))
+                judgment=srlm_judgment(question, response, check), score=solution_score(question, response))
 
 
 def question_numbers(question):
@@ -255,23 +281,33 @@ def judgment(gold_step, step_a, step_b, label, check="count"):
     A: 14 vs 14, right. B: 15 vs 14, wrong. [[A]]").
     """
     result = lambda s: STEP_EQUATION.search(s)[4]  # "Step 2: 3 more: 14 + 3 = 17." -> "17"
-    a, op, b, want = STEP_EQUATION.search(gold_step).groups()
+    want = result(gold_step)
     ok_a, ok_b = ("right", "wrong") if label == "A" else ("wrong", "right")
     if check == "vs":
         head = gold_step.split(" The answer")[0]
         return f"Want {head} A: {result(step_a)} vs {want}, {ok_a}. B: {result(step_b)} vs {want}, {ok_b}. [[{label}]]"
-    # one unit at a time: a + 1, a + 2, ... (a - 1, ...), each numbered, ending at the right value
+    return (f"A: {result(step_a)}. B: {result(step_b)}. Want {count_out(gold_step)}. "
+            f"A: {compare(result(step_a), want)}, {ok_a}. B: {compare(result(step_b), want)}, {ok_b}. [[{label}]]")
+
+
+def count_out(gold_step):
+    """
+    The right step built one unit at a time, each numbered: a + 1, a + 2, ... (a - 1, ...), ending at the right
+    value; operations other than + and - write the value. "Step 2: 3 fewer: 17 - 3 = 14." -> "Step 2: 3 fewer:
+    17 - 3: 16 (1), 15 (2), 14 (3)".
+    """
+    a, op, b, want = STEP_EQUATION.search(gold_step).groups()
     work = ", ".join(f"{apply(op, int(a), i)} ({i})" for i in range(1, int(b) + 1)) if op in "+-" else want
+    return f"{gold_step.split(' = ')[0]}: {work}"
 
-    def compare(step):
-        got = result(step)
-        width = max(2, len(got), len(want))  # 0-padded, at least 2 digits: every comparison has one shape
-        got, right = got.zfill(width), want.zfill(width)
-        digits = ", ".join(f"{x} {y} {'same' if x == y else 'differ'}" for x, y in zip(got, right))
-        return f"{got} vs {right}: {digits}"
 
-    return (f"A: {result(step_a)}. B: {result(step_b)}. Want {gold_step.split(' = ')[0]}: {work}. "
-            f"A: {compare(step_a)}, {ok_a}. B: {compare(step_b)}, {ok_b}. [[{label}]]")
+def compare(got, want):
+    """Two results digit by digit, 0-padded to at least 2 digits (every comparison has one shape):
+    "14 vs 15: 1 1 same, 4 5 differ"."""
+    width = max(2, len(got), len(want))
+    got, want = got.zfill(width), want.zfill(width)
+    digits = ", ".join(f"{x} {y} {'same' if x == y else 'differ'}" for x, y in zip(got, want))
+    return f"{got} vs {want}: {digits}"
 
 
 def make_eft(rng, idx, question, steps, facts, chain, label, check="count"):
@@ -313,7 +349,8 @@ def main():
     manifest = stage_manifest("synthetic", {}, output_flags(args, "srlm_eft"))  # the default set's, with or without
     config = os.path.join(args.out_dir, "config.json")  # written last
     srlm_out = os.path.join(args.out_dir, "srlm_eft.jsonl")
-    srlm_manifest = stage_manifest("synthetic srlm_eft", {}, output_flags(args))
+    # "2": its judgments count each step out (srlm_judgment); files written by the earlier whole-number check are stale
+    srlm_manifest = stage_manifest("synthetic srlm_eft 2", {}, output_flags(args))
     done = is_done(config, manifest, args.overwrite)
     srlm_done = args.srlm_eft is None or is_done(srlm_out, srlm_manifest, args.overwrite,
                                                  [os.path.join(args.out_dir, "srlm_eft_test.jsonl")])
@@ -362,7 +399,8 @@ def main():
             rng, probs = problems(name, n, name)
             right = [True, False] * (n // 2) + [True] * (n % 2)  # half right, half with an error
             rng.shuffle(right)
-            records = [make_srlm_eft(rng, i, q, s, f, c, ok) for (i, q, s, f, c, _), ok in zip(probs, right)]
+            records = [make_srlm_eft(rng, i, q, s, f, c, ok, args.judgment_check)
+                       for (i, q, s, f, c, _), ok in zip(probs, right)]
             write_jsonl(os.path.join(args.out_dir, f"{name}.jsonl"), records)
             print(f"{name:12s} {len(records):6d} records")
         write_manifest(srlm_out, srlm_manifest)

@@ -186,7 +186,21 @@ def test_solution_score_follows_the_true_step_labels():
     wrong_answer = "Step 2: 2 fewer: 12 - 2 = 11. The answer is \\boxed{11}."
     assert synthetic.solution_score(question, [right[0], wrong_answer]) == 2
     assert synthetic.solution_score(question, ["I do not know."]) == 0
-    assert synthetic.srlm_judgment(question, right) == "Step 1: 12 vs 12, right. Step 2: 10 vs 10, right. Score: 5"
+    assert synthetic.gold_steps(question) == right
+    # the SRLM judge checks each step as the step judge checks a candidate, and stops at the first wrong one
+    assert synthetic.srlm_judgment(question, right) == (
+        "Step 1: 12. Want Step 1: 3 more: 9 + 3: 10 (1), 11 (2), 12 (3). 12 vs 12: 1 1 same, 2 2 same, right. "
+        "Step 2: 10. Want Step 2: 2 fewer: 12 - 2: 11 (1), 10 (2). 10 vs 10: 1 1 same, 0 0 same, right. Score: 5")
+    assert synthetic.srlm_judgment(question, [right[0], wrong_answer, right[1]]).endswith(
+        "Step 2: 11. Want Step 2: 2 fewer: 12 - 2: 11 (1), 10 (2). 11 vs 10: 1 1 same, 1 0 differ, wrong. Score: 2")
+    assert synthetic.srlm_judgment(question, ["I do not know."]) == (
+        "Step 1: no result. Want Step 1: 3 more: 9 + 3: 10 (1), 11 (2), 12 (3). no result, wrong. Score: 0")
+    assert synthetic.srlm_judgment(question, right + [right[1]]).endswith("Step 3: 10. Want none, wrong. Score: 3")
+    assert synthetic.srlm_judgment(question, right, check="vs") == (  # the previous default's whole-number check
+        "Step 1: 12 vs 12, right. Step 2: 10 vs 10, right. Score: 5")
+    # the step judge's EFT target counts out and compares with the same pieces
+    eft = synthetic.judgment(right[1], right[1], wrong_answer, "A")
+    assert "Want Step 2: 2 fewer: 12 - 2: 11 (1), 10 (2). A: 10 vs 10: 1 1 same, 0 0 same, right." in eft
 
 
 def test_srlm_eft_is_optional_and_leaves_the_default_set_unchanged(synthetic_dir, tmp_path, monkeypatch):
