@@ -17,7 +17,9 @@ Writes runs/<name>/summary.json  [{model, accuracy, accuracy_se, gain_over_m1, g
                                    search_verification, search_b_share,
                                    search_right_wins, search_wrong_wins, judge_near_accuracy, judge_near_n,
                                    judge_far_accuracy, judge_far_n (synthetic task: the judge against true
-                                   labels, see verdict_check and judge_gap_check)}]
+                                   labels, see verdict_check and judge_gap_check), greedy_error_kinds,
+                                   pair_error_kinds (synthetic task: what is wrong in the wrong greedy solutions
+                                   and in the wrong step of each right/wrong pair, see error_kinds)}]
        runs/<name>/summary.png   accuracy and judge accuracy per model
 A row also holds, where evaluate.py --search ran on the model (eval/<data>.search.summary.json): search_accuracy,
 search_accuracy_se, search_candidate_tokens, search_judge_tokens (mean per question), and greedy_tokens. In a run of
@@ -32,6 +34,7 @@ has both, and one plot of both (--plot, default comparison.png next to the first
 """
 
 import argparse
+import collections
 import glob
 import itertools
 import json
@@ -39,8 +42,8 @@ import os
 import re
 import statistics
 
-from common import cli, read_jsonl, search_stats, write_json
-from prepare.synthetic import STEP_EQUATION, solution_is_right, step_is_right
+from common import cli, read_jsonl, search_stats, split_steps, write_json
+from prepare.synthetic import ERROR_KINDS, STEP_EQUATION, solution_is_right, step_error_kind, step_is_right
 
 
 def is_right(question, step, text, srlm):
@@ -61,6 +64,34 @@ def pair_label_check(pairs, questions, srlm=False):
     except ValueError:  # not synthetic questions
         return {}
     return dict(pairs_right_over_wrong=checks.count((True, False)), pairs_wrong_over_right=checks.count((False, True)))
+
+
+def error_kinds(eval_rows, pairs, questions):
+    """
+    Synthetic task only: which errors the model makes and which its judge catches, by prepare/synthetic.py's
+    step_error_kind. greedy_error_kinds: the kind of each wrong greedy solution's first wrong step; pair_error_kinds:
+    the kind of the wrong step of each step pair that put a right step over a wrong one (right_over_wrong), and the
+    reverse (wrong_over_right). {} for other data (SRLM pairs: whole solutions, not counted).
+    """
+    greedy, pair_kinds = collections.Counter(), dict(right_over_wrong=collections.Counter(),
+                                                     wrong_over_right=collections.Counter())
+    try:
+        for r in eval_rows:
+            if not r["correct"]:
+                steps = split_steps(r["output"])
+                k = next((k for k, step in enumerate(steps, 1) if not step_is_right(r["question"], k, step)), None)
+                greedy[step_error_kind(r["question"], k, steps[k - 1]) if k else "format"] += 1
+        for p in pairs:
+            question = questions[p["question_id"]]
+            chosen, rejected = (step_error_kind(question, p["step"], p[side]) for side in ("chosen", "rejected"))
+            if (chosen is None) != (rejected is None):
+                pair_kinds["right_over_wrong" if chosen is None else "wrong_over_right"][chosen or rejected] += 1
+    except ValueError:  # not synthetic questions
+        return {}
+    out = dict(greedy_error_kinds=dict(greedy)) if eval_rows else {}
+    if pairs:
+        out["pair_error_kinds"] = {side: dict(kinds) for side, kinds in pair_kinds.items()}
+    return out
 
 
 def verdict_check(trees):
@@ -164,7 +195,11 @@ def collect(run):
             break
         test = evals[0] if evals else {}
         problems = os.path.join(it, "eval", f"{test.get('dataset')}.jsonl")
-        correct = {r["id"]: r["correct"] for r in read_jsonl(problems)} if test and os.path.exists(problems) else {}
+        eval_rows = read_jsonl(problems) if test and os.path.exists(problems) else []
+        correct = {r["id"]: r["correct"] for r in eval_rows}
+        step_pairs = read_jsonl(pairs_path) if trees and trees[0].get("mode") != "srlm" \
+            and os.path.exists(pairs_path) else []
+        kinds = error_kinds(eval_rows, step_pairs, {t["id"]: t["question"] for t in trees})
         if first is None:  # M1: the baseline
             first, (gain, gain_se) = correct, (None, None)
         else:
@@ -181,7 +216,7 @@ def collect(run):
                          verdicts_a=search.get("verdicts_a"),
                          verdicts_b=search.get("verdicts_b"), order_disagreement=search.get("order_disagreement"),
                          tie_rollbacks=search.get("tie_rollbacks"), data=test.get("dataset"),
-                         **labels, **verdict_check(trees), **gaps,
+                         **labels, **verdict_check(trees), **gaps, **kinds,
                          search_accuracy=scaled.get("accuracy"), search_accuracy_se=scaled.get("accuracy_se"),
                          search_candidate_tokens=scaled.get("mean_candidate_tokens"),
                          search_judge_tokens=scaled.get("mean_judge_tokens"),
@@ -333,6 +368,17 @@ def main():
                   f"| {fmt(r.get('search_right_wins'))} / {fmt(r.get('search_wrong_wins'))} "
                   f"| {fmt(r.get('judge_near_accuracy'), True)} ({fmt(r.get('judge_near_n'))}) "
                   f"| {fmt(r.get('judge_far_accuracy'), True)} ({fmt(r.get('judge_far_n'))}) |")
+    if any("greedy_error_kinds" in r for r in rows):
+        print("\nsynthetic task, kinds of error (prepare/synthetic.py: step_error_kind; "
+              f"{' / '.join(ERROR_KINDS)}): the wrong greedy test solutions' first wrong step; the wrong step of "
+              "the pairs that trained the model, right over wrong and wrong over right")
+        print("| model | greedy errors | pairs right>wrong | pairs wrong>right |")
+        print("|---|---|---|---|")
+        by_kind = lambda counts: " / ".join(str(counts.get(k, 0)) for k in ERROR_KINDS) if counts is not None else "-"
+        for r in rows:
+            pairs = r.get("pair_error_kinds", {})
+            print(f"| {r['model']} | {by_kind(r.get('greedy_error_kinds'))} "
+                  f"| {by_kind(pairs.get('right_over_wrong'))} | {by_kind(pairs.get('wrong_over_right'))} |")
     scaling_table(runs)
     print(f"wrote {args.run[0]}/summary.json and summary.png")
 

@@ -159,6 +159,33 @@ def step_is_right(question, step_number, step):
     return (boxed is not None and int(boxed[1]) == c) if final else boxed is None
 
 
+ERROR_KINDS = ("arithmetic", "operation", "operand", "copy", "format")
+
+
+def step_error_kind(question, step_number, step):
+    """
+    What is wrong with a wrong step (None if it is right), by the first wrong piece of 'a op b = c': "copy" (a is
+    not the value so far), "operation" (the question's sentence read as another operation: "loses 2" as "2 more"),
+    "operand" (b), "arithmetic" (c, the step's own computation), else "format" (no equation, a step too many, the
+    boxed answer missing or misplaced). The kinds differ in what a judge needs to catch them: report.py counts them.
+    """
+    if step_is_right(question, step_number, step):
+        return None
+    start, ops = parse_question(question)
+    values, m = solve(question), STEP_EQUATION.search(step)
+    if m is None or not 1 <= step_number <= len(ops):
+        return "format"
+    a, op, b, c = int(m[1]), m[2], int(m[3]), int(m[4])
+    true_op, true_b = ops[step_number - 1]
+    if a != values[step_number - 1]:
+        return "copy"
+    if op != true_op:
+        return "operation"
+    if b != true_b:
+        return "operand"
+    return "arithmetic" if c != values[step_number] else "format"
+
+
 def solution_score(question, steps):
     """
     The SRLM EFT target's score of a whole synthetic solution, from the task's true step labels: Yuan et al.'s

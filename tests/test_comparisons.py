@@ -376,3 +376,32 @@ def test_report_checks_srlm_scores_against_true_labels():
     node["scores"] = [4.0, 4.0, 3.0, 5.0]  # a tie counts nowhere; 3 (right) beats both wrong ones
     check = report.verdict_check([dict(question=q, mode="srlm", steps=[node])])
     assert (check["search_right_wins"], check["search_wrong_wins"]) == (3, 0)
+
+
+def test_step_error_kind_names_the_first_wrong_piece_and_report_counts_them():
+    import report
+    q = "Tom has 5 pens. He buys 4 more. He loses 2. How many pens does Tom have now?"
+    kind = lambda k, step: synthetic.step_error_kind(q, k, step)
+    assert kind(1, "Step 1: 4 more: 5 + 4 = 9.") is None
+    assert kind(1, "Step 1: 4 more: 5 + 4 = 10.") == "arithmetic"
+    assert kind(2, "Step 2: 2 more: 9 + 2 = 11. The answer is \\boxed{11}.") == "operation"  # "loses 2" read as more
+    assert kind(2, "Step 2: 2 more: 9 + 2 = 12. The answer is \\boxed{12}.") == "operation"  # the first wrong piece
+    assert kind(2, "Step 2: 5 fewer: 9 - 5 = 4. The answer is \\boxed{4}.") == "operand"
+    assert kind(2, "Step 2: 2 fewer: 8 - 2 = 6. The answer is \\boxed{6}.") == "copy"
+    assert kind(2, "Step 2: 2 fewer: 9 - 2 = 7.") == "format"  # the last step without its boxed answer
+    assert kind(3, "Step 3: 1 more: 7 + 1 = 8.") == "format"  # a step too many
+    assert kind(1, "I think 9.") == "format"
+    # report.py: the wrong greedy solutions by their first wrong step; the pairs by their wrong step
+    right2 = "Step 2: 2 fewer: 9 - 2 = 7. The answer is \\boxed{7}."
+    evals = [dict(question=q, correct=True, output="Step 1: 4 more: 5 + 4 = 9.\n" + right2),
+             dict(question=q, correct=False, output="Step 1: 4 more: 5 + 4 = 10.\nStep 2: 2 fewer: 10 - 2 = 8."),
+             dict(question=q, correct=False, output="Step 1: 4 more: 5 + 4 = 9.\nStep 2: 2 more: 9 + 2 = 11."),
+             dict(question=q, correct=False, output="Step 1: 4 more: 5 + 4 = 9.")]  # stops early
+    pairs = [dict(question_id="q", step=2, chosen=right2, rejected="Step 2: 2 more: 9 + 2 = 11."),
+             dict(question_id="q", step=2, chosen="Step 2: 2 more: 9 + 2 = 11.", rejected=right2),
+             dict(question_id="q", step=1, chosen="Step 1: 4 more: 5 + 4 = 9.", rejected="Step 1: 4 more: 5 + 4 = 8."),
+             dict(question_id="q", step=1, chosen="Step 1: 4 more: 5 + 4 = 8.", rejected="Step 1: 4 more: 5 + 4 = 7.")]
+    assert report.error_kinds(evals, pairs, {"q": q}) == dict(
+        greedy_error_kinds={"arithmetic": 1, "operation": 1, "format": 1},
+        pair_error_kinds=dict(right_over_wrong={"operation": 1, "arithmetic": 1}, wrong_over_right={"operation": 1}))
+    assert report.error_kinds(evals, pairs, {"q": "What is 2 + 2?"}) == {}  # not the synthetic task
