@@ -86,7 +86,7 @@ def error_kinds(eval_rows, pairs, questions):
             chosen, rejected = (step_error_kind(question, p["step"], p[side]) for side in ("chosen", "rejected"))
             if (chosen is None) != (rejected is None):
                 pair_kinds["right_over_wrong" if chosen is None else "wrong_over_right"][chosen or rejected] += 1
-    except ValueError:  # not synthetic questions
+    except (KeyError, ValueError):  # not synthetic questions, or records without their question and output
         return {}
     out = dict(greedy_error_kinds=dict(greedy)) if eval_rows else {}
     if pairs:
