@@ -290,7 +290,7 @@ def corrupt(rng, numbers, fact):
     return a, op, b, c + 1, "arithmetic"
 
 
-def judgment(gold_step, step_a, step_b, label, check="count"):
+def judgment(gold_step, step_a, step_b, label, check="count", sentence=None):
     """
     The EFT target. The judge first reads both candidates' results, then builds the right value its own way, one
     unit at a time ("Want Step 2: 3 fewer: 17 - 3: 16 (1), 15 (2), 14 (3)."), then compares each result with it
@@ -303,6 +303,9 @@ def judgment(gold_step, step_a, step_b, label, check="count"):
     failed on the dev split: a judge that reads the results after its own count copies its own value for both; one
     that looks a result up in its count, or tests two whole numbers for equality, falls back on saying A on near
     misses (26 vs 27). Operations other than + and - write the right result without the count.
+    check="quote" first copies the question's sentence of the step (`sentence`), so the operation is read next to its
+    verb ("Want "She sells 3." Step 2: 3 fewer: ..."): the count alone reads it as the policy does, and prefers the
+    policy's misread operations (docs/experiments.md).
     check="vs" is the previous default, kept to reproduce its negative finding (docs/experiments.md): the judge
     recomputes the step the way the policy does and compares whole numbers ("Want Step 2: 3 fewer: 17 - 3 = 14.
     A: 14 vs 14, right. B: 15 vs 14, wrong. [[A]]").
@@ -313,7 +316,8 @@ def judgment(gold_step, step_a, step_b, label, check="count"):
     if check == "vs":
         head = gold_step.split(" The answer")[0]
         return f"Want {head} A: {result(step_a)} vs {want}, {ok_a}. B: {result(step_b)} vs {want}, {ok_b}. [[{label}]]"
-    return (f"A: {result(step_a)}. B: {result(step_b)}. Want {count_out(gold_step)}. "
+    quote = f'"{sentence}" ' if check == "quote" else ""  # quote: the question's sentence of this step, copied
+    return (f"A: {result(step_a)}. B: {result(step_b)}. Want {quote}{count_out(gold_step)}. "
             f"A: {compare(result(step_a), want)}, {ok_a}. B: {compare(result(step_b), want)}, {ok_b}. [[{label}]]")
 
 
@@ -343,7 +347,8 @@ def make_eft(rng, idx, question, steps, facts, chain, label, check="count"):
     bad = step_text(k + 1, chain[k], a, op, b, c, final=k == len(facts) - 1)
     step_a, step_b = (steps[k], bad) if label == "A" else (bad, steps[k])
     return dict(id=idx, question=question, previous_steps=steps[:k], step_a=step_a, step_b=step_b, label=label,
-                judgment=judgment(steps[k], step_a, step_b, label, check), error=kind)
+                judgment=judgment(steps[k], step_a, step_b, label, check, re.split(r"(?<=[.?]) ", question)[k + 1]),
+                error=kind)
 
 
 def main():
@@ -366,9 +371,10 @@ def main():
     parser.add_argument("--min-steps", type=positive_int, default=2)
     parser.add_argument("--max-steps", type=positive_int, default=4)
     parser.add_argument("--ops", default="+-", help="any of +-*/")
-    parser.add_argument("--judgment-check", default="count", choices=["count", "vs"],
+    parser.add_argument("--judgment-check", default="count", choices=["count", "vs", "quote"],
                         help="EFT target: count (the default: the judge counts the step out, then compares digit by "
-                             "digit) or vs (the previous default: recompute, compare whole numbers); see judgment")
+                             "digit), quote (count, after copying the question's sentence of the step) or vs (the "
+                             "previous default: recompute, compare whole numbers); see judgment")
     parser.add_argument("--srlm-eft", type=positive_int, default=None,
                         help="also write N whole-solution scoring examples for the SRLM baseline's judge (off: none)")
     parser.add_argument("--overwrite", action="store_true")

@@ -201,6 +201,16 @@ def test_solution_score_follows_the_true_step_labels():
     # the step judge's EFT target counts out and compares with the same pieces
     eft = synthetic.judgment(right[1], right[1], wrong_answer, "A")
     assert "Want Step 2: 2 fewer: 12 - 2: 11 (1), 10 (2). A: 10 vs 10: 1 1 same, 0 0 same, right." in eft
+    # --judgment-check quote: the question's sentence of the step, copied before the count
+    eft = synthetic.judgment(right[1], wrong_answer, right[1], "B", "quote", "She loses 2.")
+    assert eft == ('A: 11. B: 10. Want "She loses 2." Step 2: 2 fewer: 12 - 2: 11 (1), 10 (2). '
+                   "A: 11 vs 10: 1 1 same, 1 0 differ, wrong. B: 10 vs 10: 1 1 same, 0 0 same, right. [[B]]")
+    rng = __import__("random").Random(0)
+    start, chain = synthetic.sample_problem(rng, 12, 9, 2, 4, "+-", 20)
+    q, steps, facts, _ = synthetic.render(rng, start, chain)
+    record = synthetic.make_eft(rng, "e", q, steps, facts, chain, "A", "quote")
+    k = len(record["previous_steps"])  # the judged step is step k + 1: the question's sentence k + 1 (after the first)
+    assert f'Want "{q.split(". ")[k + 1].rstrip(".")}.' in record["judgment"]
 
 
 def test_srlm_eft_is_optional_and_leaves_the_default_set_unchanged(synthetic_dir, tmp_path, monkeypatch):
