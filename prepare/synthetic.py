@@ -171,7 +171,7 @@ def step_error_kind(question, step_number, step):
     """
     if step_is_right(question, step_number, step):
         return None
-    start, ops = parse_question(question)
+    _, ops = parse_question(question)
     values, m = solve(question), STEP_EQUATION.search(step)
     if m is None or not 1 <= step_number <= len(ops):
         return "format"
@@ -216,9 +216,11 @@ def srlm_judgment(question, steps, check="count"):
     the true step counted out, the digit-by-digit comparison: "Step 1: 14. Want Step 1: 3 fewer: 17 - 3: 16 (1),
     15 (2), 14 (3). 14 vs 14: 1 1 same, 4 4 same, right. ... Score: 5". So the outcome judge of the SRLM baseline
     verifies with the same means as the process judge, and the comparison is of the two methods, not of two
-    checking skills. check="vs" (the previous default): "Step 1: 14 vs 14, right. Step 2: 20 vs 17, wrong. Score: 2".
+    checking skills. check="quote" copies the question's sentence of each step first, as judgment does.
+    check="vs" (the previous default): "Step 1: 14 vs 14, right. Step 2: 20 vs 17, wrong. Score: 2".
     """
     values, gold, checks = solve(question), gold_steps(question), []
+    sentences = re.split(r"(?<=[.?]) ", question)  # sentence k: the operation of step k
     for k, step in enumerate(steps, 1):
         m = STEP_EQUATION.search(step)
         ok = "right" if step_is_right(question, k, step) else "wrong"
@@ -228,7 +230,8 @@ def srlm_judgment(question, steps, check="count"):
         elif k > len(gold):
             checks.append(f"Step {k}: {got}. Want none, {ok}.")
         else:
-            checks.append(f"Step {k}: {got}. Want {count_out(gold[k - 1])}. "
+            quote = f'"{sentences[k]}" ' if check == "quote" else ""
+            checks.append(f"Step {k}: {got}. Want {quote}{count_out(gold[k - 1])}. "
                           f"{compare(got, str(values[k])) if m else got}, {ok}.")
         if ok == "wrong":
             break

@@ -196,6 +196,9 @@ def test_solution_score_follows_the_true_step_labels():
     assert synthetic.srlm_judgment(question, ["I do not know."]) == (
         "Step 1: no result. Want Step 1: 3 more: 9 + 3: 10 (1), 11 (2), 12 (3). no result, wrong. Score: 0")
     assert synthetic.srlm_judgment(question, right + [right[1]]).endswith("Step 3: 10. Want none, wrong. Score: 3")
+    assert synthetic.srlm_judgment(question, right[:1], check="quote") == (
+        'Step 1: 12. Want "She buys 3 more." Step 1: 3 more: 9 + 3: 10 (1), 11 (2), 12 (3). '
+        "12 vs 12: 1 1 same, 2 2 same, right. Score: 2")
     assert synthetic.srlm_judgment(question, right, check="vs") == (  # the previous default's whole-number check
         "Step 1: 12 vs 12, right. Step 2: 10 vs 10, right. Score: 5")
     # the step judge's EFT target counts out and compares with the same pieces
