@@ -77,10 +77,9 @@ def error_kinds(eval_rows, pairs, questions):
                                                      wrong_over_right=collections.Counter())
     try:
         for r in eval_rows:
-            if not r["correct"]:
-                steps = split_steps(r["output"])
-                k = next((k for k, step in enumerate(steps, 1) if not step_is_right(r["question"], k, step)), None)
-                greedy[step_error_kind(r["question"], k, steps[k - 1]) if k else "format"] += 1
+            if not r["correct"]:  # its first wrong step's kind; all steps right but too few: format
+                found = (step_error_kind(r["question"], k, step) for k, step in enumerate(split_steps(r["output"]), 1))
+                greedy[next((kind for kind in found if kind), "format")] += 1
         for p in pairs:
             question = questions[p["question_id"]]
             chosen, rejected = (step_error_kind(question, p["step"], p[side]) for side in ("chosen", "rejected"))
@@ -185,8 +184,9 @@ def collect(run):
         trees_path, pairs_path = os.path.join(it, "trees.jsonl"), os.path.join(it, "pairs.jsonl")
         trees = read_jsonl(trees_path) if os.path.exists(trees_path) else []
         search = search_stats(trees) if trees else {}  # recomputed from the merged trees (shards save their own)
-        labels = pair_label_check(read_jsonl(pairs_path), {t["id"]: t["question"] for t in trees},
-                                  trees[0].get("mode") == "srlm") if trees and os.path.exists(pairs_path) else {}
+        pairs_rows = read_jsonl(pairs_path) if trees and os.path.exists(pairs_path) else []
+        questions, srlm = {t["id"]: t["question"] for t in trees}, bool(trees) and trees[0].get("mode") == "srlm"
+        labels = pair_label_check(pairs_rows, questions, srlm)
         judge_rows = os.path.join(it, "eval", "judge_eval.jsonl")
         gaps = judge_gap_check(read_jsonl(judge_rows), read_jsonl(judge["data"])) \
             if os.path.exists(judge_rows) and os.path.exists(judge.get("data", "")) else {}
@@ -197,9 +197,7 @@ def collect(run):
         problems = os.path.join(it, "eval", f"{test.get('dataset')}.jsonl")
         eval_rows = read_jsonl(problems) if test and os.path.exists(problems) else []
         correct = {r["id"]: r["correct"] for r in eval_rows}
-        step_pairs = read_jsonl(pairs_path) if trees and trees[0].get("mode") != "srlm" \
-            and os.path.exists(pairs_path) else []
-        kinds = error_kinds(eval_rows, step_pairs, {t["id"]: t["question"] for t in trees})
+        kinds = error_kinds(eval_rows, [] if srlm else pairs_rows, questions)
         if first is None:  # M1: the baseline
             first, (gain, gain_se) = correct, (None, None)
         else:

@@ -8,6 +8,7 @@ parser, its pairing rule, its pairs trained by train_step_dpo.py unchanged, its 
 
 import json
 import os
+import random
 import statistics
 import sys
 
@@ -208,7 +209,7 @@ def test_solution_score_follows_the_true_step_labels():
     eft = synthetic.judgment(right[1], wrong_answer, right[1], "B", "quote", "She loses 2.")
     assert eft == ('A: 11. B: 10. Want "She loses 2." Step 2: 2 fewer: 12 - 2: 11 (1), 10 (2). '
                    "A: 11 vs 10: 1 1 same, 1 0 differ, wrong. B: 10 vs 10: 1 1 same, 0 0 same, right. [[B]]")
-    rng = __import__("random").Random(0)
+    rng = random.Random(0)
     start, chain = synthetic.sample_problem(rng, 12, 9, 2, 4, "+-", 20)
     q, steps, facts, _ = synthetic.render(rng, start, chain)
     record = synthetic.make_eft(rng, "e", q, steps, facts, chain, "A", "quote")
