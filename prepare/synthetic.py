@@ -53,12 +53,35 @@ def apply(op, a, b):
     return {"+": a + b, "-": a - b, "*": a * b, "/": a // b}[op]
 
 
-def sample_problem(rng, max_start, max_operand, min_steps, max_steps, ops, max_value):
-    """A problem as a list of operations [(op, operand)] on a start value, all intermediate values in range."""
+def operands(op, value, max_operand, max_value):
+    """Every operand of op that keeps the value a whole number in 0..max_value."""
+    lo, hi = (1, max_operand) if op in "+-" else (2, 4 if op == "*" else 5)
+    ok = {"+": lambda n: value + n <= max_value, "-": lambda n: value - n >= 0,
+          "*": lambda n: value * n <= max_value, "/": lambda n: value % n == 0 and value // n > 0}[op]
+    return [n for n in range(lo, hi + 1) if ok(n)]
+
+
+def sample_problem(rng, max_start, max_operand, min_steps, max_steps, ops, max_value, op_sampling="operand-first"):
+    """
+    A problem as a list of operations [(op, operand)] on a start value, all intermediate values in range.
+    op_sampling="operand-first" draws an operand for each operation and keeps the operations it leaves in range: the
+    operation then follows the value (near max_value mostly "-"), a cue a tiny model learns in place of reading the
+    question. "uniform" draws the operation uniformly among those with an operand in range, then the operand: the
+    value tells nothing of the operation (except at 0 and max_value).
+    """
     while True:
         start = rng.randint(2, max_start)
         value, chain = start, []
         for _ in range(rng.randint(min_steps, max_steps)):
+            if op_sampling == "uniform":
+                choices = [(op, ns) for op in ops if (ns := operands(op, value, max_operand, max_value))]
+                if not choices:
+                    break
+                op, ns = rng.choice(choices)
+                n = rng.choice(ns)
+                chain.append((op, n))
+                value = apply(op, value, n)
+                continue
             candidates = []
             for op in ops:
                 if op in "+-":
@@ -220,7 +243,6 @@ def srlm_judgment(question, steps, check="quote"):
     check="vs" (the first design): "Step 1: 14 vs 14, right. Step 2: 20 vs 17, wrong. Score: 2".
     """
     values, gold, checks = solve(question), gold_steps(question), []
-    sentences = re.split(r"(?<=[.?]) ", question)  # sentence k: the operation of step k
     for k, step in enumerate(steps, 1):
         m = STEP_EQUATION.search(step)
         ok = "right" if step_is_right(question, k, step) else "wrong"
@@ -230,7 +252,7 @@ def srlm_judgment(question, steps, check="quote"):
         elif k > len(gold):
             checks.append(f"Step {k}: {got}. Want none, {ok}.")
         else:
-            quote = f'"{sentences[k]}" ' if check == "quote" else ""
+            quote = f'"{step_sentence(question, k)}" ' if check == "quote" else ""
             checks.append(f"Step {k}: {got}. Want {quote}{count_out(gold[k - 1])}. "
                           f"{compare(got, str(values[k])) if m else got}, {ok}.")
         if ok == "wrong":
@@ -318,9 +340,17 @@ def judgment(gold_step, step_a, step_b, label, check="quote", sentence=None):
     if check == "vs":
         head = gold_step.split(" The answer")[0]
         return f"Want {head} A: {result(step_a)} vs {want}, {ok_a}. B: {result(step_b)} vs {want}, {ok_b}. [[{label}]]"
+    if check == "quote" and not sentence:
+        raise ValueError("judgment(check='quote') needs the question's sentence of the step (step_sentence)")
     quote = f'"{sentence}" ' if check == "quote" else ""  # quote: the question's sentence of this step, copied
     return (f"A: {result(step_a)}. B: {result(step_b)}. Want {quote}{count_out(gold_step)}. "
             f"A: {compare(result(step_a), want)}, {ok_a}. B: {compare(result(step_b), want)}, {ok_b}. [[{label}]]")
+
+
+def step_sentence(question, k):
+    """The question's sentence that tells step k (1-based): "Ann has 9 apples. She buys 3 more. ..." -> k=1: "She
+    buys 3 more."."""
+    return re.split(r"(?<=[.?]) ", question)[k]
 
 
 def count_out(gold_step):
@@ -349,7 +379,7 @@ def make_eft(rng, idx, question, steps, facts, chain, label, check="quote"):
     bad = step_text(k + 1, chain[k], a, op, b, c, final=k == len(facts) - 1)
     step_a, step_b = (steps[k], bad) if label == "A" else (bad, steps[k])
     return dict(id=idx, question=question, previous_steps=steps[:k], step_a=step_a, step_b=step_b, label=label,
-                judgment=judgment(steps[k], step_a, step_b, label, check, re.split(r"(?<=[.?]) ", question)[k + 1]),
+                judgment=judgment(steps[k], step_a, step_b, label, check, step_sentence(question, k + 1)),
                 error=kind)
 
 
@@ -373,6 +403,9 @@ def main():
     parser.add_argument("--min-steps", type=positive_int, default=2)
     parser.add_argument("--max-steps", type=positive_int, default=4)
     parser.add_argument("--ops", default="+-", help="any of +-*/")
+    parser.add_argument("--op-sampling", default="operand-first", choices=["operand-first", "uniform"],
+                        help="how each step's operation is drawn (sample_problem): operand-first (the operation "
+                             "follows the value) or uniform (the value tells nothing of the operation)")
     parser.add_argument("--judgment-check", default="quote", choices=["quote", "count", "vs"],
                         help="EFT target: quote (the default: the judge copies the question's sentence of the step, "
                              "counts the step out, then compares digit by digit), count (the same without the "
@@ -391,7 +424,8 @@ def main():
                                                  [os.path.join(args.out_dir, "srlm_eft_test.jsonl")])
     if done and srlm_done:
         return
-    knobs = (args.max_start, args.max_operand, args.min_steps, args.max_steps, args.ops, args.max_value)
+    knobs = (args.max_start, args.max_operand, args.min_steps, args.max_steps, args.ops, args.max_value,
+             args.op_sampling)
     seen = set()  # questions are unique across all files: no test question leaks into training
 
     def problems(name, n, seed):

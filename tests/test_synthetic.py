@@ -165,24 +165,28 @@ def test_eft_label_points_at_the_uncorrupted_step(synthetic_dir, name, n):
             assert r["error"] == "operation"
             assert (a, b) == (ga, gb) and op != gop and c == APPLY[op](a, b)
         kinds[r["error"]] += 1
-        # the judgment reads both results, counts the gold step out, compares each result with the gold one
-        assert r["judgment"] == prepare_synthetic.judgment(good, r["step_a"], r["step_b"], r["label"])
-        assert f"Want Step {k + 1}: " in r["judgment"] and r["judgment"].endswith(f"[[{r['label']}]]")
+        # the judgment reads both results, copies the question's sentence of the step, counts the gold step out,
+        # compares each result with the gold one
+        sentence = r["question"].split(". ")[k + 1].rstrip(".") + "."
+        assert r["judgment"] == prepare_synthetic.judgment(good, r["step_a"], r["step_b"], r["label"], "quote", sentence)
+        assert f'Want "{sentence}" Step {k + 1}: ' in r["judgment"] and r["judgment"].endswith(f"[[{r['label']}]]")
     if n >= 200:
         assert set(kinds) == {"arithmetic", "operand", "operation"} and min(kinds.values()) >= 20
 
 
-JUDGMENT = re.compile(r"A: (\d+)\. B: (\d+)\. Want Step (\d+): (.+): (\d+) ([-+*/]) (\d+): (.*)\. "
+JUDGMENT = re.compile(r"A: (\d+)\. B: (\d+)\. Want (?:\"([^\"]+)\" )?Step (\d+): (.+): (\d+) ([-+*/]) (\d+): (.*)\. "
                       r"A: (\d+) vs (\d+): (.*), (right|wrong)\. B: (\d+) vs (\d+): (.*), (right|wrong)\. "
                       r"\[\[([AB])\]\]$")
 
 
-def check_judgment(text, got_a, got_b, a, op, b):
-    """An independent reading of one judgment: every count, digit comparison and decision in it, checked."""
+def check_judgment(text, got_a, got_b, a, op, b, sentence=None):
+    """An independent reading of one judgment: the quoted sentence (None: none), every count, digit comparison and
+    decision in it, checked."""
     m = JUDGMENT.fullmatch(text)
     assert m, text
-    read_a, read_b, _, _, a2, op2, b2, work, pad_a, want_a, digits_a, ok_a, pad_b, want_b, digits_b, ok_b, verdict = \
-        m.groups()
+    read_a, read_b, quoted, _, _, a2, op2, b2, work, pad_a, want_a, digits_a, ok_a, pad_b, want_b, digits_b, ok_b, \
+        verdict = m.groups()
+    assert quoted == sentence
     assert (int(read_a), int(read_b), int(a2), op2, int(b2)) == (got_a, got_b, a, op, b)
     want = APPLY[op](a, b)
     if op in "+-":  # one unit at a time, numbered, ending at the right value
@@ -198,11 +202,12 @@ def check_judgment(text, got_a, got_b, a, op, b):
     return verdict
 
 
+@pytest.mark.parametrize("check", ["quote", "count"])
 @pytest.mark.parametrize("op", ["+", "-", "*", "/"])
-def test_judgment_is_right_on_every_operand_pair_and_near_miss_of_a_grid(op):
-    """The default check on a grid: every start 0..20 and operand 1..9 the task allows, the right result against
-    every result 0..30 (near misses, carries and borrows across the tens: 9 -> 10, 10 -> 9, 19 -> 20), in both
-    positions; the verdict points at the right step, and common.parse_verdict reads it."""
+def test_judgment_is_right_on_every_operand_pair_and_near_miss_of_a_grid(op, check):
+    """The default check (quote) and count on a grid: every start 0..20 and operand 1..9 the task allows, the right
+    result against every result 0..30 (near misses, carries and borrows across the tens: 9 -> 10, 10 -> 9,
+    19 -> 20), in both positions; the verdict points at the right step, and common.parse_verdict reads it."""
     pairs = 0
     for a in range(0, 21):
         for b in range(1, 10):
@@ -215,20 +220,26 @@ def test_judgment_is_right_on_every_operand_pair_and_near_miss_of_a_grid(op):
                     continue
                 bad = gold.replace(f"= {want}.", f"= {wrong}.")
                 for label, (step_a, step_b) in [("A", (gold, bad)), ("B", (bad, gold))]:
-                    text = prepare_synthetic.judgment(gold, step_a, step_b, label)
+                    sentence = f"She buys {b} more." if check == "quote" else None
+                    text = prepare_synthetic.judgment(gold, step_a, step_b, label, check, sentence)
                     got_a, got_b = (want, wrong) if label == "A" else (wrong, want)
-                    assert check_judgment(text, got_a, got_b, a, op, b) == label == parse_verdict(text)
+                    assert check_judgment(text, got_a, got_b, a, op, b, sentence) == label == parse_verdict(text)
                     pairs += 1
     assert pairs > 1000
 
 
-def test_judgment_count_example_and_the_previous_vs_check():
+def test_judgment_examples_of_the_three_checks():
     gold, near = "Step 2: 3 fewer: 17 - 3 = 14.", "Step 2: 3 fewer: 17 - 3 = 15."
-    assert prepare_synthetic.judgment(gold, gold, near, "A") == (
+    assert prepare_synthetic.judgment(gold, gold, near, "A", sentence="She sells 3.") == (
+        'A: 14. B: 15. Want "She sells 3." Step 2: 3 fewer: 17 - 3: 16 (1), 15 (2), 14 (3). '
+        "A: 14 vs 14: 1 1 same, 4 4 same, right. B: 15 vs 14: 1 1 same, 5 4 differ, wrong. [[A]]")
+    with pytest.raises(ValueError, match="sentence"):
+        prepare_synthetic.judgment(gold, gold, near, "A")  # the default (quote) without the sentence to quote
+    assert prepare_synthetic.judgment(gold, gold, near, "A", check="count") == (
         "A: 14. B: 15. Want Step 2: 3 fewer: 17 - 3: 16 (1), 15 (2), 14 (3). "
         "A: 14 vs 14: 1 1 same, 4 4 same, right. B: 15 vs 14: 1 1 same, 5 4 differ, wrong. [[A]]")
     final = "Step 3: 2 more: 7 + 2 = 9. The answer is \\boxed{9}."
-    assert prepare_synthetic.judgment(final, final.replace("9", "10"), final, "B") == (
+    assert prepare_synthetic.judgment(final, final.replace("9", "10"), final, "B", check="count") == (
         "A: 10. B: 9. Want Step 3: 2 more: 7 + 2: 8 (1), 9 (2). "
         "A: 10 vs 09: 1 0 differ, 0 9 differ, wrong. B: 09 vs 09: 0 0 same, 9 9 same, right. [[B]]")
     assert prepare_synthetic.judgment(gold, near, gold, "B", check="vs") == \
@@ -237,7 +248,7 @@ def test_judgment_count_example_and_the_previous_vs_check():
 
 def test_an_unfinished_judgment_has_no_verdict():
     gold, near = "Step 2: 3 fewer: 17 - 3 = 14.", "Step 2: 3 fewer: 17 - 3 = 15."
-    text = prepare_synthetic.judgment(gold, gold, near, "A")
+    text = prepare_synthetic.judgment(gold, gold, near, "A", sentence="She sells 3.")
     assert [parse_verdict(text[:cut]) for cut in (len(text) - 2, len(text) // 2, 0)] == [None] * 3
     assert parse_verdict(text + " [[B]]") is None  # both letters: unparseable
 
