@@ -54,7 +54,7 @@ if [ "$PRESET" = tiny ]; then
 --batch-size 128 --questions-per-chunk 64"}
   SFT_ARGS=${SFT_ARGS:-"--epochs 1 --lr 2e-3 --batch-size 16 --max-len 512"}
   # --orders 1: each pair judged once, half the judge's time (the paper does not say it judges both orders); the
-  # judgments run to 142 tokens (prepare/synthetic.py: judgment)
+  # judgments run to 133 tokens (prepare/synthetic.py: judgment; 142 with --judgment-check quote)
   GEN_ARGS=${GEN_ARGS:-"--orders 1 --max-step-tokens 40 --judge-max-new-tokens 144 --batch-size 128 --questions-per-chunk 64"}
   # lr 3e-5, tuned on the dev split with a perfect judge (JUDGE=oracle, so the lr is judged apart from the judge):
   # M1 40.2 -> 42.0 -> 45.2 -> 47.4; 1e-5 gave 41.2, 42.2 (self-judge); 1e-4 42.8, then 38.8 (docs/experiments.md)

@@ -232,14 +232,14 @@ def solution_is_right(question, text):
     return solution_score(question, split_steps(text)) == 5
 
 
-def srlm_judgment(question, steps, check="quote"):
+def srlm_judgment(question, steps, check="count"):
     """
     The SRLM EFT target: each step checked against the true step, up to the first wrong one, then the score. With
-    check="quote" (the default) each step is checked as the step judge checks a candidate (judgment): its result,
-    the question's sentence of the step, the true step counted out, the digit-by-digit comparison: "Step 1: 14. Want
-    "She sells 3." Step 1: 3 fewer: 17 - 3: 16 (1), 15 (2), 14 (3). 14 vs 14: 1 1 same, 4 4 same, right. ...
-    Score: 5". So the outcome judge of the SRLM baseline verifies with the same means as the process judge, and the
-    comparison is of the two methods, not of two checking skills. check="count": the same without the sentence.
+    check="count" (the default) each step is checked as the step judge checks a candidate (judgment): its result,
+    the true step counted out, the digit-by-digit comparison: "Step 1: 14. Want Step 1: 3 fewer: 17 - 3: 16 (1),
+    15 (2), 14 (3). 14 vs 14: 1 1 same, 4 4 same, right. ... Score: 5". So the outcome judge of the SRLM baseline
+    verifies with the same means as the process judge, and the comparison is of the two methods, not of two
+    checking skills. check="quote" copies the question's sentence of each step first, as judgment does.
     check="vs" (the first design): "Step 1: 14 vs 14, right. Step 2: 20 vs 17, wrong. Score: 2".
     """
     values, gold, checks = solve(question), gold_steps(question), []
@@ -278,7 +278,7 @@ def wrong_solution(rng, question, steps, facts, chain):
     return None
 
 
-def make_srlm_eft(rng, idx, question, steps, facts, chain, right, check="quote"):
+def make_srlm_eft(rng, idx, question, steps, facts, chain, right, check="count"):
     """One SRLM EFT record: a right solution (right=True) or one with an error, its judgment and score."""
     response = steps if right else wrong_solution(rng, question, steps, facts, chain) or steps
     return dict(id=idx, question=question, response="\n".join(response),
@@ -315,21 +315,22 @@ def corrupt(rng, numbers, fact):
     return a, op, b, c + 1, "arithmetic"
 
 
-def judgment(gold_step, step_a, step_b, label, check="quote", sentence=None):
+def judgment(gold_step, step_a, step_b, label, check="count", sentence=None):
     """
-    The EFT target. The judge first reads both candidates' results, then copies the question's sentence of the step
-    and builds the right value its own way, one unit at a time ("Want "She sells 3." Step 2: 3 fewer: 17 - 3: 16 (1),
-    15 (2), 14 (3)."), then compares each result with it digit by digit, then gives the verdict:
-    "A: 14. B: 15. Want "She sells 3." Step 2: 3 fewer: 17 - 3: 16 (1), 15 (2), 14 (3). A: 14 vs 14: 1 1 same,
-    4 4 same, right. B: 15 vs 14: 1 1 same, 5 4 differ, wrong. [[A]]"
+    The EFT target. The judge first reads both candidates' results, then builds the right value its own way, one
+    unit at a time ("Want Step 2: 3 fewer: 17 - 3: 16 (1), 15 (2), 14 (3)."), then compares each result with it
+    digit by digit, then gives the verdict:
+    "A: 14. B: 15. Want Step 2: 3 fewer: 17 - 3: 16 (1), 15 (2), 14 (3). A: 14 vs 14: 1 1 same, 4 4 same, right.
+    B: 15 vs 14: 1 1 same, 5 4 differ, wrong. [[A]]"
     This is what gives the judge its lead over the policy (README): a step writes `17 - 3 = 14` as one fact, the
     judge spends a token on each unit and each digit, so every token it writes is a fact a ~1M-parameter model learns
     exactly (a successor, a copy, the equality of two digits). Each piece is there because the shorter version
     failed on the dev split: a judge that reads the results after its own count copies its own value for both; one
     that looks a result up in its count, or tests two whole numbers for equality, falls back on saying A on near
     misses (26 vs 27). Operations other than + and - write the right result without the count.
-    The quoted sentence (`sentence`) puts the operation next to its verb: check="count", the same judgment without
-    it, reads the operation as the policy does and prefers the policy's misread operations (docs/experiments.md).
+    check="quote" first copies the question's sentence of the step (`sentence`, step_sentence): meant to read the
+    operation next to its verb, it did not help on the test replicates (the judge's copy of the sentence follows the
+    same cue as the policy's misread operation; docs/experiments.md).
     check="vs" is the first design, kept to reproduce its negative finding (docs/experiments.md): the judge
     recomputes the step the way the policy does and compares whole numbers ("Want Step 2: 3 fewer: 17 - 3 = 14.
     A: 14 vs 14, right. B: 15 vs 14, wrong. [[A]]").
@@ -373,7 +374,7 @@ def compare(got, want):
     return f"{got} vs {want}: {digits}"
 
 
-def make_eft(rng, idx, question, steps, facts, chain, label, check="quote"):
+def make_eft(rng, idx, question, steps, facts, chain, label, check="count"):
     k = rng.randrange(len(facts))  # which step is judged
     a, op, b, c, kind = corrupt(rng, question_numbers(question), facts[k])
     bad = step_text(k + 1, chain[k], a, op, b, c, final=k == len(facts) - 1)
@@ -406,10 +407,10 @@ def main():
     parser.add_argument("--op-sampling", default="operand-first", choices=["operand-first", "uniform"],
                         help="how each step's operation is drawn (sample_problem): operand-first (the operation "
                              "follows the value) or uniform (the value tells nothing of the operation)")
-    parser.add_argument("--judgment-check", default="quote", choices=["quote", "count", "vs"],
-                        help="EFT target: quote (the default: the judge copies the question's sentence of the step, "
-                             "counts the step out, then compares digit by digit), count (the same without the "
-                             "sentence) or vs (the first design: recompute, compare whole numbers); see judgment")
+    parser.add_argument("--judgment-check", default="count", choices=["count", "quote", "vs"],
+                        help="EFT target: count (the default: the judge counts the step out, then compares digit by "
+                             "digit), quote (count, after copying the question's sentence of the step) or vs (the "
+                             "first design: recompute, compare whole numbers); see judgment")
     parser.add_argument("--srlm-eft", type=positive_int, default=None,
                         help="also write N whole-solution scoring examples for the SRLM baseline's judge (off: none)")
     parser.add_argument("--overwrite", action="store_true")

@@ -189,32 +189,30 @@ def test_solution_score_follows_the_true_step_labels():
     assert synthetic.solution_score(question, ["I do not know."]) == 0
     assert synthetic.gold_steps(question) == right
     # the SRLM judge checks each step as the step judge checks a candidate, and stops at the first wrong one
-    assert synthetic.srlm_judgment(question, right, check="count") == (
+    assert synthetic.srlm_judgment(question, right) == (
         "Step 1: 12. Want Step 1: 3 more: 9 + 3: 10 (1), 11 (2), 12 (3). 12 vs 12: 1 1 same, 2 2 same, right. "
         "Step 2: 10. Want Step 2: 2 fewer: 12 - 2: 11 (1), 10 (2). 10 vs 10: 1 1 same, 0 0 same, right. Score: 5")
     assert synthetic.srlm_judgment(question, [right[0], wrong_answer, right[1]]).endswith(
-        'Step 2: 11. Want "She loses 2." Step 2: 2 fewer: 12 - 2: 11 (1), 10 (2). '
-        "11 vs 10: 1 1 same, 1 0 differ, wrong. Score: 2")
+        "Step 2: 11. Want Step 2: 2 fewer: 12 - 2: 11 (1), 10 (2). 11 vs 10: 1 1 same, 1 0 differ, wrong. Score: 2")
     assert synthetic.srlm_judgment(question, ["I do not know."]) == (
-        'Step 1: no result. Want "She buys 3 more." Step 1: 3 more: 9 + 3: 10 (1), 11 (2), 12 (3). '
-        "no result, wrong. Score: 0")
+        "Step 1: no result. Want Step 1: 3 more: 9 + 3: 10 (1), 11 (2), 12 (3). no result, wrong. Score: 0")
     assert synthetic.srlm_judgment(question, right + [right[1]]).endswith("Step 3: 10. Want none, wrong. Score: 3")
-    assert synthetic.srlm_judgment(question, right[:1]) == (  # the default: quote
+    assert synthetic.srlm_judgment(question, right[:1], check="quote") == (
         'Step 1: 12. Want "She buys 3 more." Step 1: 3 more: 9 + 3: 10 (1), 11 (2), 12 (3). '
         "12 vs 12: 1 1 same, 2 2 same, right. Score: 2")
     assert synthetic.srlm_judgment(question, right, check="vs") == (  # the first design's whole-number check
         "Step 1: 12 vs 12, right. Step 2: 10 vs 10, right. Score: 5")
     # the step judge's EFT target counts out and compares with the same pieces
-    eft = synthetic.judgment(right[1], right[1], wrong_answer, "A", "count")
+    eft = synthetic.judgment(right[1], right[1], wrong_answer, "A")
     assert "Want Step 2: 2 fewer: 12 - 2: 11 (1), 10 (2). A: 10 vs 10: 1 1 same, 0 0 same, right." in eft
-    # the default, --judgment-check quote: the question's sentence of the step, copied before the count
-    eft = synthetic.judgment(right[1], wrong_answer, right[1], "B", sentence=synthetic.step_sentence(question, 2))
+    # --judgment-check quote: the question's sentence of the step, copied before the count
+    eft = synthetic.judgment(right[1], wrong_answer, right[1], "B", "quote", synthetic.step_sentence(question, 2))
     assert eft == ('A: 11. B: 10. Want "She loses 2." Step 2: 2 fewer: 12 - 2: 11 (1), 10 (2). '
                    "A: 11 vs 10: 1 1 same, 1 0 differ, wrong. B: 10 vs 10: 1 1 same, 0 0 same, right. [[B]]")
     rng = random.Random(0)
     start, chain = synthetic.sample_problem(rng, 12, 9, 2, 4, "+-", 20)
     q, steps, facts, _ = synthetic.render(rng, start, chain)
-    record = synthetic.make_eft(rng, "e", q, steps, facts, chain, "A")
+    record = synthetic.make_eft(rng, "e", q, steps, facts, chain, "A", "quote")
     k = len(record["previous_steps"])  # the judged step is step k + 1: the question's sentence k + 1 (after the first)
     assert f'Want "{q.split(". ")[k + 1].rstrip(".")}.' in record["judgment"]
 

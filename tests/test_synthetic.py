@@ -165,11 +165,9 @@ def test_eft_label_points_at_the_uncorrupted_step(synthetic_dir, name, n):
             assert r["error"] == "operation"
             assert (a, b) == (ga, gb) and op != gop and c == APPLY[op](a, b)
         kinds[r["error"]] += 1
-        # the judgment reads both results, copies the question's sentence of the step, counts the gold step out,
-        # compares each result with the gold one
-        sentence = r["question"].split(". ")[k + 1].rstrip(".") + "."
-        assert r["judgment"] == prepare_synthetic.judgment(good, r["step_a"], r["step_b"], r["label"], "quote", sentence)
-        assert f'Want "{sentence}" Step {k + 1}: ' in r["judgment"] and r["judgment"].endswith(f"[[{r['label']}]]")
+        # the judgment reads both results, counts the gold step out, compares each result with the gold one
+        assert r["judgment"] == prepare_synthetic.judgment(good, r["step_a"], r["step_b"], r["label"])
+        assert f"Want Step {k + 1}: " in r["judgment"] and r["judgment"].endswith(f"[[{r['label']}]]")
     if n >= 200:
         assert set(kinds) == {"arithmetic", "operand", "operation"} and min(kinds.values()) >= 20
 
@@ -202,10 +200,10 @@ def check_judgment(text, got_a, got_b, a, op, b, sentence=None):
     return verdict
 
 
-@pytest.mark.parametrize("check", ["quote", "count"])
+@pytest.mark.parametrize("check", ["count", "quote"])
 @pytest.mark.parametrize("op", ["+", "-", "*", "/"])
 def test_judgment_is_right_on_every_operand_pair_and_near_miss_of_a_grid(op, check):
-    """The default check (quote) and count on a grid: every start 0..20 and operand 1..9 the task allows, the right
+    """The default check (count) and quote on a grid: every start 0..20 and operand 1..9 the task allows, the right
     result against every result 0..30 (near misses, carries and borrows across the tens: 9 -> 10, 10 -> 9,
     19 -> 20), in both positions; the verdict points at the right step, and common.parse_verdict reads it."""
     pairs = 0
@@ -230,16 +228,16 @@ def test_judgment_is_right_on_every_operand_pair_and_near_miss_of_a_grid(op, che
 
 def test_judgment_examples_of_the_three_checks():
     gold, near = "Step 2: 3 fewer: 17 - 3 = 14.", "Step 2: 3 fewer: 17 - 3 = 15."
-    assert prepare_synthetic.judgment(gold, gold, near, "A", sentence="She sells 3.") == (
+    assert prepare_synthetic.judgment(gold, gold, near, "A", "quote", "She sells 3.") == (
         'A: 14. B: 15. Want "She sells 3." Step 2: 3 fewer: 17 - 3: 16 (1), 15 (2), 14 (3). '
         "A: 14 vs 14: 1 1 same, 4 4 same, right. B: 15 vs 14: 1 1 same, 5 4 differ, wrong. [[A]]")
     with pytest.raises(ValueError, match="sentence"):
-        prepare_synthetic.judgment(gold, gold, near, "A")  # the default (quote) without the sentence to quote
-    assert prepare_synthetic.judgment(gold, gold, near, "A", check="count") == (
+        prepare_synthetic.judgment(gold, gold, near, "A", "quote")  # quote without the sentence to quote
+    assert prepare_synthetic.judgment(gold, gold, near, "A") == (
         "A: 14. B: 15. Want Step 2: 3 fewer: 17 - 3: 16 (1), 15 (2), 14 (3). "
         "A: 14 vs 14: 1 1 same, 4 4 same, right. B: 15 vs 14: 1 1 same, 5 4 differ, wrong. [[A]]")
     final = "Step 3: 2 more: 7 + 2 = 9. The answer is \\boxed{9}."
-    assert prepare_synthetic.judgment(final, final.replace("9", "10"), final, "B", check="count") == (
+    assert prepare_synthetic.judgment(final, final.replace("9", "10"), final, "B") == (
         "A: 10. B: 9. Want Step 3: 2 more: 7 + 2: 8 (1), 9 (2). "
         "A: 10 vs 09: 1 0 differ, 0 9 differ, wrong. B: 09 vs 09: 0 0 same, 9 9 same, right. [[B]]")
     assert prepare_synthetic.judgment(gold, near, gold, "B", check="vs") == \
@@ -248,7 +246,7 @@ def test_judgment_examples_of_the_three_checks():
 
 def test_an_unfinished_judgment_has_no_verdict():
     gold, near = "Step 2: 3 fewer: 17 - 3 = 14.", "Step 2: 3 fewer: 17 - 3 = 15."
-    text = prepare_synthetic.judgment(gold, gold, near, "A", sentence="She sells 3.")
+    text = prepare_synthetic.judgment(gold, gold, near, "A")
     assert [parse_verdict(text[:cut]) for cut in (len(text) - 2, len(text) // 2, 0)] == [None] * 3
     assert parse_verdict(text + " [[B]]") is None  # both letters: unparseable
 
@@ -326,3 +324,28 @@ def test_partial_drops_torn_line_and_resumes_without_duplicates(tmp_path, capsys
     last.finish([r["id"] for r in records])
     assert read_jsonl(out) == records  # input order, each once
     assert not os.path.exists(out + ".partial")
+
+
+@pytest.mark.parametrize("ops", ["+-", "+-*/"])
+def test_uniform_op_sampling_keeps_values_in_range_and_the_value_says_nothing_of_the_operation(ops):
+    """--op-sampling uniform: every chain is valid (values whole, 0..max_value, exact division); given a high or a
+    low value the operation is about equally likely, where operand-first lets the value predict it."""
+    import random
+    share = {}
+    for mode in ["operand-first", "uniform"]:
+        rng, plus = random.Random(0), Counter()
+        for _ in range(2000):
+            start, chain = prepare_synthetic.sample_problem(rng, 12, 9, 2, 4, ops, 20, mode)
+            assert 2 <= len(chain) <= 4
+            value = start
+            for op, n in chain:
+                assert op in ops and (op != "/" or value % n == 0)
+                plus[value > 8, op == "+"] += 1
+                value = APPLY[op](value, n)
+                assert 0 <= value <= 20
+        share[mode] = [plus[high, True] / (plus[high, True] + plus[high, False]) for high in (False, True)]
+    if ops == "+-":  # the default operations (with * and /, which fit depends on the value's divisors)
+        low, high = share["operand-first"]
+        assert low - high > 0.2  # operand-first: "+" follows a low value
+        low, high = share["uniform"]
+        assert abs(low - high) < 0.1
