@@ -8,6 +8,7 @@ generator's own bookkeeping), the EFT labels point at the uncorrupted step, and 
 
 import json
 import os
+import random
 import re
 import sys
 from collections import Counter
@@ -330,7 +331,6 @@ def test_partial_drops_torn_line_and_resumes_without_duplicates(tmp_path, capsys
 def test_uniform_op_sampling_keeps_values_in_range_and_the_value_says_nothing_of_the_operation(ops):
     """--op-sampling uniform: every chain is valid (values whole, 0..max_value, exact division); given a high or a
     low value the operation is about equally likely, where operand-first lets the value predict it."""
-    import random
     share = {}
     for mode in ["operand-first", "uniform"]:
         rng, plus = random.Random(0), Counter()
