@@ -53,50 +53,51 @@ def apply(op, a, b):
     return {"+": a + b, "-": a - b, "*": a * b, "/": a // b}[op]
 
 
-def operands(op, value, max_operand, max_value):
-    """Every operand of op that keeps the value a whole number in 0..max_value."""
-    lo, hi = (1, max_operand) if op in "+-" else (2, 4 if op == "*" else 5)
-    ok = {"+": lambda n: value + n <= max_value, "-": lambda n: value - n >= 0,
-          "*": lambda n: value * n <= max_value, "/": lambda n: value % n == 0 and value // n > 0}[op]
-    return [n for n in range(lo, hi + 1) if ok(n)]
+def operand_range(op, max_operand):
+    """The operands an operation is drawn from (both ends included): 1..max_operand for + and -, 2..4 for *, 2..5
+    for /."""
+    return (1, max_operand) if op in "+-" else (2, 4 if op == "*" else 5)
+
+
+def fits(op, value, n, max_value):
+    """Whether value op n stays a whole number in 0..max_value (and a / leaves something)."""
+    return {"+": value + n <= max_value, "-": value - n >= 0, "*": value * n <= max_value,
+            "/": value % n == 0 and value // n > 0}[op]
+
+
+def draw_step(rng, value, ops, max_operand, max_value, op_sampling):
+    """
+    One step's (op, operand) that keeps the value in range; None when no operation fits.
+    op_sampling="operand-first" draws an operand for each operation and picks among the operations it leaves in
+    range: the operation then follows the value (near max_value mostly "-"), a cue a tiny model learns in place of
+    reading the question. "uniform" picks the operation uniformly among those with an operand in range, then the
+    operand: the value tells nothing of the operation (except at 0 and max_value).
+    """
+    if op_sampling == "uniform":
+        fitting = {op: [n for n in range(lo, hi + 1) if fits(op, value, n, max_value)]
+                   for op in ops for lo, hi in [operand_range(op, max_operand)]}
+        choices = [op for op in ops if fitting[op]]
+        if not choices:
+            return None
+        op = rng.choice(choices)
+        return op, rng.choice(fitting[op])
+    drawn = [(op, rng.randint(*operand_range(op, max_operand))) for op in ops]
+    candidates = [(op, n) for op, n in drawn if fits(op, value, n, max_value)]
+    return rng.choice(candidates) if candidates else None
 
 
 def sample_problem(rng, max_start, max_operand, min_steps, max_steps, ops, max_value, op_sampling="operand-first"):
-    """
-    A problem as a list of operations [(op, operand)] on a start value, all intermediate values in range.
-    op_sampling="operand-first" draws an operand for each operation and keeps the operations it leaves in range: the
-    operation then follows the value (near max_value mostly "-"), a cue a tiny model learns in place of reading the
-    question. "uniform" draws the operation uniformly among those with an operand in range, then the operand: the
-    value tells nothing of the operation (except at 0 and max_value).
-    """
+    """A problem as a list of operations [(op, operand)] on a start value, all intermediate values in range; each
+    step drawn by draw_step (op_sampling: how its operation is chosen)."""
     while True:
         start = rng.randint(2, max_start)
         value, chain = start, []
         for _ in range(rng.randint(min_steps, max_steps)):
-            if op_sampling == "uniform":
-                choices = [(op, ns) for op in ops if (ns := operands(op, value, max_operand, max_value))]
-                if not choices:
-                    break
-                op, ns = rng.choice(choices)
-                n = rng.choice(ns)
-                chain.append((op, n))
-                value = apply(op, value, n)
-                continue
-            candidates = []
-            for op in ops:
-                if op in "+-":
-                    n = rng.randint(1, max_operand)
-                else:
-                    n = rng.randint(2, 4 if op == "*" else 5)
-                ok = {"+": value + n <= max_value, "-": value - n >= 0, "*": value * n <= max_value,
-                      "/": value % n == 0 and value // n > 0}[op]
-                if ok:
-                    candidates.append((op, n))
-            if not candidates:
+            step = draw_step(rng, value, ops, max_operand, max_value, op_sampling)
+            if step is None:
                 break
-            op, n = rng.choice(candidates)
-            chain.append((op, n))
-            value = apply(op, value, n)
+            chain.append(step)
+            value = apply(step[0], value, step[1])
         if len(chain) >= min_steps:
             return start, chain
 
@@ -136,11 +137,12 @@ def _template_regex(template):
 
 SENTENCE_RES = [(op, _template_regex(t)) for op, templates in SENTENCES.items() for t in templates]
 STEP_EQUATION = re.compile(r"(\d+) ([-+*/]) (\d+) = (\d+)")
+SENTENCE_END = re.compile(r"(?<=[.?]) ")  # a question's sentences: the start, one per step, the question
 
 
 def parse_question(question):
     """A synthetic question's start value and operations [(op, operand)], parsed from its text."""
-    sentences = re.split(r"(?<=[.?]) ", question)
+    sentences = SENTENCE_END.split(question)
     start = re.search(r" has (\d+) ", sentences[0])
     ops = [next(((op, int(m[1])) for op, r in SENTENCE_RES if (m := r.match(s))), None) for s in sentences[1:-1]]
     if start is None or not ops or None in ops:
@@ -351,7 +353,7 @@ def judgment(gold_step, step_a, step_b, label, check="count", sentence=None):
 def step_sentence(question, k):
     """The question's sentence that tells step k (1-based): "Ann has 9 apples. She buys 3 more. ..." -> k=1: "She
     buys 3 more."."""
-    return re.split(r"(?<=[.?]) ", question)[k]
+    return SENTENCE_END.split(question)[k]
 
 
 def count_out(gold_step):
