@@ -102,8 +102,9 @@ def sample_problem(rng, max_start, max_operand, min_steps, max_steps, ops, max_v
             return start, chain
 
 
-def render(rng, start, chain):
-    """Problem text, gold steps, per-step (a, op, b, result), and answer."""
+def render(rng, start, chain, step_reason="short"):
+    """Problem text, gold steps, per-step (a, op, b, result), and answer. step_reason: what each step writes before
+    its equation (reason_text)."""
     name, friend = rng.sample(NAMES, 2)
     item = rng.choice(ITEMS)
     pronoun, obj = ("He", "him") if NAMES.index(name) % 2 == 0 else ("She", "her")
@@ -117,12 +118,26 @@ def render(rng, start, chain):
     sentences.append(f"How many {item} does {name} have now?")
     question = " ".join(sentences)
     for k, (a, op, b, c) in enumerate(facts, 1):
-        steps.append(step_text(k, chain[k - 1], a, op, b, c, final=k == len(facts)))
+        reason = reason_text(step_reason, question, k, *chain[k - 1])
+        steps.append(step_text(k, reason, a, op, b, c, final=k == len(facts)))
     return question, steps, facts, value
 
 
-def step_text(k, op_n, a, op, b, c, final):
-    reason = REASONS[op_n[0]].format(n=op_n[1])
+def reason_text(step_reason, question, k, op, n):
+    """
+    What step k writes before its equation: "short" (the default) the operation in two words, "3 fewer"; "sentence"
+    the question's own sentence of the step, copied, "She sells 3" (the step then reads its operation and operand
+    next to the words that tell them, and finds its sentence by continuing the copy of the last one).
+    """
+    return REASONS[op].format(n=n) if step_reason == "short" else step_sentence(question, k).rstrip(".")
+
+
+def step_reason_of(step):
+    """A step's reason, the words between "Step k: " and its equation: "Step 2: 3 fewer: 17 - 3 = 14." -> "3 fewer"."""
+    return re.match(r"Step \d+: (.*): \d+ [-+*/] \d+ = ", step)[1]
+
+
+def step_text(k, reason, a, op, b, c, final):
     text = f"Step {k}: {reason}: {a} {op} {b} = {c}."
     return text + f" The answer is \\boxed{{{c}}}." if final else text
 
@@ -159,10 +174,11 @@ def solve(question):
     return values
 
 
-def gold_steps(question):
+def gold_steps(question, step_reason="short"):
     """The gold solution's steps of a synthetic question, as render writes them."""
     values, (_, ops) = solve(question), parse_question(question)
-    return [step_text(k, (op, n), values[k - 1], op, n, values[k], final=k == len(ops))
+    return [step_text(k, reason_text(step_reason, question, k, op, n), values[k - 1], op, n, values[k],
+                      final=k == len(ops))
             for k, (op, n) in enumerate(ops, 1)]
 
 
@@ -234,7 +250,7 @@ def solution_is_right(question, text):
     return solution_score(question, split_steps(text)) == 5
 
 
-def srlm_judgment(question, steps, check="count"):
+def srlm_judgment(question, steps, check="count", step_reason="short"):
     """
     The SRLM EFT target: each step checked against the true step, up to the first wrong one, then the score. With
     check="count" (the default) each step is checked as the step judge checks a candidate (judgment): its result,
@@ -244,7 +260,7 @@ def srlm_judgment(question, steps, check="count"):
     checking skills. check="quote" copies the question's sentence of each step first, as judgment does.
     check="vs" (the first design): "Step 1: 14 vs 14, right. Step 2: 20 vs 17, wrong. Score: 2".
     """
-    values, gold, checks = solve(question), gold_steps(question), []
+    values, gold, checks = solve(question), gold_steps(question, step_reason), []
     for k, step in enumerate(steps, 1):
         m = STEP_EQUATION.search(step)
         ok = "right" if step_is_right(question, k, step) else "wrong"
@@ -268,23 +284,24 @@ def wrong_solution(rng, question, steps, facts, chain):
     for _ in range(20):
         k = rng.randrange(len(facts))
         a, op, b, value, _ = corrupt(rng, question_numbers(question), facts[k])
-        out = steps[:k] + [step_text(k + 1, chain[k], a, op, b, value, final=k == len(facts) - 1)]
+        out = steps[:k] + [step_text(k + 1, step_reason_of(steps[k]), a, op, b, value, final=k == len(facts) - 1)]
         for j in range(k + 1, len(facts)):
             op_j, n = chain[j]
             if op_j == "/" and value % n or apply(op_j, value, n) < 0:
                 break
-            out.append(step_text(j + 1, chain[j], value, op_j, n, apply(op_j, value, n), final=j == len(facts) - 1))
+            out.append(step_text(j + 1, step_reason_of(steps[j]), value, op_j, n, apply(op_j, value, n),
+                                 final=j == len(facts) - 1))
             value = apply(op_j, value, n)
         else:
             return out
     return None
 
 
-def make_srlm_eft(rng, idx, question, steps, facts, chain, right, check="count"):
+def make_srlm_eft(rng, idx, question, steps, facts, chain, right, check="count", step_reason="short"):
     """One SRLM EFT record: a right solution (right=True) or one with an error, its judgment and score."""
     response = steps if right else wrong_solution(rng, question, steps, facts, chain) or steps
     return dict(id=idx, question=question, response="\n".join(response),
-                judgment=srlm_judgment(question, response, check), score=solution_score(question, response))
+                judgment=srlm_judgment(question, response, check, step_reason), score=solution_score(question, response))
 
 
 def question_numbers(question):
@@ -379,7 +396,7 @@ def compare(got, want):
 def make_eft(rng, idx, question, steps, facts, chain, label, check="count"):
     k = rng.randrange(len(facts))  # which step is judged
     a, op, b, c, kind = corrupt(rng, question_numbers(question), facts[k])
-    bad = step_text(k + 1, chain[k], a, op, b, c, final=k == len(facts) - 1)
+    bad = step_text(k + 1, step_reason_of(steps[k]), a, op, b, c, final=k == len(facts) - 1)
     step_a, step_b = (steps[k], bad) if label == "A" else (bad, steps[k])
     return dict(id=idx, question=question, previous_steps=steps[:k], step_a=step_a, step_b=step_b, label=label,
                 judgment=judgment(steps[k], step_a, step_b, label, check, step_sentence(question, k + 1)),
@@ -409,6 +426,9 @@ def main():
     parser.add_argument("--op-sampling", default="operand-first", choices=["operand-first", "uniform"],
                         help="how each step's operation is drawn (sample_problem): operand-first (the operation "
                              "follows the value) or uniform (the value tells nothing of the operation)")
+    parser.add_argument("--step-reason", default="short", choices=["short", "sentence"],
+                        help="what a step writes before its equation (reason_text): short (\"3 fewer\") or sentence "
+                             "(the question's sentence, copied: \"She sells 3\")")
     parser.add_argument("--judgment-check", default="count", choices=["count", "quote", "vs"],
                         help="EFT target: count (the default: the judge counts the step out, then compares digit by "
                              "digit), quote (count, after copying the question's sentence of the step) or vs (the "
@@ -436,7 +456,7 @@ def main():
         out = []
         while len(out) < n:
             start, chain = sample_problem(rng, *knobs)
-            question, steps, facts, answer = render(rng, start, chain)
+            question, steps, facts, answer = render(rng, start, chain, args.step_reason)
             if question not in seen:
                 seen.add(question)
                 out.append((f"{name}-{len(out)}", question, steps, facts, chain, answer))
@@ -471,7 +491,7 @@ def main():
             rng, probs = problems(name, n, name)
             right = [True, False] * (n // 2) + [True] * (n % 2)  # half right, half with an error
             rng.shuffle(right)
-            records = [make_srlm_eft(rng, i, q, s, f, c, ok, args.judgment_check)
+            records = [make_srlm_eft(rng, i, q, s, f, c, ok, args.judgment_check, args.step_reason)
                        for (i, q, s, f, c, _), ok in zip(probs, right)]
             write_jsonl(os.path.join(args.out_dir, f"{name}.jsonl"), records)
             print(f"{name:12s} {len(records):6d} records")
