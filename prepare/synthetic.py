@@ -257,7 +257,8 @@ def srlm_judgment(question, steps, check="count", step_reason="short"):
     the true step counted out, the digit-by-digit comparison: "Step 1: 14. Want Step 1: 3 fewer: 17 - 3: 16 (1),
     15 (2), 14 (3). 14 vs 14: 1 1 same, 4 4 same, right. ... Score: 5". So the outcome judge of the SRLM baseline
     verifies with the same means as the process judge, and the comparison is of the two methods, not of two
-    checking skills. check="quote" copies the question's sentence of each step first, as judgment does.
+    checking skills. check="quote" copies the question's sentence of each step first, as judgment does; check="reread"
+    copies it numbered ("Read 2: She sells 3."), so over the steps the judge reads the sentences in order.
     check="vs" (the first design): "Step 1: 14 vs 14, right. Step 2: 20 vs 17, wrong. Score: 2".
     """
     values, gold, checks = solve(question), gold_steps(question, step_reason), []
@@ -271,7 +272,8 @@ def srlm_judgment(question, steps, check="count", step_reason="short"):
             checks.append(f"Step {k}: {got}. Want none, {ok}.")
         else:
             quote = f'"{step_sentence(question, k)}" ' if check == "quote" else ""
-            checks.append(f"Step {k}: {got}. Want {quote}{count_out(gold[k - 1])}. "
+            read = f"Read {k}: {step_sentence(question, k)} " if check == "reread" else ""  # one more per step
+            checks.append(f"Step {k}: {got}. {read}Want {quote}{count_out(gold[k - 1])}. "
                           f"{compare(got, str(values[k])) if m else got}, {ok}.")
         if ok == "wrong":
             break
@@ -334,7 +336,7 @@ def corrupt(rng, numbers, fact):
     return a, op, b, c + 1, "arithmetic"
 
 
-def judgment(gold_step, step_a, step_b, label, check="count", sentence=None):
+def judgment(gold_step, step_a, step_b, label, check="count", sentences=None):
     """
     The EFT target. The judge first reads both candidates' results, then builds the right value its own way, one
     unit at a time ("Want Step 2: 3 fewer: 17 - 3: 16 (1), 15 (2), 14 (3)."), then compares each result with it
@@ -347,9 +349,13 @@ def judgment(gold_step, step_a, step_b, label, check="count", sentence=None):
     failed on the dev split: a judge that reads the results after its own count copies its own value for both; one
     that looks a result up in its count, or tests two whole numbers for equality, falls back on saying A on near
     misses (26 vs 27). Operations other than + and - write the right result without the count.
-    check="quote" first copies the question's sentence of the step (`sentence`, step_sentence): meant to read the
-    operation next to its verb, it did not help on the test replicates (the judge's copy of the sentence follows the
-    same cue as the policy's misread operation; docs/experiments.md).
+    check="reread" first copies the question's sentences of steps 1..k in order (`sentences`, step_sentence), each
+    numbered ("Read 1: She finds 6 more. Read 2: She sells 3."), then counts out step k from the last one: where
+    the policy must find sentence k at once (its operand errors take another sentence's number), the judge reaches
+    it by continuing a copy, one sentence at a time.
+    check="quote" first copies only the question's sentence of the step (sentences[-1]): meant to read the operation
+    next to its verb, it did not help on the test replicates (the judge's copy of the sentence follows the same cue
+    as the policy's misread operation; docs/experiments.md).
     check="vs" is the first design, kept to reproduce its negative finding (docs/experiments.md): the judge
     recomputes the step the way the policy does and compares whole numbers ("Want Step 2: 3 fewer: 17 - 3 = 14.
     A: 14 vs 14, right. B: 15 vs 14, wrong. [[A]]").
@@ -360,10 +366,11 @@ def judgment(gold_step, step_a, step_b, label, check="count", sentence=None):
     if check == "vs":
         head = gold_step.split(" The answer")[0]
         return f"Want {head} A: {result(step_a)} vs {want}, {ok_a}. B: {result(step_b)} vs {want}, {ok_b}. [[{label}]]"
-    if check == "quote" and not sentence:
-        raise ValueError("judgment(check='quote') needs the question's sentence of the step (step_sentence)")
-    quote = f'"{sentence}" ' if check == "quote" else ""  # quote: the question's sentence of this step, copied
-    return (f"A: {result(step_a)}. B: {result(step_b)}. Want {quote}{count_out(gold_step)}. "
+    if check in ("quote", "reread") and not sentences:
+        raise ValueError(f"judgment(check={check!r}) needs the question's sentences of steps 1..k (step_sentence)")
+    quote = f'"{sentences[-1]}" ' if check == "quote" else ""  # quote: the question's sentence of this step, copied
+    read = "".join(f"Read {j}: {t} " for j, t in enumerate(sentences, 1)) if check == "reread" else ""
+    return (f"A: {result(step_a)}. B: {result(step_b)}. {read}Want {quote}{count_out(gold_step)}. "
             f"A: {compare(result(step_a), want)}, {ok_a}. B: {compare(result(step_b), want)}, {ok_b}. [[{label}]]")
 
 
@@ -393,13 +400,23 @@ def compare(got, want):
     return f"{got} vs {want}: {digits}"
 
 
-def make_eft(rng, idx, question, steps, facts, chain, label, check="count"):
+def wrong_reason(step, true_b, b):
+    """The reason a corrupted step writes: its true one, with the operand it used in place of the question's (a step
+    that copies its sentence copies the wrong number with it, "She uses 3" for "She uses 2", as the policy's own
+    operand errors do; a short reason says "3 fewer")."""
+    return re.sub(rf"\b{true_b}\b", str(b), step_reason_of(step))
+
+
+def make_eft(rng, idx, question, steps, facts, chain, label, check="count", step_reason="short"):
     k = rng.randrange(len(facts))  # which step is judged
     a, op, b, c, kind = corrupt(rng, question_numbers(question), facts[k])
-    bad = step_text(k + 1, step_reason_of(steps[k]), a, op, b, c, final=k == len(facts) - 1)
+    # the default set (short reasons) keeps the true reason on an operand error (its files stay as they were)
+    reason = wrong_reason(steps[k], facts[k][2], b) if step_reason == "sentence" else step_reason_of(steps[k])
+    bad = step_text(k + 1, reason, a, op, b, c, final=k == len(facts) - 1)
     step_a, step_b = (steps[k], bad) if label == "A" else (bad, steps[k])
     return dict(id=idx, question=question, previous_steps=steps[:k], step_a=step_a, step_b=step_b, label=label,
-                judgment=judgment(steps[k], step_a, step_b, label, check, step_sentence(question, k + 1)),
+                judgment=judgment(steps[k], step_a, step_b, label, check,
+                                  [step_sentence(question, j) for j in range(1, k + 2)]),
                 error=kind)
 
 
@@ -429,10 +446,11 @@ def main():
     parser.add_argument("--step-reason", default="short", choices=["short", "sentence"],
                         help="what a step writes before its equation (reason_text): short (\"3 fewer\") or sentence "
                              "(the question's sentence, copied: \"She sells 3\")")
-    parser.add_argument("--judgment-check", default="count", choices=["count", "quote", "vs"],
+    parser.add_argument("--judgment-check", default="count", choices=["count", "reread", "quote", "vs"],
                         help="EFT target: count (the default: the judge counts the step out, then compares digit by "
-                             "digit), quote (count, after copying the question's sentence of the step) or vs (the "
-                             "first design: recompute, compare whole numbers); see judgment")
+                             "digit), reread (count, after copying the question's sentences of steps 1..k), quote "
+                             "(count, after copying the sentence of step k) or vs (the first design: recompute, "
+                             "compare whole numbers); see judgment")
     parser.add_argument("--srlm-eft", type=positive_int, default=None,
                         help="also write N whole-solution scoring examples for the SRLM baseline's judge (off: none)")
     parser.add_argument("--overwrite", action="store_true")
@@ -473,7 +491,7 @@ def main():
         rng, probs = problems(split, n, seed)
         labels = ["A", "B"] * (n // 2) + ["A"] * (n % 2)  # exactly balanced positions
         rng.shuffle(labels)
-        files[split] = [make_eft(rng, i, q, s, f, c, lab, args.judgment_check)
+        files[split] = [make_eft(rng, i, q, s, f, c, lab, args.judgment_check, args.step_reason)
                         for (i, q, s, f, c, _), lab in zip(probs, labels)]
     _, ift = problems("ift", args.num_ift, 5)
     files["ift"] = [dict(id=i, question=q, solution="\n".join(s), answer=str(a)) for i, q, s, _, _, a in ift]
