@@ -13,19 +13,29 @@ sys.path.insert(0, ROOT)
 torch.set_num_threads(1)  # tiny models: one thread is faster, and CI has 2 cores
 
 
-@pytest.fixture(scope="session")
-def synthetic_dir(tmp_path_factory):
+def make_synthetic(tmp_path_factory, *flags):
     """A small synthetic data set from prepare/synthetic.py (same generator as the default, fewer records)."""
     from prepare import synthetic
     out = tmp_path_factory.mktemp("synthetic")
     argv = sys.argv
     sys.argv = ["synthetic.py", "--out-dir", str(out), "--num-ift", "300", "--num-eft", "200",
-                "--num-questions", "6,6,6", "--num-dev", "20", "--num-test", "20", "--num-eft-test", "20"]
+                "--num-questions", "6,6,6", "--num-dev", "20", "--num-test", "20", "--num-eft-test", "20", *flags]
     try:
         synthetic.main()
     finally:
         sys.argv = argv
     return str(out)
+
+
+@pytest.fixture(scope="session")
+def synthetic_dir(tmp_path_factory):
+    return make_synthetic(tmp_path_factory)
+
+
+@pytest.fixture(scope="session")
+def synthetic_sentence_dir(tmp_path_factory):
+    """The same, with steps that copy the question's sentence (--step-reason sentence, --op-sampling uniform)."""
+    return make_synthetic(tmp_path_factory, "--step-reason", "sentence", "--op-sampling", "uniform")
 
 
 @pytest.fixture(scope="session")

@@ -202,11 +202,24 @@ def test_solution_score_follows_the_true_step_labels():
         "12 vs 12: 1 1 same, 2 2 same, right. Score: 2")
     assert synthetic.srlm_judgment(question, right, check="vs") == (  # the first design's whole-number check
         "Step 1: 12 vs 12, right. Step 2: 10 vs 10, right. Score: 5")
+    # --step-reason sentence: each step copies the question's sentence before its equation; the judge counts that out
+    copied = synthetic.gold_steps(question, "sentence")
+    assert copied == ["Step 1: She buys 3 more: 9 + 3 = 12.",
+                      "Step 2: She loses 2: 12 - 2 = 10. The answer is \\boxed{10}."]
+    assert synthetic.solution_score(question, copied) == 5
+    assert synthetic.srlm_judgment(question, copied[:1], step_reason="sentence") == (
+        "Step 1: 12. Want Step 1: She buys 3 more: 9 + 3: 10 (1), 11 (2), 12 (3). 12 vs 12: 1 1 same, 2 2 same, "
+        "right. Score: 2")
+    assert synthetic.srlm_judgment(question, copied, check="reread", step_reason="sentence") == (
+        "Step 1: 12. Read 1: She buys 3 more. Want Step 1: She buys 3 more: 9 + 3: 10 (1), 11 (2), 12 (3). "
+        "12 vs 12: 1 1 same, 2 2 same, right. Step 2: 10. Read 2: She loses 2. Want Step 2: She loses 2: 12 - 2: "
+        "11 (1), 10 (2). 10 vs 10: 1 1 same, 0 0 same, right. Score: 5")
     # the step judge's EFT target counts out and compares with the same pieces
     eft = synthetic.judgment(right[1], right[1], wrong_answer, "A")
     assert "Want Step 2: 2 fewer: 12 - 2: 11 (1), 10 (2). A: 10 vs 10: 1 1 same, 0 0 same, right." in eft
     # --judgment-check quote: the question's sentence of the step, copied before the count
-    eft = synthetic.judgment(right[1], wrong_answer, right[1], "B", "quote", synthetic.step_sentence(question, 2))
+    told = [synthetic.step_sentence(question, 1), synthetic.step_sentence(question, 2)]
+    eft = synthetic.judgment(right[1], wrong_answer, right[1], "B", "quote", told)
     assert eft == ('A: 11. B: 10. Want "She loses 2." Step 2: 2 fewer: 12 - 2: 11 (1), 10 (2). '
                    "A: 11 vs 10: 1 1 same, 1 0 differ, wrong. B: 10 vs 10: 1 1 same, 0 0 same, right. [[B]]")
     rng = random.Random(0)

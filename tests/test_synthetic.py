@@ -94,7 +94,23 @@ def test_same_seed_same_bytes_other_seed_other_data(tmp_path, monkeypatch, capsy
     assert os.path.getmtime(tmp_path / "a" / "ift.jsonl") == mtime
 
 
-def test_ift_solutions_are_numbered_chained_and_correct(synthetic_dir):
+@pytest.fixture(params=["short", "sentence"])
+def data_dir(request):
+    """(step_reason, the small data set written with it): the tests below hold for both step formats."""
+    return request.param, request.getfixturevalue({"short": "synthetic_dir", "sentence": "synthetic_sentence_dir"}[
+        request.param])
+
+
+def expected_reason(step_reason, question, k, op, b):
+    """What step k must write before its equation, from this file's own reading of the question."""
+    if step_reason == "short":
+        return prepare_synthetic.REASONS[op].format(n=b)
+    sentence = re.findall(r"[^.?]+[.?]", question)[k].strip().rstrip(".")  # sentence k, without its period
+    return re.sub(r"\d+", str(b), sentence)  # its one number, the operand: b (another number for an operand error)
+
+
+def test_ift_solutions_are_numbered_chained_and_correct(data_dir):
+    step_reason, synthetic_dir = data_dir
     records = read_jsonl(os.path.join(synthetic_dir, "ift.jsonl"), ["id", "question", "solution", "answer"])
     assert len(records) == 300
     lengths = Counter()
@@ -112,10 +128,11 @@ def test_ift_solutions_are_numbered_chained_and_correct(synthetic_dir):
             assert a == previous  # the chain: each step starts from the last result
             assert APPLY[op](a, b) == c  # the arithmetic is right
             assert said == fact  # and it is what the question tells
-            assert reason == prepare_synthetic.REASONS[op].format(n=b)
+            assert reason == expected_reason(step_reason, r["question"], k, op, b)
             assert (boxed is not None) == (k == len(steps)) and (BOXED in step) == (k == len(steps))
             previous = c
         assert boxed == facts[-1][3] and r["answer"] == str(boxed)
+        assert prepare_synthetic.gold_steps(r["question"], step_reason) == steps
     assert set(lengths) == {2, 3, 4}  # the whole range is used
     for name in ["test", "dev", "questions1", "questions2", "questions3"]:
         for r in read_jsonl(os.path.join(synthetic_dir, f"{name}.jsonl"), ["id", "question", "answer"]):
@@ -134,7 +151,8 @@ def test_no_question_in_two_files(synthetic_dir):
 
 
 @pytest.mark.parametrize("name, n", [("eft", 200), ("eft_test", 20), ("eft_dev", 20)])
-def test_eft_label_points_at_the_uncorrupted_step(synthetic_dir, name, n):
+def test_eft_label_points_at_the_uncorrupted_step(data_dir, name, n):
+    step_reason, synthetic_dir = data_dir
     records = read_jsonl(os.path.join(synthetic_dir, f"{name}.jsonl"),
                          ["question", "previous_steps", "step_a", "step_b", "label", "judgment", "error"])
     assert len(records) == n
@@ -147,9 +165,14 @@ def test_eft_label_points_at_the_uncorrupted_step(synthetic_dir, name, n):
         for j, prev in enumerate(r["previous_steps"]):  # the previous steps are the gold ones
             assert parse_step(prev)[2] == facts[j] and parse_step(prev)[0] == j + 1
         good, bad = (r["step_a"], r["step_b"]) if r["label"] == "A" else (r["step_b"], r["step_a"])
-        gk, _, good_fact, good_box = parse_step(good)
-        bk, _, (a, op, b, c), bad_box = parse_step(bad)
+        gk, good_reason, good_fact, good_box = parse_step(good)
+        bk, bad_reason, (a, op, b, c), bad_box = parse_step(bad)
         assert gk == bk == k + 1
+        # the right step gives the step's true reason; the wrong one too, except that a step copying its sentence
+        # copies a wrong operand into it ("He buys 10 more" for "He buys 1 more"), as the policy's operand errors do
+        assert good_reason == expected_reason(step_reason, r["question"], k + 1, *facts[k][1:3])
+        wrong_operand = step_reason == "sentence" and r["error"] == "operand"
+        assert bad_reason == (expected_reason(step_reason, r["question"], k + 1, op, b) if wrong_operand else good_reason)
         assert good_fact == facts[k]
         final = k == len(facts) - 1
         assert (good_box == facts[k][3]) if final else good_box is None
@@ -168,24 +191,25 @@ def test_eft_label_points_at_the_uncorrupted_step(synthetic_dir, name, n):
         kinds[r["error"]] += 1
         # the judgment reads both results, counts the gold step out, compares each result with the gold one
         assert r["judgment"] == prepare_synthetic.judgment(good, r["step_a"], r["step_b"], r["label"])
-        assert f"Want Step {k + 1}: " in r["judgment"] and r["judgment"].endswith(f"[[{r['label']}]]")
+        assert f"Want Step {k + 1}: {good_reason}: " in r["judgment"] and r["judgment"].endswith(f"[[{r['label']}]]")
     if n >= 200:
         assert set(kinds) == {"arithmetic", "operand", "operation"} and min(kinds.values()) >= 20
 
 
-JUDGMENT = re.compile(r"A: (\d+)\. B: (\d+)\. Want (?:\"([^\"]+)\" )?Step (\d+): (.+): (\d+) ([-+*/]) (\d+): (.*)\. "
+JUDGMENT = re.compile(r"A: (\d+)\. B: (\d+)\. ((?:Read \d+: [^.]+\. )*)Want (?:\"([^\"]+)\" )?Step (\d+): (.+): (\d+) ([-+*/]) (\d+): (.*)\. "
                       r"A: (\d+) vs (\d+): (.*), (right|wrong)\. B: (\d+) vs (\d+): (.*), (right|wrong)\. "
                       r"\[\[([AB])\]\]$")
 
 
-def check_judgment(text, got_a, got_b, a, op, b, sentence=None):
-    """An independent reading of one judgment: the quoted sentence (None: none), every count, digit comparison and
-    decision in it, checked."""
+def check_judgment(text, got_a, got_b, a, op, b, sentence=None, reread=()):
+    """An independent reading of one judgment: the quoted sentence (None: none), the sentences read before the count
+    (reread: those of steps 1..k, in order, numbered from 1), every count, digit comparison and decision in it."""
     m = JUDGMENT.fullmatch(text)
     assert m, text
-    read_a, read_b, quoted, _, _, a2, op2, b2, work, pad_a, want_a, digits_a, ok_a, pad_b, want_b, digits_b, ok_b, \
-        verdict = m.groups()
+    read_a, read_b, reads, quoted, _, _, a2, op2, b2, work, pad_a, want_a, digits_a, ok_a, pad_b, want_b, digits_b, \
+        ok_b, verdict = m.groups()
     assert quoted == sentence
+    assert re.findall(r"Read (\d+): ([^.]+\.) ", reads) == [(str(j), t) for j, t in enumerate(reread, 1)]
     assert (int(read_a), int(read_b), int(a2), op2, int(b2)) == (got_a, got_b, a, op, b)
     want = APPLY[op](a, b)
     if op in "+-":  # one unit at a time, numbered, ending at the right value
@@ -201,10 +225,10 @@ def check_judgment(text, got_a, got_b, a, op, b, sentence=None):
     return verdict
 
 
-@pytest.mark.parametrize("check", ["count", "quote"])
+@pytest.mark.parametrize("check", ["count", "quote", "reread"])
 @pytest.mark.parametrize("op", ["+", "-", "*", "/"])
 def test_judgment_is_right_on_every_operand_pair_and_near_miss_of_a_grid(op, check):
-    """The default check (count) and quote on a grid: every start 0..20 and operand 1..9 the task allows, the right
+    """The default check (count), quote and reread on a grid: every start 0..20 and operand 1..9 the task allows, the right
     result against every result 0..30 (near misses, carries and borrows across the tens: 9 -> 10, 10 -> 9,
     19 -> 20), in both positions; the verdict points at the right step, and common.parse_verdict reads it."""
     pairs = 0
@@ -219,21 +243,30 @@ def test_judgment_is_right_on_every_operand_pair_and_near_miss_of_a_grid(op, che
                     continue
                 bad = gold.replace(f"= {want}.", f"= {wrong}.")
                 for label, (step_a, step_b) in [("A", (gold, bad)), ("B", (bad, gold))]:
-                    sentence = f"She buys {b} more." if check == "quote" else None
-                    text = prepare_synthetic.judgment(gold, step_a, step_b, label, check, sentence)
+                    told = ["She loses 1.", f"She buys {b} more."]  # the question's sentences of steps 1 and 2
+                    text = prepare_synthetic.judgment(gold, step_a, step_b, label, check, told)
                     got_a, got_b = (want, wrong) if label == "A" else (wrong, want)
-                    assert check_judgment(text, got_a, got_b, a, op, b, sentence) == label == parse_verdict(text)
+                    quoted, reread = (told[-1] if check == "quote" else None), (told if check == "reread" else ())
+                    verdict = check_judgment(text, got_a, got_b, a, op, b, quoted, reread)
+                    assert verdict == label == parse_verdict(text)
                     pairs += 1
     assert pairs > 1000
 
 
-def test_judgment_examples_of_the_three_checks():
+def test_judgment_examples_of_the_checks():
     gold, near = "Step 2: 3 fewer: 17 - 3 = 14.", "Step 2: 3 fewer: 17 - 3 = 15."
-    assert prepare_synthetic.judgment(gold, gold, near, "A", "quote", "She sells 3.") == (
+    told = ["He buys 7 more.", "She sells 3."]
+    assert prepare_synthetic.judgment(gold, gold, near, "A", "quote", told) == (
         'A: 14. B: 15. Want "She sells 3." Step 2: 3 fewer: 17 - 3: 16 (1), 15 (2), 14 (3). '
         "A: 14 vs 14: 1 1 same, 4 4 same, right. B: 15 vs 14: 1 1 same, 5 4 differ, wrong. [[A]]")
-    with pytest.raises(ValueError, match="sentence"):
-        prepare_synthetic.judgment(gold, gold, near, "A", "quote")  # quote without the sentence to quote
+    sentence_gold = "Step 2: She sells 3: 17 - 3 = 14."
+    assert prepare_synthetic.judgment(sentence_gold, sentence_gold.replace("14", "15"), sentence_gold, "B", "reread",
+                                      told) == (
+        "A: 15. B: 14. Read 1: He buys 7 more. Read 2: She sells 3. Want Step 2: She sells 3: 17 - 3: 16 (1), 15 (2), "
+        "14 (3). A: 15 vs 14: 1 1 same, 5 4 differ, wrong. B: 14 vs 14: 1 1 same, 4 4 same, right. [[B]]")
+    for check in ("quote", "reread"):
+        with pytest.raises(ValueError, match="sentences"):
+            prepare_synthetic.judgment(gold, gold, near, "A", check)  # nothing to quote or read
     assert prepare_synthetic.judgment(gold, gold, near, "A") == (
         "A: 14. B: 15. Want Step 2: 3 fewer: 17 - 3: 16 (1), 15 (2), 14 (3). "
         "A: 14 vs 14: 1 1 same, 4 4 same, right. B: 15 vs 14: 1 1 same, 5 4 differ, wrong. [[A]]")
@@ -252,8 +285,9 @@ def test_an_unfinished_judgment_has_no_verdict():
     assert parse_verdict(text + " [[B]]") is None  # both letters: unparseable
 
 
-def test_step_oracle_agrees_with_the_questions_and_catches_each_error(synthetic_dir):
+def test_step_oracle_agrees_with_the_questions_and_catches_each_error(data_dir):
     """prepare_synthetic.solve / step_is_right (the oracle judge and the label check) against this file's parser."""
+    _, synthetic_dir = data_dir
     for r in read_jsonl(os.path.join(synthetic_dir, "ift.jsonl")):
         start, facts = gold_chain(r["question"])
         assert prepare_synthetic.solve(r["question"]) == [start] + [c for *_, c in facts]
