@@ -400,18 +400,29 @@ def compare(got, want):
     return f"{got} vs {want}: {digits}"
 
 
-def wrong_reason(step, true_b, b):
-    """The reason a corrupted step writes: its true one, with the operand it used in place of the question's (a step
-    that copies its sentence copies the wrong number with it, "She uses 3" for "She uses 2", as the policy's own
-    operand errors do; a short reason says "3 fewer")."""
-    return re.sub(rf"\b{true_b}\b", str(b), step_reason_of(step))
+def wrong_sentence(rng, question, step, fact, op, b):
+    """
+    The reason a corrupted step writes when steps copy their sentence: the copy goes wrong with the equation, as the
+    policy's own errors do: another operand copies its number into the sentence ("She uses 3" for "She uses 2"),
+    another operation a sentence that tells it ("She finds 2 more" for "She uses 2"). Without this, the wrong step
+    would carry the question's true sentence, and a judge could learn to copy the candidates' sentences instead of
+    reading the question.
+    """
+    true_op, true_b = fact[1], fact[2]
+    if op == true_op:
+        return re.sub(rf"\b{true_b}\b", str(b), step_reason_of(step))
+    name = question.split()[0]
+    pronoun, obj = ("He", "him") if NAMES.index(name) % 2 == 0 else ("She", "her")
+    friend = rng.choice([n for n in NAMES if n != name])
+    return rng.choice(SENTENCES[op]).format(p=pronoun, o=obj, f=friend, n=b).rstrip(".")
 
 
 def make_eft(rng, idx, question, steps, facts, chain, label, check="count", step_reason="short"):
     k = rng.randrange(len(facts))  # which step is judged
     a, op, b, c, kind = corrupt(rng, question_numbers(question), facts[k])
     # the default set (short reasons) keeps the true reason on an operand error (its files stay as they were)
-    reason = wrong_reason(steps[k], facts[k][2], b) if step_reason == "sentence" else step_reason_of(steps[k])
+    reason = (wrong_sentence(rng, question, steps[k], facts[k], op, b) if step_reason == "sentence"
+              else step_reason_of(steps[k]))
     bad = step_text(k + 1, reason, a, op, b, c, final=k == len(facts) - 1)
     step_a, step_b = (steps[k], bad) if label == "A" else (bad, steps[k])
     return dict(id=idx, question=question, previous_steps=steps[:k], step_a=step_a, step_b=step_b, label=label,
