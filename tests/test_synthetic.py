@@ -169,10 +169,16 @@ def test_eft_label_points_at_the_uncorrupted_step(data_dir, name, n):
         bk, bad_reason, (a, op, b, c), bad_box = parse_step(bad)
         assert gk == bk == k + 1
         # the right step gives the step's true reason; the wrong one too, except that a step copying its sentence
-        # copies a wrong operand into it ("He buys 10 more" for "He buys 1 more"), as the policy's operand errors do
+        # copies its error into it, as the policy's own errors do: "He buys 10 more" (operand) or "He loses 1"
+        # (operation) for "He buys 1 more"
         assert good_reason == expected_reason(step_reason, r["question"], k + 1, *facts[k][1:3])
-        wrong_operand = step_reason == "sentence" and r["error"] == "operand"
-        assert bad_reason == (expected_reason(step_reason, r["question"], k + 1, op, b) if wrong_operand else good_reason)
+        if step_reason == "short" or r["error"] == "arithmetic":
+            assert bad_reason == good_reason
+        elif r["error"] == "operand":
+            assert bad_reason == expected_reason(step_reason, r["question"], k + 1, op, b)
+        else:  # a sentence that tells the wrong operation, with the step's operand
+            told = [(rx.fullmatch(bad_reason + "."), told_op) for rx, told_op in PATTERNS]
+            assert [(int(m.group(1)), told_op) for m, told_op in told if m] == [(b, op)]
         assert good_fact == facts[k]
         final = k == len(facts) - 1
         assert (good_box == facts[k][3]) if final else good_box is None
