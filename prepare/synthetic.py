@@ -20,16 +20,11 @@ disjoint from all of the above:
   judgment: each step checked as the step judge checks a candidate, up to the first wrong one, then the score
   (srlm_judgment, solution_score); its own manifest srlm_eft.jsonl.manifest.json, written last.
 
-Each step copies the question's sentence it acts on, then computes (reason_text): "Step 2: She sells 3: 17 - 3 = 14."
-Each operation is drawn uniformly among those that keep the value in range (draw_step), so the value never tells it.
 Corruptions (the errors a judge must catch): wrong arithmetic (result off), wrong operand (a number from
-elsewhere in the problem), wrong operation (+ instead of -, ...); the wrong step's copied sentence carries its
-error. The judgment reads both results, then the question's sentences up to the step, one by one, counts the step
-out, compares each result with its own digit by digit, then the verdict (see judgment):
-"A: 14. B: 15. Read 1: He buys 7 more. Read 2: She sells 3. Want Step 2: She sells 3: 17 - 3: 16 (1), 15 (2),
-14 (3). A: 14 vs 14: 1 1 same, 4 4 same, right. B: 15 vs 14: 1 1 same, 5 4 differ, wrong. [[A]]"
-The previous default (short reasons "3 fewer", operand-first drawing, no reading): --step-reason short
---op-sampling operand-first --judgment-check count.
+elsewhere in the problem), wrong operation (+ instead of -, ...). The judgment reads both results, counts the
+step out, compares each result with its own digit by digit, then the verdict (see judgment):
+"A: 14. B: 15. Want Step 2: 3 fewer: 17 - 3: 16 (1), 15 (2), 14 (3). A: 14 vs 14: 1 1 same, 4 4 same, right.
+B: 15 vs 14: 1 1 same, 5 4 differ, wrong. [[A]]"
 
     python -m prepare.synthetic --out-dir data/synthetic
 """
@@ -456,13 +451,13 @@ def main():
     parser.add_argument("--min-steps", type=positive_int, default=2)
     parser.add_argument("--max-steps", type=positive_int, default=4)
     parser.add_argument("--ops", default="+-", help="any of +-*/")
-    parser.add_argument("--op-sampling", default="uniform", choices=["operand-first", "uniform"],
+    parser.add_argument("--op-sampling", default="operand-first", choices=["operand-first", "uniform"],
                         help="how each step's operation is drawn (sample_problem): operand-first (the operation "
                              "follows the value) or uniform (the value tells nothing of the operation)")
-    parser.add_argument("--step-reason", default="sentence", choices=["short", "sentence"],
+    parser.add_argument("--step-reason", default="short", choices=["short", "sentence"],
                         help="what a step writes before its equation (reason_text): short (\"3 fewer\") or sentence "
                              "(the question's sentence, copied: \"She sells 3\")")
-    parser.add_argument("--judgment-check", default="reread", choices=["reread", "count", "quote", "vs"],
+    parser.add_argument("--judgment-check", default="count", choices=["count", "reread", "quote", "vs"],
                         help="EFT target: count (the default: the judge counts the step out, then compares digit by "
                              "digit), reread (count, after copying the question's sentences of steps 1..k), quote "
                              "(count, after copying the sentence of step k) or vs (the first design: recompute, "

@@ -33,10 +33,9 @@ def synthetic_dir(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
-def synthetic_short_dir(tmp_path_factory):
-    """The previous default: short step reasons, operand-first sampling, the count judge."""
-    return make_synthetic(tmp_path_factory, "--step-reason", "short", "--op-sampling", "operand-first",
-                          "--judgment-check", "count")
+def synthetic_sentence_dir(tmp_path_factory):
+    """The same, with steps that copy the question's sentence (--step-reason sentence, --op-sampling uniform)."""
+    return make_synthetic(tmp_path_factory, "--step-reason", "sentence", "--op-sampling", "uniform")
 
 
 @pytest.fixture(scope="session")
