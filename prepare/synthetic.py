@@ -25,6 +25,11 @@ elsewhere in the problem), wrong operation (+ instead of -, ...). The judgment r
 step out, compares each result with its own digit by digit, then the verdict (see judgment):
 "A: 14. B: 15. Want Step 2: 3 fewer: 17 - 3: 16 (1), 15 (2), 14 (3). A: 14 vs 14: 1 1 same, 4 4 same, right.
 B: 15 vs 14: 1 1 same, 5 4 differ, wrong. [[A]]"
+A judge that also reads the question (not the default: its gain held for one test seed of three; docs/experiments.md):
+--op-sampling uniform --step-reason sentence --judgment-check reread. Each step copies the sentence it acts on
+("Step 2: She sells 3: 17 - 3 = 14."), a wrong EFT step's sentence carries its error, and the judge copies the
+question's sentences up to the step before it counts out ("A: 14. B: 15. Read 1: He buys 7 more. Read 2: She sells
+3. Want Step 2: She sells 3: 17 - 3: 16 (1), ..."): judgments up to 187 tokens, so --judge-max-new-tokens 192.
 
     python -m prepare.synthetic --out-dir data/synthetic
 """
