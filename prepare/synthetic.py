@@ -25,7 +25,7 @@ elsewhere in the problem), wrong operation (+ instead of -, ...). The judgment r
 step out, compares each result with its own digit by digit, then the verdict (see judgment):
 "A: 14. B: 15. Want Step 2: 3 fewer: 17 - 3: 16 (1), 15 (2), 14 (3). A: 14 vs 14: 1 1 same, 4 4 same, right.
 B: 15 vs 14: 1 1 same, 5 4 differ, wrong. [[A]]"
-A judge that also reads the question (not the default: its gain held for one test seed of three; docs/experiments.md):
+A judge that also reads the question (not the default: +6.3, -4.0, +6.3 on three test seeds; docs/experiments.md):
 --op-sampling uniform --step-reason sentence --judgment-check reread. Each step copies the sentence it acts on
 ("Step 2: She sells 3: 17 - 3 = 14."), a wrong EFT step's sentence carries its error, and the judge copies the
 question's sentences up to the step before it counts out ("A: 14. B: 15. Read 1: He buys 7 more. Read 2: She sells
@@ -112,7 +112,7 @@ def render(rng, start, chain, step_reason="short"):
     its equation (reason_text)."""
     name, friend = rng.sample(NAMES, 2)
     item = rng.choice(ITEMS)
-    pronoun, obj = ("He", "him") if NAMES.index(name) % 2 == 0 else ("She", "her")
+    pronoun, obj = pronouns(name)
     sentences = [f"{name} has {start} {item}."]
     steps, facts, value = [], [], start
     for k, (op, n) in enumerate(chain, 1):
@@ -126,6 +126,11 @@ def render(rng, start, chain, step_reason="short"):
         reason = reason_text(step_reason, question, k, *chain[k - 1])
         steps.append(step_text(k, reason, a, op, b, c, final=k == len(facts)))
     return question, steps, facts, value
+
+
+def pronouns(name):
+    """The subject and object pronouns of a problem's person: ("He", "him") or ("She", "her")."""
+    return ("He", "him") if NAMES.index(name) % 2 == 0 else ("She", "her")
 
 
 def reason_text(step_reason, question, k, op, n):
@@ -285,13 +290,14 @@ def srlm_judgment(question, steps, check="count", step_reason="short"):
     return " ".join(checks + [f"Score: {solution_score(question, steps)}"])
 
 
-def wrong_solution(rng, question, steps, facts, chain):
+def wrong_solution(rng, question, steps, facts, chain, step_reason="short"):
     """The solution with a first error at a random step (corrupt), carried on: the later steps compute right from the
     wrong value, as a model that slipped once goes on. None if no try kept every value a whole number >= 0."""
     for _ in range(20):
         k = rng.randrange(len(facts))
         a, op, b, value, _ = corrupt(rng, question_numbers(question), facts[k])
-        out = steps[:k] + [step_text(k + 1, step_reason_of(steps[k]), a, op, b, value, final=k == len(facts) - 1)]
+        out = steps[:k] + [step_text(k + 1, wrong_reason(rng, question, steps[k], facts[k], op, b, step_reason), a, op,
+                                     b, value, final=k == len(facts) - 1)]
         for j in range(k + 1, len(facts)):
             op_j, n = chain[j]
             if op_j == "/" and value % n or apply(op_j, value, n) < 0:
@@ -306,9 +312,10 @@ def wrong_solution(rng, question, steps, facts, chain):
 
 def make_srlm_eft(rng, idx, question, steps, facts, chain, right, check="count", step_reason="short"):
     """One SRLM EFT record: a right solution (right=True) or one with an error, its judgment and score."""
-    response = steps if right else wrong_solution(rng, question, steps, facts, chain) or steps
+    response = steps if right else wrong_solution(rng, question, steps, facts, chain, step_reason) or steps
     return dict(id=idx, question=question, response="\n".join(response),
-                judgment=srlm_judgment(question, response, check, step_reason), score=solution_score(question, response))
+                judgment=srlm_judgment(question, response, check, step_reason),
+                score=solution_score(question, response))
 
 
 def question_numbers(question):
@@ -405,19 +412,21 @@ def compare(got, want):
     return f"{got} vs {want}: {digits}"
 
 
-def wrong_sentence(rng, question, step, fact, op, b):
+def wrong_reason(rng, question, step, fact, op, b, step_reason):
     """
-    The reason a corrupted step writes when steps copy their sentence: the copy goes wrong with the equation, as the
-    policy's own errors do: another operand copies its number into the sentence ("She uses 3" for "She uses 2"),
-    another operation a sentence that tells it ("She finds 2 more" for "She uses 2"). Without this, the wrong step
-    would carry the question's true sentence, and a judge could learn to copy the candidates' sentences instead of
-    reading the question.
+    The reason a corrupted step (op, b) writes. A short reason stays the true one (the default set's files stay as
+    they were). A copied sentence goes wrong with the equation, as the policy's own errors do: another operand copies
+    its number into the sentence ("She uses 3" for "She uses 2"), another operation a sentence that tells it ("She
+    finds 2 more" for "She uses 2"). Without this, the wrong step would carry the question's true sentence, and a judge
+    could learn to copy the candidates' sentences instead of reading the question.
     """
+    if step_reason == "short":
+        return step_reason_of(step)
     true_op, true_b = fact[1], fact[2]
     if op == true_op:
         return re.sub(rf"\b{true_b}\b", str(b), step_reason_of(step))
     name = question.split()[0]
-    pronoun, obj = ("He", "him") if NAMES.index(name) % 2 == 0 else ("She", "her")
+    pronoun, obj = pronouns(name)
     friend = rng.choice([n for n in NAMES if n != name])
     return rng.choice(SENTENCES[op]).format(p=pronoun, o=obj, f=friend, n=b).rstrip(".")
 
@@ -425,9 +434,7 @@ def wrong_sentence(rng, question, step, fact, op, b):
 def make_eft(rng, idx, question, steps, facts, chain, label, check="count", step_reason="short"):
     k = rng.randrange(len(facts))  # which step is judged
     a, op, b, c, kind = corrupt(rng, question_numbers(question), facts[k])
-    # the default set (short reasons) keeps the true reason on an operand error (its files stay as they were)
-    reason = (wrong_sentence(rng, question, steps[k], facts[k], op, b) if step_reason == "sentence"
-              else step_reason_of(steps[k]))
+    reason = wrong_reason(rng, question, steps[k], facts[k], op, b, step_reason)
     bad = step_text(k + 1, reason, a, op, b, c, final=k == len(facts) - 1)
     step_a, step_b = (steps[k], bad) if label == "A" else (bad, steps[k])
     return dict(id=idx, question=question, previous_steps=steps[:k], step_a=step_a, step_b=step_b, label=label,

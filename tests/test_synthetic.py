@@ -202,7 +202,8 @@ def test_eft_label_points_at_the_uncorrupted_step(data_dir, name, n):
         assert set(kinds) == {"arithmetic", "operand", "operation"} and min(kinds.values()) >= 20
 
 
-JUDGMENT = re.compile(r"A: (\d+)\. B: (\d+)\. ((?:Read \d+: [^.]+\. )*)Want (?:\"([^\"]+)\" )?Step (\d+): (.+): (\d+) ([-+*/]) (\d+): (.*)\. "
+JUDGMENT = re.compile(r"A: (\d+)\. B: (\d+)\. ((?:Read \d+: [^.]+\. )*)Want (?:\"([^\"]+)\" )?"
+                      r"Step (\d+): (.+): (\d+) ([-+*/]) (\d+): (.*)\. "
                       r"A: (\d+) vs (\d+): (.*), (right|wrong)\. B: (\d+) vs (\d+): (.*), (right|wrong)\. "
                       r"\[\[([AB])\]\]$")
 
@@ -234,8 +235,8 @@ def check_judgment(text, got_a, got_b, a, op, b, sentence=None, reread=()):
 @pytest.mark.parametrize("check", ["count", "quote", "reread"])
 @pytest.mark.parametrize("op", ["+", "-", "*", "/"])
 def test_judgment_is_right_on_every_operand_pair_and_near_miss_of_a_grid(op, check):
-    """The default check (count), quote and reread on a grid: every start 0..20 and operand 1..9 the task allows, the right
-    result against every result 0..30 (near misses, carries and borrows across the tens: 9 -> 10, 10 -> 9,
+    """The default check (count), quote and reread on a grid: every start 0..20 and operand 1..9 the task allows, the
+    right result against every result 0..30 (near misses, carries and borrows across the tens: 9 -> 10, 10 -> 9,
     19 -> 20), in both positions; the verdict points at the right step, and common.parse_verdict reads it."""
     pairs = 0
     for a in range(0, 21):
@@ -289,6 +290,27 @@ def test_an_unfinished_judgment_has_no_verdict():
     text = prepare_synthetic.judgment(gold, gold, near, "A")
     assert [parse_verdict(text[:cut]) for cut in (len(text) - 2, len(text) // 2, 0)] == [None] * 3
     assert parse_verdict(text + " [[B]]") is None  # both letters: unparseable
+
+
+def test_a_wrong_solution_copies_its_error_into_its_sentence():
+    """The SRLM EFT's wrong solutions (wrong_solution) with copied sentences: the first wrong step's sentence tells
+    the operation and operand its equation used (arithmetic errors keep the true one), the later steps' are true."""
+    rng, kinds = random.Random(3), Counter()
+    for _ in range(200):
+        start, chain = prepare_synthetic.sample_problem(rng, 12, 9, 2, 4, "+-", 20, "uniform")
+        q, steps, facts, _ = prepare_synthetic.render(rng, start, chain, "sentence")
+        wrong = prepare_synthetic.wrong_solution(rng, q, steps, facts, chain, "sentence")
+        if wrong is None:
+            continue
+        k = next(j for j, (w, s) in enumerate(zip(wrong, steps)) if w != s)
+        kind = prepare_synthetic.step_error_kind(q, k + 1, wrong[k])
+        kinds[kind] += 1
+        _, reason, (a, op, b, c), _ = parse_step(wrong[k])
+        told = [(int(m.group(1)), told_op) for rx, told_op in PATTERNS for m in [rx.fullmatch(reason + ".")] if m]
+        assert told == ([facts[k][1:3][::-1]] if kind == "arithmetic" else [(b, op)])
+        for j in range(k + 1, len(wrong)):
+            assert parse_step(wrong[j])[1] == expected_reason("sentence", q, j + 1, *facts[j][1:3])
+    assert set(kinds) == {"arithmetic", "operand", "operation"}
 
 
 def test_step_oracle_agrees_with_the_questions_and_catches_each_error(data_dir):
