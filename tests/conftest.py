@@ -34,8 +34,10 @@ def synthetic_dir(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def synthetic_sentence_dir(tmp_path_factory):
-    """The same, with steps that copy the question's sentence (--step-reason sentence, --op-sampling uniform)."""
-    return make_synthetic(tmp_path_factory, "--step-reason", "sentence", "--op-sampling", "uniform")
+    """The same in the rereading design: steps that copy the question's sentence, a judge that rereads the question
+    (--step-reason sentence --op-sampling uniform --judgment-check reread)."""
+    return make_synthetic(tmp_path_factory, "--step-reason", "sentence", "--op-sampling", "uniform",
+                          "--judgment-check", "reread")
 
 
 @pytest.fixture(scope="session")

@@ -96,7 +96,8 @@ def test_same_seed_same_bytes_other_seed_other_data(tmp_path, monkeypatch, capsy
 
 @pytest.fixture(params=["short", "sentence"])
 def data_dir(request):
-    """(step_reason, the small data set written with it): the tests below hold for both step formats."""
+    """(step_reason, the small data set written with it): the default (short reasons, the count judge) and the
+    rereading design (copied sentences, the judge rereads); the tests below hold for both."""
     return request.param, request.getfixturevalue({"short": "synthetic_dir", "sentence": "synthetic_sentence_dir"}[
         request.param])
 
@@ -195,8 +196,11 @@ def test_eft_label_points_at_the_uncorrupted_step(data_dir, name, n):
             assert r["error"] == "operation"
             assert (a, b) == (ga, gb) and op != gop and c == APPLY[op](a, b)
         kinds[r["error"]] += 1
-        # the judgment reads both results, counts the gold step out, compares each result with the gold one
-        assert r["judgment"] == prepare_synthetic.judgment(good, r["step_a"], r["step_b"], r["label"])
+        # the judgment reads both results, (reread) the question's sentences of steps 1..k + 1, counts the gold step
+        # out, compares each result with the gold one: checked by this file's own reader
+        got_a, got_b = (gc, c) if r["label"] == "A" else (c, gc)
+        told = [t.strip() for t in re.findall(r"[^.?]+[.?]", r["question"])[1:k + 2]] if step_reason == "sentence" else ()
+        assert check_judgment(r["judgment"], got_a, got_b, ga, gop, gb, reread=told) == r["label"]
         assert f"Want Step {k + 1}: {good_reason}: " in r["judgment"] and r["judgment"].endswith(f"[[{r['label']}]]")
     if n >= 200:
         assert set(kinds) == {"arithmetic", "operand", "operation"} and min(kinds.values()) >= 20
