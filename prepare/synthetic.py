@@ -142,11 +142,6 @@ def reason_text(step_reason, question, k, op, n):
     return REASONS[op].format(n=n) if step_reason == "short" else step_sentence(question, k).rstrip(".")
 
 
-def step_reason_of(step):
-    """A step's reason, the words between "Step k: " and its equation: "Step 2: 3 fewer: 17 - 3 = 14." -> "3 fewer"."""
-    return re.match(r"Step \d+: (.*): \d+ [-+*/] \d+ = ", step)[1]
-
-
 def step_text(k, reason, a, op, b, c, final):
     text = f"Step {k}: {reason}: {a} {op} {b} = {c}."
     return text + f" The answer is \\boxed{{{c}}}." if final else text
@@ -296,14 +291,14 @@ def wrong_solution(rng, question, steps, facts, chain, step_reason="short"):
     for _ in range(20):
         k = rng.randrange(len(facts))
         a, op, b, value, _ = corrupt(rng, question_numbers(question), facts[k])
-        out = steps[:k] + [step_text(k + 1, wrong_reason(rng, question, steps[k], facts[k], op, b, step_reason), a, op,
-                                     b, value, final=k == len(facts) - 1)]
+        reason = wrong_reason(rng, question, k + 1, chain[k], op, b, step_reason)
+        out = steps[:k] + [step_text(k + 1, reason, a, op, b, value, final=k == len(facts) - 1)]
         for j in range(k + 1, len(facts)):
             op_j, n = chain[j]
             if op_j == "/" and value % n or apply(op_j, value, n) < 0:
                 break
-            out.append(step_text(j + 1, step_reason_of(steps[j]), value, op_j, n, apply(op_j, value, n),
-                                 final=j == len(facts) - 1))
+            out.append(step_text(j + 1, reason_text(step_reason, question, j + 1, op_j, n), value, op_j, n,
+                                 apply(op_j, value, n), final=j == len(facts) - 1))
             value = apply(op_j, value, n)
         else:
             return out
@@ -412,19 +407,21 @@ def compare(got, want):
     return f"{got} vs {want}: {digits}"
 
 
-def wrong_reason(rng, question, step, fact, op, b, step_reason):
+def wrong_reason(rng, question, k, true_op_n, op, b, step_reason):
     """
-    The reason a corrupted step (op, b) writes. A short reason stays the true one (the default set's files stay as
-    they were). A copied sentence goes wrong with the equation, as the policy's own errors do: another operand copies
-    its number into the sentence ("She uses 3" for "She uses 2"), another operation a sentence that tells it ("She
-    finds 2 more" for "She uses 2"). Without this, the wrong step would carry the question's true sentence, and a judge
-    could learn to copy the candidates' sentences instead of reading the question.
+    The reason a corrupted step k (op, b in place of the question's true_op_n) writes. A short reason stays the true
+    one (the default set's files stay as they were). A copied sentence goes wrong with the equation, as the policy's
+    own errors do: another operand copies its number into the sentence ("She uses 3" for "She uses 2"), another
+    operation a sentence that tells it ("She finds 2 more" for "She uses 2"). Without this, the wrong step would carry
+    the question's true sentence, and a judge could learn to copy the candidates' sentences instead of reading the
+    question.
     """
+    true_op, true_b = true_op_n
+    reason = reason_text(step_reason, question, k, true_op, true_b)
     if step_reason == "short":
-        return step_reason_of(step)
-    true_op, true_b = fact[1], fact[2]
+        return reason
     if op == true_op:
-        return re.sub(rf"\b{true_b}\b", str(b), step_reason_of(step))
+        return re.sub(rf"\b{true_b}\b", str(b), reason)
     name = question.split()[0]
     pronoun, obj = pronouns(name)
     friend = rng.choice([n for n in NAMES if n != name])
@@ -434,7 +431,7 @@ def wrong_reason(rng, question, step, fact, op, b, step_reason):
 def make_eft(rng, idx, question, steps, facts, chain, label, check="count", step_reason="short"):
     k = rng.randrange(len(facts))  # which step is judged
     a, op, b, c, kind = corrupt(rng, question_numbers(question), facts[k])
-    reason = wrong_reason(rng, question, steps[k], facts[k], op, b, step_reason)
+    reason = wrong_reason(rng, question, k + 1, chain[k], op, b, step_reason)
     bad = step_text(k + 1, reason, a, op, b, c, final=k == len(facts) - 1)
     step_a, step_b = (steps[k], bad) if label == "A" else (bad, steps[k])
     return dict(id=idx, question=question, previous_steps=steps[:k], step_a=step_a, step_b=step_b, label=label,

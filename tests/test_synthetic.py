@@ -41,14 +41,19 @@ def sentence_patterns():
 PATTERNS = sentence_patterns()
 
 
+def question_sentences(question):
+    """A question's sentences, as told: the start, one per operation, the question."""
+    return [s.strip() for s in re.findall(r"[^.?]+[.?]", question)]
+
+
 def gold_chain(question):
     """Re-read a question: its start value and [(a, op, b, c)] for every told operation, computed here."""
-    sentences = re.findall(r"[^.?]+[.?]", question)
-    start = int(re.fullmatch(r"\w+ has (\d+) \w+\.", sentences[0].strip()).group(1))
-    assert re.fullmatch(r"How many \w+ does \w+ have now\?", sentences[-1].strip())
+    sentences = question_sentences(question)
+    start = int(re.fullmatch(r"\w+ has (\d+) \w+\.", sentences[0]).group(1))
+    assert re.fullmatch(r"How many \w+ does \w+ have now\?", sentences[-1])
     value, facts = start, []
     for s in sentences[1:-1]:
-        found = [(m, op) for rx, op in PATTERNS for m in [rx.fullmatch(s.strip())] if m]
+        found = [(m, op) for rx, op in PATTERNS for m in [rx.fullmatch(s)] if m]
         assert len(found) == 1, s
         m, op = found[0]
         b = int(m.group(1))
@@ -106,7 +111,7 @@ def expected_reason(step_reason, question, k, op, b):
     """What step k must write before its equation, from this file's own reading of the question."""
     if step_reason == "short":
         return prepare_synthetic.REASONS[op].format(n=b)
-    sentence = re.findall(r"[^.?]+[.?]", question)[k].strip().rstrip(".")  # sentence k, without its period
+    sentence = question_sentences(question)[k].rstrip(".")  # sentence k, without its period
     return re.sub(r"\d+", str(b), sentence)  # its one number, the operand: b (another number for an operand error)
 
 
@@ -199,7 +204,7 @@ def test_eft_label_points_at_the_uncorrupted_step(data_dir, name, n):
         # the judgment reads both results, (reread) the question's sentences of steps 1..k + 1, counts the gold step
         # out, compares each result with the gold one: checked by this file's own reader
         got_a, got_b = (gc, c) if r["label"] == "A" else (c, gc)
-        told = [t.strip() for t in re.findall(r"[^.?]+[.?]", r["question"])[1:k + 2]] if step_reason == "sentence" else ()
+        told = question_sentences(r["question"])[1:k + 2] if step_reason == "sentence" else ()
         assert check_judgment(r["judgment"], got_a, got_b, ga, gop, gb, reread=told) == r["label"]
         assert f"Want Step {k + 1}: {good_reason}: " in r["judgment"] and r["judgment"].endswith(f"[[{r['label']}]]")
     if n >= 200:
