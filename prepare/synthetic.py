@@ -35,6 +35,7 @@ question's sentences up to the step before it counts out ("A: 14. B: 15. Read 1:
 """
 
 import argparse
+import operator
 import os
 import random
 import re
@@ -54,8 +55,11 @@ SENTENCES = {
 REASONS = {"+": "{n} more", "-": "{n} fewer", "*": "{n} times as many", "/": "one of {n} parts"}
 
 
+OPERATIONS = {"+": operator.add, "-": operator.sub, "*": operator.mul, "/": operator.floordiv}
+
+
 def apply(op, a, b):
-    return {"+": a + b, "-": a - b, "*": a * b, "/": a // b}[op]
+    return OPERATIONS[op](a, b)  # only op's own: a model's "5 - 0 = 5" must not divide by zero
 
 
 def operand_range(op, max_operand):

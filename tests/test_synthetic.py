@@ -343,6 +343,9 @@ def test_step_oracle_agrees_with_the_questions_and_catches_each_error(data_dir):
     assert not right(q, 1, "Step 1: 4 more: 5 + 3 = 9.")  # right value, false equation
     assert not right(q, 2, "Step 2: 2 fewer: 10 - 2 = 8. The answer is \\boxed{8}.")  # carries a wrong value on
     assert not right(q, 3, "Step 3: 1 more: 7 + 1 = 8.") and not right(q, 1, "Step 1: I think it is 9.")
+    # an operand 0, which a model may write (the generator never does), is a wrong step, not a division by zero
+    assert not right(q, 2, "Step 2: 0 fewer: 9 - 0 = 9.") and not right(q, 2, "Step 2: 0 fewer: 9 / 0 = 9.")
+    assert prepare_synthetic.step_error_kind(q, 2, "Step 2: 0 fewer: 9 - 0 = 9.") == "operand"
     with pytest.raises(ValueError, match="not a synthetic question"):
         prepare_synthetic.solve("Let $x^2 = 4$. Find $x$.")
 
