@@ -53,8 +53,6 @@ SENTENCES = {
     "/": ["{p} splits them into {n} equal groups and keeps one.", "{p} keeps one of {n} equal parts."],
 }
 REASONS = {"+": "{n} more", "-": "{n} fewer", "*": "{n} times as many", "/": "one of {n} parts"}
-
-
 OPERATIONS = {"+": operator.add, "-": operator.sub, "*": operator.mul, "/": operator.floordiv}
 
 

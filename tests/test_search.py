@@ -28,6 +28,7 @@ import step_search  # noqa: E402
 from common import BOXED, join_steps, judge_candidates, judge_context, load_prompt, read_jsonl, write_jsonl  # noqa: E402
 from conftest import check_pad_is_eos_search, pad_is_eos_search  # noqa: E402
 from modeling import load_model  # noqa: E402
+from prepare.synthetic import apply  # noqa: E402
 
 ARITHMETIC = re.compile(r"(\d+) ([-+*/]) (\d+) = (\d+)")
 
@@ -37,7 +38,7 @@ def correct(step):
     if not m:
         return False
     a, op, b, c = int(m.group(1)), m.group(2), int(m.group(3)), int(m.group(4))
-    return {"+": a + b, "-": a - b, "*": a * b, "/": a // b}[op] == c
+    return apply(op, a, b) == c
 
 
 def consistent_judge(calls):

@@ -316,7 +316,8 @@ def test_a_wrong_solution_copies_its_error_into_its_sentence():
         kinds[kind] += 1
         _, reason, (a, op, b, c), _ = parse_step(wrong[k])
         told = [(int(m.group(1)), told_op) for rx, told_op in PATTERNS for m in [rx.fullmatch(reason + ".")] if m]
-        assert told == ([facts[k][1:3][::-1]] if kind == "arithmetic" else [(b, op)])
+        true_op, true_b = facts[k][1:3]
+        assert told == ([(true_b, true_op)] if kind == "arithmetic" else [(b, op)])
         for j in range(k + 1, len(wrong)):
             assert parse_step(wrong[j])[1] == expected_reason("sentence", q, j + 1, *facts[j][1:3])
     assert set(kinds) == {"arithmetic", "operand", "operation"}
