@@ -49,18 +49,21 @@ if [ "$PRESET" = tiny ]; then
   JUDGE_PROMPT="--prompt-judge judge_tiny"
   SRLM_JUDGE_PROMPT="--prompt-srlm-judge srlm_judge_tiny"
   # METHOD=srlm: k=4 solutions (Yuan et al.), 3 scorings each (theirs), as many tokens as the evaluation's solutions;
-  # the SRLM EFT judgments (each step counted out, as the step judge does) run to 374 tokens (182 on average)
-  SRLM_ARGS=${SRLM_ARGS:-"--num-candidates 4 --srlm-scorings 3 --max-new-tokens 160 --judge-max-new-tokens 384 \
+  # the SRLM EFT judgments (each step read and counted out, as the step judge does) run to 421 tokens
+  SRLM_ARGS=${SRLM_ARGS:-"--num-candidates 4 --srlm-scorings 3 --max-new-tokens 160 --judge-max-new-tokens 448 \
 --batch-size 128 --questions-per-chunk 64"}
-  SFT_ARGS=${SFT_ARGS:-"--epochs 1 --lr 2e-3 --batch-size 16 --max-len 512"}
+  # 2 epochs (4,000 steps): with 1.5, two of three seeds' judges learned to read the question on 82 % of held-out
+  # pairs (95 % with 2); --max-len 1024 keeps the SRLM judge's examples (SRLM_EFT) whole (up to 578 tokens)
+  SFT_ARGS=${SFT_ARGS:-"--epochs 2 --lr 2e-3 --batch-size 16 --max-len 1024"}
   # --orders 1: each pair judged once, half the judge's time (the paper does not say it judges both orders); the
-  # judgments run to 133 tokens (prepare/synthetic.py: judgment; 142 with --judgment-check quote)
-  GEN_ARGS=${GEN_ARGS:-"--orders 1 --max-step-tokens 40 --judge-max-new-tokens 144 --batch-size 128 --questions-per-chunk 64"}
-  # lr 3e-5, tuned on the dev split with a perfect judge (JUDGE=oracle, so the lr is judged apart from the judge):
-  # M1 40.2 -> 42.0 -> 45.2 -> 47.4; 1e-5 gave 41.2, 42.2 (self-judge); 1e-4 42.8, then 38.8 (docs/experiments.md)
+  # judgments run to 187 tokens (prepare/synthetic.py: judgment; 133 with --judgment-check count)
+  GEN_ARGS=${GEN_ARGS:-"--orders 1 --max-step-tokens 40 --judge-max-new-tokens 192 --batch-size 128 --questions-per-chunk 64"}
+  # lr 3e-5, tuned on the dev split with a perfect judge (JUDGE=oracle, so the lr is judged apart from the judge) on the
+  # first default: M1 40.2 -> 42.0 -> 45.2 -> 47.4; 1e-5 gave 41.2, 42.2; 1e-4 42.8, then 38.8; on this one, 1e-4
+  # without accumulation lost 4.8 points from a weak M1 and 1.6 from a strong one (docs/experiments.md)
   DPO_ARGS=${DPO_ARGS:-"--lr 3e-5 --beta 0.1 --batch-size 16 --grad-accum 2 --epochs 1"}
   EVAL_ARGS=${EVAL_ARGS:-"--max-new-tokens 160 --batch-size 128"}
-  JUDGE_EVAL_ARGS=${JUDGE_EVAL_ARGS:-"--judge-max-new-tokens 144 --batch-size 128"}
+  JUDGE_EVAL_ARGS=${JUDGE_EVAL_ARGS:-"--judge-max-new-tokens 192 --batch-size 128"}
   SPLIT=${SPLIT:-test}         # dev: the tuning split (dev.jsonl, eft_dev.jsonl)
   EVAL_DATA="--data $DATA/$SPLIT.jsonl"
   JUDGE_EVAL_DATA="$DATA/eft_$SPLIT.jsonl"

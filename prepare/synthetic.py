@@ -20,16 +20,19 @@ disjoint from all of the above:
   judgment: each step checked as the step judge checks a candidate, up to the first wrong one, then the score
   (srlm_judgment, solution_score); its own manifest srlm_eft.jsonl.manifest.json, written last.
 
+Each step copies the question's sentence it acts on, then computes (reason_text): "Step 2: She sells 3: 17 - 3 = 14."
+Each operation is drawn uniformly among those that keep the value in range (draw_step), so the value never tells it.
 Corruptions (the errors a judge must catch): wrong arithmetic (result off), wrong operand (a number from
-elsewhere in the problem), wrong operation (+ instead of -, ...). The judgment reads both results, counts the
-step out, compares each result with its own digit by digit, then the verdict (see judgment):
-"A: 14. B: 15. Want Step 2: 3 fewer: 17 - 3: 16 (1), 15 (2), 14 (3). A: 14 vs 14: 1 1 same, 4 4 same, right.
-B: 15 vs 14: 1 1 same, 5 4 differ, wrong. [[A]]"
-A judge that also reads the question (not the default: +6.3, -4.0, +6.3 on three test seeds; docs/experiments.md):
---op-sampling uniform --step-reason sentence --judgment-check reread. Each step copies the sentence it acts on
-("Step 2: She sells 3: 17 - 3 = 14."), a wrong EFT step's sentence carries its error, and the judge copies the
-question's sentences up to the step before it counts out ("A: 14. B: 15. Read 1: He buys 7 more. Read 2: She sells
-3. Want Step 2: She sells 3: 17 - 3: 16 (1), ..."): judgments up to 187 tokens, so --judge-max-new-tokens 192.
+elsewhere in the problem), wrong operation (+ instead of -, ...); a wrong step's copied sentence carries its error.
+The judgment reads both results, then the question's sentences up to the step, one by one, counts the step out,
+compares each result with its own digit by digit, then the verdict (see judgment):
+"A: 14. B: 15. Read 1: He buys 7 more. Read 2: She sells 3. Want Step 2: She sells 3: 17 - 3: 16 (1), 15 (2),
+14 (3). A: 14 vs 14: 1 1 same, 4 4 same, right. B: 15 vs 14: 1 1 same, 5 4 differ, wrong. [[A]]"
+Judgments run to 187 tokens (--judge-max-new-tokens 192). The SFT mix gives the judge most of the budget: 3,500
+solutions, 28,500 judgments. The policy writes `17 - 3 = 14` in one go and learns it from the solutions alone; the
+judge counts it out, one unit at a time: the step's arithmetic is where the policy errs and the judge does not.
+The previous default (short reasons "3 fewer", operand-first drawing, no reading, 8,000 solutions and 24,000
+judgments): --step-reason short --op-sampling operand-first --judgment-check count --num-ift 8000 --num-eft 24000.
 
     python -m prepare.synthetic --out-dir data/synthetic
 """
@@ -446,31 +449,34 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out-dir", default="data/synthetic")
     parser.add_argument("--seed", type=int, default=1234)
-    # 8k solutions and 24k judgments: the judge's longer target gets most of the one-epoch SFT budget, the policy
-    # stays weak enough to have steps to improve (dev: 40 % of problems, judge 99.6 %; 20k/10k: see docs/experiments.md)
-    parser.add_argument("--num-ift", type=positive_int, default=8000)
-    parser.add_argument("--num-eft", type=positive_int, default=24000)
+    # 3.5k solutions and 28.5k judgments (2 SFT epochs, iterate.sh): the judge's count-out gets most of the SFT, the
+    # policy writes each result in one go from fewer examples and errs there (dev, seeds 0-2: M1 56-70 %, judge
+    # 85-95 %).
+    # 5k/27k left some seeds' policies as good as their judges (M1 88-95 %), 3k/29k at 1.5 epochs too weak a policy
+    # to move (18 %): docs/experiments.md
+    parser.add_argument("--num-ift", type=positive_int, default=3500)
+    parser.add_argument("--num-eft", type=positive_int, default=28500)
     parser.add_argument("--num-questions", default="400,800,1200", help="per iteration (paper: 400, 800, 1200)")
     parser.add_argument("--num-dev", type=positive_int, default=500)
     parser.add_argument("--num-test", type=positive_int, default=1000)
     parser.add_argument("--num-eft-test", type=positive_int, default=500)
-    # difficulty knobs, tuned on the dev split so a ~1M-parameter model lands at 35-75% after ~5.5 minutes of SFT
-    # on 2 cores (numbers <= 99 with * and / left it at 3-12%: see README)
+    # difficulty knobs (numbers <= 99 with * and / left a ~1M-parameter model at 3-12 % in an early probe)
     parser.add_argument("--max-start", type=positive_int, default=12)
     parser.add_argument("--max-operand", type=positive_int, default=9)
     parser.add_argument("--max-value", type=positive_int, default=20)
     parser.add_argument("--min-steps", type=positive_int, default=2)
     parser.add_argument("--max-steps", type=positive_int, default=4)
     parser.add_argument("--ops", default="+-", help="any of +-*/")
-    parser.add_argument("--op-sampling", default="operand-first", choices=["operand-first", "uniform"],
+    parser.add_argument("--op-sampling", default="uniform", choices=["operand-first", "uniform"],
                         help="how each step's operation is drawn (sample_problem): operand-first (the operation "
                              "follows the value) or uniform (the value tells nothing of the operation)")
-    parser.add_argument("--step-reason", default="short", choices=["short", "sentence"],
+    parser.add_argument("--step-reason", default="sentence", choices=["short", "sentence"],
                         help="what a step writes before its equation (reason_text): short (\"3 fewer\") or sentence "
                              "(the question's sentence, copied: \"She sells 3\")")
-    parser.add_argument("--judgment-check", default="count", choices=["count", "reread", "quote", "vs"],
-                        help="EFT target: count (the default: the judge counts the step out, then compares digit by "
-                             "digit), reread (count, after copying the question's sentences of steps 1..k), quote "
+    parser.add_argument("--judgment-check", default="reread", choices=["reread", "count", "quote", "vs"],
+                        help="EFT target: reread (the default: the judge copies the question's sentences of steps "
+                             "1..k, counts step k out, then compares digit by digit), count (the same without the "
+                             "reading), quote "
                              "(count, after copying the sentence of step k) or vs (the first design: recompute, "
                              "compare whole numbers); see judgment")
     parser.add_argument("--srlm-eft", type=positive_int, default=None,

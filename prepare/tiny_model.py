@@ -76,7 +76,8 @@ def main():
     parser.add_argument("--hidden", type=positive_int, default=128)
     parser.add_argument("--layers", type=positive_int, default=4)
     parser.add_argument("--heads", type=positive_int, default=4)
-    parser.add_argument("--max-len", type=positive_int, default=512, help="context length (positions)")
+    # 1024: the SRLM judge (SRLM_EFT) reads a whole solution and writes up to 448 tokens; no weights depend on it
+    parser.add_argument("--max-len", type=positive_int, default=1024, help="context length (positions)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--overwrite", action="store_true")
     args = parser.parse_args()

@@ -33,11 +33,10 @@ def synthetic_dir(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
-def synthetic_sentence_dir(tmp_path_factory):
-    """The same in the rereading design: steps that copy the question's sentence, a judge that rereads the question
-    (--step-reason sentence --op-sampling uniform --judgment-check reread)."""
-    return make_synthetic(tmp_path_factory, "--step-reason", "sentence", "--op-sampling", "uniform",
-                          "--judgment-check", "reread")
+def synthetic_short_dir(tmp_path_factory):
+    """The previous default: short step reasons ("3 fewer"), operand-first drawing, the count judge (no reading)."""
+    return make_synthetic(tmp_path_factory, "--step-reason", "short", "--op-sampling", "operand-first",
+                          "--judgment-check", "count")
 
 
 @pytest.fixture(scope="session")

@@ -101,9 +101,9 @@ def test_same_seed_same_bytes_other_seed_other_data(tmp_path, monkeypatch, capsy
 
 @pytest.fixture(params=["short", "sentence"])
 def data_dir(request):
-    """(step_reason, the small data set written with it): the default (short reasons, the count judge) and the
-    rereading design (copied sentences, the judge rereads); the tests below hold for both."""
-    return request.param, request.getfixturevalue({"short": "synthetic_dir", "sentence": "synthetic_sentence_dir"}[
+    """(step_reason, the small data set written with it): the default (copied sentences, the judge rereads) and the
+    previous default (short reasons, the count judge); the tests below hold for both."""
+    return request.param, request.getfixturevalue({"short": "synthetic_short_dir", "sentence": "synthetic_dir"}[
         request.param])
 
 
@@ -244,7 +244,7 @@ def check_judgment(text, got_a, got_b, a, op, b, sentence=None, reread=()):
 @pytest.mark.parametrize("check", ["count", "quote", "reread"])
 @pytest.mark.parametrize("op", ["+", "-", "*", "/"])
 def test_judgment_is_right_on_every_operand_pair_and_near_miss_of_a_grid(op, check):
-    """The default check (count), quote and reread on a grid: every start 0..20 and operand 1..9 the task allows, the
+    """The default check (reread), count and quote on a grid: every start 0..20 and operand 1..9 the task allows, the
     right result against every result 0..30 (near misses, carries and borrows across the tens: 9 -> 10, 10 -> 9,
     19 -> 20), in both positions; the verdict points at the right step, and common.parse_verdict reads it."""
     pairs = 0
