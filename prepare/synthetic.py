@@ -451,9 +451,8 @@ def main():
     parser.add_argument("--seed", type=int, default=1234)
     # 3.5k solutions and 28.5k judgments (2 SFT epochs, iterate.sh): the judge's count-out gets most of the SFT, the
     # policy writes each result in one go from fewer examples and errs there (dev, seeds 0-2: M1 56-70 %, judge
-    # 85-95 %).
-    # 5k/27k left some seeds' policies as good as their judges (M1 88-95 %), 3k/29k at 1.5 epochs too weak a policy
-    # to move (18 %): docs/experiments.md
+    # 85-95 %). 5k/27k left some seeds' policies as good as their judges (M1 88-95 %), 3k/29k at 1.5 epochs too weak
+    # a policy to move (18 %): docs/experiments.md
     parser.add_argument("--num-ift", type=positive_int, default=3500)
     parser.add_argument("--num-eft", type=positive_int, default=28500)
     parser.add_argument("--num-questions", default="400,800,1200", help="per iteration (paper: 400, 800, 1200)")
