@@ -49,14 +49,14 @@ if [ "$PRESET" = tiny ]; then
   JUDGE_PROMPT="--prompt-judge judge_tiny"
   SRLM_JUDGE_PROMPT="--prompt-srlm-judge srlm_judge_tiny"
   # METHOD=srlm: k=4 solutions (Yuan et al.), 3 scorings each (theirs), as many tokens as the evaluation's solutions;
-  # the SRLM EFT judgments (each step read and counted out, as the step judge does) run to 421 tokens
+  # the SRLM EFT judgments (each step read and counted out, as the step judge does) run to 425 tokens
   SRLM_ARGS=${SRLM_ARGS:-"--num-candidates 4 --srlm-scorings 3 --max-new-tokens 160 --judge-max-new-tokens 448 \
 --batch-size 128 --questions-per-chunk 64"}
   # 2 epochs (4,000 steps): with 1.5, two of three seeds' judges learned to read the question on 82 % of held-out
-  # pairs (95 % with 2); --max-len 1024 keeps the SRLM judge's examples (SRLM_EFT) whole (up to 578 tokens)
+  # pairs (95 % with 2); --max-len 1024 keeps the SRLM judge's examples (SRLM_EFT) whole (over 512 tokens)
   SFT_ARGS=${SFT_ARGS:-"--epochs 2 --lr 2e-3 --batch-size 16 --max-len 1024"}
   # --orders 1: each pair judged once, half the judge's time (the paper does not say it judges both orders); the
-  # judgments run to 187 tokens (prepare/synthetic.py: judgment; 133 with --judgment-check count)
+  # judgments run to 178 tokens in the default data (prepare/synthetic.py: judgment; 133 with --judgment-check count)
   GEN_ARGS=${GEN_ARGS:-"--orders 1 --max-step-tokens 40 --judge-max-new-tokens 192 --batch-size 128 --questions-per-chunk 64"}
   # lr 3e-5, tuned on the dev split with a perfect judge (JUDGE=oracle, so the lr is judged apart from the judge) on the
   # first default: M1 40.2 -> 42.0 -> 45.2 -> 47.4; 1e-5 gave 41.2, 42.2; 1e-4 42.8, then 38.8; on this one, 1e-4
