@@ -52,8 +52,8 @@ if [ "$PRESET" = tiny ]; then
   # the SRLM EFT judgments (each step read and counted out, as the step judge does) run to 425 tokens
   SRLM_ARGS=${SRLM_ARGS:-"--num-candidates 4 --srlm-scorings 3 --max-new-tokens 160 --judge-max-new-tokens 448 \
 --batch-size 128 --questions-per-chunk 64"}
-  # 2 epochs (4,000 steps): with 1.5, two of three seeds' judges learned to read the question on 82 % of held-out
-  # pairs (95 % with 2); --max-len 1024 keeps the SRLM judge's examples (SRLM_EFT) whole (over 512 tokens)
+  # 2 epochs (4,000 steps): with 1.5 (and 5k/27k data), two of three seeds' judges read the question on 82 % of
+  # held-out pairs (94-95 % with 2); --max-len 1024 keeps the SRLM judge's examples (SRLM_EFT, over 512 tokens) whole
   SFT_ARGS=${SFT_ARGS:-"--epochs 2 --lr 2e-3 --batch-size 16 --max-len 1024"}
   # --orders 1: each pair judged once, half the judge's time (the paper does not say it judges both orders); the
   # judgments run to 178 tokens in the default data (prepare/synthetic.py: judgment; 133 with --judgment-check count)

@@ -476,9 +476,8 @@ def main():
     parser.add_argument("--judgment-check", default="reread", choices=["reread", "count", "quote", "vs"],
                         help="EFT target: reread (the default: the judge copies the question's sentences of steps "
                              "1..k, counts step k out, then compares digit by digit), count (the same without the "
-                             "reading), quote "
-                             "(count, after copying the sentence of step k) or vs (the first design: recompute, "
-                             "compare whole numbers); see judgment")
+                             "reading), quote (count, after copying the sentence of step k) or vs (the first design: "
+                             "recompute, compare whole numbers); see judgment")
     parser.add_argument("--srlm-eft", type=positive_int, default=None,
                         help="also write N whole-solution scoring examples for the SRLM baseline's judge (off: none)")
     parser.add_argument("--overwrite", action="store_true")
