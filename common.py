@@ -717,6 +717,7 @@ positive_float = checked(float, lambda v: v > 0, "a number > 0")
 nonnegative_float = checked(float, lambda v: v >= 0, "a number >= 0")
 fraction = checked(float, lambda v: 0 <= v < 1, "a fraction in [0, 1)")
 probability = checked(float, lambda v: 0 < v <= 1, "a number in (0, 1]")
+unit_float = checked(float, lambda v: 0 <= v <= 1, "a number in [0, 1]")
 
 
 def add_model_args(parser, required=True):

@@ -44,8 +44,8 @@ import os
 import random
 import re
 
-from common import (cli, is_done, output_flags, positive_int, save_config, split_steps, stage_manifest, write_jsonl,
-                    write_manifest)
+from common import (cli, is_done, output_flags, positive_int, save_config, split_steps, stage_manifest, unit_float,
+                    write_jsonl, write_manifest)
 
 NAMES = ["Tom", "Ann", "Ben", "Mia", "Sam", "Lily", "Max", "Eva", "Leo", "Zoe", "Dan", "Ivy"]
 ITEMS = ["apples", "pens", "cards", "coins", "books", "eggs", "shells", "stamps", "cookies", "marbles"]
@@ -323,11 +323,15 @@ def question_numbers(question):
     return [int(t.rstrip(".")) for t in question.split() if t.rstrip(".").isdigit()]
 
 
-def corrupt(rng, numbers, fact):
-    """A realistic wrong version of one step's arithmetic: (a, op, b, c, error_kind)."""
+def corrupt(rng, numbers, fact, operand_first=0.0):
+    """A realistic wrong version of one step's arithmetic: (a, op, b, c, error_kind). The kind is drawn uniformly;
+    with probability operand_first a wrong operand is tried first (the judge's training set: --eft-operand-first)."""
     a, op, b, c = fact
     kinds = ["arithmetic", "operand", "operation"]
     rng.shuffle(kinds)
+    if operand_first and rng.random() < operand_first:  # no draw at 0: the held-out sets stay as they were
+        kinds.remove("operand")
+        kinds.insert(0, "operand")
     for kind in kinds:
         if kind == "arithmetic":
             wrong = c + rng.choice([-2, -1, 1, 2, 10, -10])
@@ -434,9 +438,9 @@ def wrong_reason(rng, question, k, true_op_n, op, b, step_reason):
     return rng.choice(SENTENCES[op]).format(p=pronoun, o=obj, f=friend, n=b).rstrip(".")
 
 
-def make_eft(rng, idx, question, steps, facts, chain, label, check="count", step_reason="short"):
+def make_eft(rng, idx, question, steps, facts, chain, label, check="count", step_reason="short", operand_first=0.0):
     k = rng.randrange(len(facts))  # which step is judged
-    a, op, b, c, kind = corrupt(rng, question_numbers(question), facts[k])
+    a, op, b, c, kind = corrupt(rng, question_numbers(question), facts[k], operand_first)
     reason = wrong_reason(rng, question, k + 1, chain[k], op, b, step_reason)
     bad = step_text(k + 1, reason, a, op, b, c, final=k == len(facts) - 1)
     step_a, step_b = (steps[k], bad) if label == "A" else (bad, steps[k])
@@ -478,6 +482,12 @@ def main():
                              "1..k, counts step k out, then compares digit by digit), count (the same without the "
                              "reading), quote (count, after copying the sentence of step k) or vs (the first design: "
                              "recompute, compare whole numbers); see judgment")
+    # A wrong operand copies another number of the question into the step's sentence ("He sells 4" for "He sells 1"),
+    # the corruption a judge's reading gets wrong most: it copies the candidate's number instead of the question's
+    # (dev, seed 1: 43 of 162 such pairs, 6 of 177 wrong operations). 0: the three kinds uniform, as in the held-out sets
+    parser.add_argument("--eft-operand-first", type=unit_float, default=0.5,
+                        help="in the judge's training pairs (eft.jsonl), the probability that a corruption is a wrong "
+                             "operand where one fits (then the three kinds uniform); eft_dev/eft_test stay uniform")
     parser.add_argument("--srlm-eft", type=positive_int, default=None,
                         help="also write N whole-solution scoring examples for the SRLM baseline's judge (off: none)")
     parser.add_argument("--overwrite", action="store_true")
@@ -518,7 +528,8 @@ def main():
         rng, probs = problems(split, n, seed)
         labels = ["A", "B"] * (n // 2) + ["A"] * (n % 2)  # exactly balanced positions
         rng.shuffle(labels)
-        files[split] = [make_eft(rng, i, q, s, f, c, lab, args.judgment_check, args.step_reason)
+        operand_first = args.eft_operand_first if split == "eft" else 0.0  # held-out pairs: the kinds uniform
+        files[split] = [make_eft(rng, i, q, s, f, c, lab, args.judgment_check, args.step_reason, operand_first)
                         for (i, q, s, f, c, _), lab in zip(probs, labels)]
     _, ift = problems("ift", args.num_ift, 5)
     files["ift"] = [dict(id=i, question=q, solution="\n".join(s), answer=str(a)) for i, q, s, _, _, a in ift]
