@@ -16,8 +16,8 @@ Writes runs/<name>/summary.json  [{model, accuracy, accuracy_se, gain_over_m1, g
                                    and the reverse, by the task's true labels), search_generation,
                                    search_verification, search_b_share,
                                    search_right_wins, search_wrong_wins, judge_near_accuracy, judge_near_n,
-                                   judge_far_accuracy, judge_far_n (synthetic task: the judge against true
-                                   labels, see verdict_check and judge_gap_check), greedy_error_kinds,
+                                   judge_far_accuracy, judge_far_n, judge_error_kinds (synthetic task: the judge
+                                   against true labels, see verdict_check and judge_gap_check), greedy_error_kinds,
                                    pair_error_kinds (synthetic task: what is wrong in the wrong greedy solutions
                                    and in the wrong step of each right/wrong pair, see error_kinds)}]
        runs/<name>/summary.png   accuracy and judge accuracy per model
@@ -138,19 +138,24 @@ def verdict_check(trees):
 def judge_gap_check(judge_rows, eft_rows):
     """
     Synthetic task only: step-judge accuracy on EFT pairs whose two results differ by at most 2 (near misses, the
-    errors the model itself makes) and by more. {} for other data.
+    errors the model itself makes) and by more, and by the kind of error of the wrong step (the EFT record's
+    `error`): judge_error_kinds {kind: [right, n]}. {} for other data.
     """
     result = lambda step: int(STEP_EQUATION.search(step)[4])
     eft = {r["id"]: r for r in eft_rows}
-    near, far = [], []
+    near, far, by_kind = [], [], collections.defaultdict(lambda: [0, 0])
     try:
         for r in judge_rows:
             pair = eft[r["id"]]
             (near if abs(result(pair["step_a"]) - result(pair["step_b"])) <= 2 else far).append(r["correct"])
+            if "error" in pair:
+                by_kind[pair["error"]][0] += bool(r["correct"])
+                by_kind[pair["error"]][1] += 1
     except TypeError:  # a step without 'a op b = c': not the synthetic task
         return {}
     return dict(judge_near_accuracy=sum(near) / len(near) if near else None, judge_near_n=len(near),
-                judge_far_accuracy=sum(far) / len(far) if far else None, judge_far_n=len(far))
+                judge_far_accuracy=sum(far) / len(far) if far else None, judge_far_n=len(far),
+                **({"judge_error_kinds": dict(by_kind)} if by_kind else {}))
 
 
 def load(path):
@@ -356,16 +361,19 @@ def main():
     if any("search_b_share" in r or "judge_near_accuracy" in r for r in rows):
         print("\nsynthetic task, against true labels: in the search that trained the model, generation (right "
               "candidates %) vs verification (right picked over wrong %), [[B]] share and right-vs-wrong wins; "
-              "on the EFT test, judge accuracy by result gap")
+              f"on the EFT test, judge accuracy by result gap and pairs judged right by the wrong step's kind of "
+              f"error ({' / '.join(ERROR_KINDS[:3])})")
         print("| model | generation % | verification % | [[B]] share % | right wins / wrong wins "
-              "| EFT, gap <= 2: % (n) | EFT, gap > 2: % (n) |")
-        print("|---|---|---|---|---|---|---|")
+              "| EFT, gap <= 2: % (n) | EFT, gap > 2: % (n) | EFT by kind: right/n |")
+        print("|---|---|---|---|---|---|---|---|")
         for r in rows:
+            kinds = r.get("judge_error_kinds")
+            kinds = " / ".join("/".join(map(str, kinds.get(k, [0, 0]))) for k in ERROR_KINDS[:3]) if kinds else "-"
             print(f"| {r['model']} | {fmt(r.get('search_generation'), True)} "
                   f"| {fmt(r.get('search_verification'), True)} | {fmt(r.get('search_b_share'), True)} "
                   f"| {fmt(r.get('search_right_wins'))} / {fmt(r.get('search_wrong_wins'))} "
                   f"| {fmt(r.get('judge_near_accuracy'), True)} ({fmt(r.get('judge_near_n'))}) "
-                  f"| {fmt(r.get('judge_far_accuracy'), True)} ({fmt(r.get('judge_far_n'))}) |")
+                  f"| {fmt(r.get('judge_far_accuracy'), True)} ({fmt(r.get('judge_far_n'))}) | {kinds} |")
     if any("greedy_error_kinds" in r for r in rows):
         print("\nsynthetic task, kinds of error (prepare/synthetic.py: step_error_kind; "
               f"{' / '.join(ERROR_KINDS)}): the wrong greedy test solutions' first wrong step; the wrong step of "

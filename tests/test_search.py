@@ -187,12 +187,15 @@ def test_report_checks_the_judge_against_true_labels():
                          search_wrong_wins=1)
     assert report.verdict_check([dict(question="Find $x$.", steps=[])]) == {}  # no steps: nothing to check
     assert report.pair_label_check([], {}) == {}  # no pairs: nothing checked (not "0 right, 0 wrong")
-    eft = [dict(id="a", step_a="Step 1: 4 more: 5 + 4 = 9.", step_b="Step 1: 4 more: 5 + 4 = 10."),
-           dict(id="b", step_a="Step 1: 4 more: 5 + 4 = 9.", step_b="Step 1: 4 more: 5 - 4 = 1."),
-           dict(id="c", step_a="Step 1: 4 more: 5 + 4 = 7.", step_b="Step 1: 4 more: 5 + 4 = 9.")]
+    eft = [dict(id="a", step_a="Step 1: 4 more: 5 + 4 = 9.", step_b="Step 1: 4 more: 5 + 4 = 10.", error="arithmetic"),
+           dict(id="b", step_a="Step 1: 4 more: 5 + 4 = 9.", step_b="Step 1: 4 more: 5 - 4 = 1.", error="operation"),
+           dict(id="c", step_a="Step 1: 4 more: 5 + 4 = 7.", step_b="Step 1: 4 more: 5 + 4 = 9.", error="arithmetic")]
     rows = [dict(id="a", correct=True), dict(id="b", correct=False), dict(id="c", correct=False)]
     assert report.judge_gap_check(rows, eft) == dict(judge_near_accuracy=0.5, judge_near_n=2, judge_far_accuracy=0.0,
-                                                     judge_far_n=1)
+                                                     judge_far_n=1,
+                                                     judge_error_kinds=dict(arithmetic=[1, 2], operation=[0, 1]))
+    no_kinds = [{k: v for k, v in r.items() if k != "error"} for r in eft]  # EFT data without kinds: no breakdown
+    assert "judge_error_kinds" not in report.judge_gap_check(rows, no_kinds)
     assert report.judge_gap_check([dict(id="a", correct=True)], [dict(id="a", step_a="x = 2", step_b="y")]) == {}
 
 
