@@ -73,10 +73,10 @@ def question_numbers(question):
     return [int(t.rstrip(".")) for t in question.split() if t.rstrip(".").isdigit()]
 
 
-def run_prepare(out_dir, seed, monkeypatch):
+def run_prepare(out_dir, seed, monkeypatch, *flags):
     monkeypatch.setattr(sys, "argv", ["prepare_synthetic.py", "--out-dir", str(out_dir), "--seed", str(seed),
                                       "--num-ift", "60", "--num-eft", "40", "--num-questions", "3,3,3",
-                                      "--num-dev", "5", "--num-test", "5", "--num-eft-test", "6"])
+                                      "--num-dev", "5", "--num-test", "5", "--num-eft-test", "6", *flags])
     prepare_synthetic.main()
     return {f: open(os.path.join(out_dir, f), "rb").read() for f in sorted(os.listdir(out_dir)) if f.endswith(".jsonl")}
 
@@ -97,6 +97,20 @@ def test_same_seed_same_bytes_other_seed_other_data(tmp_path, monkeypatch, capsy
     run_prepare(tmp_path / "a", 7, monkeypatch)
     assert "skipping" in capsys.readouterr().out
     assert os.path.getmtime(tmp_path / "a" / "ift.jsonl") == mtime
+
+
+def test_operand_first_shapes_the_training_pairs_only(tmp_path, monkeypatch):
+    """--eft-operand-first: the judge's training pairs get more wrong operands; every other file stays byte for
+    byte what the uniform draw writes (the held-out pairs measure every design on one mix)."""
+    kinds = lambda files: Counter(json.loads(line)["error"] for line in files["eft.jsonl"].splitlines())
+    by_share = {p: run_prepare(tmp_path / p, 7, monkeypatch, "--num-eft", "300", "--eft-operand-first", p)
+                for p in ("0", "0.5", "1")}
+    for p in ("0.5", "1"):
+        assert [f for f in by_share[p] if by_share[p][f] != by_share["0"][f]] == ["eft.jsonl"]
+    share = {p: kinds(files)["operand"] / 300 for p, files in by_share.items()}
+    assert share["0"] < 0.45 < share["0.5"] < share["1"]
+    assert share["1"] > 0.75  # the rest: steps where no other number of the question makes a valid wrong operand
+    assert set(kinds(by_share["1"])) == {"arithmetic", "operand", "operation"}
 
 
 @pytest.fixture(params=["short", "sentence"])
