@@ -56,7 +56,7 @@ if [ "$PRESET" = tiny ]; then
   # held-out pairs (94-95 % with 2); --max-len 1024 keeps the SRLM judge's examples (SRLM_EFT, over 512 tokens) whole
   SFT_ARGS=${SFT_ARGS:-"--epochs 2 --lr 2e-3 --batch-size 16 --max-len 1024"}
   # --orders 1: each pair judged once, half the judge's time (the paper does not say it judges both orders); the
-  # judgments run to 179 tokens in the default data (prepare/synthetic.py: judgment; 133 with --judgment-check count)
+  # judgments run to 178 tokens in the default data (prepare/synthetic.py: judgment; 133 with --judgment-check count)
   GEN_ARGS=${GEN_ARGS:-"--orders 1 --max-step-tokens 40 --judge-max-new-tokens 192 --batch-size 128 --questions-per-chunk 64"}
   # lr 3e-5, tuned on the dev split with a perfect judge (JUDGE=oracle, so the lr is judged apart from the judge) on the
   # first default: M1 40.2 -> 42.0 -> 45.2 -> 47.4; 1e-5 gave 41.2, 42.2; 1e-4 42.8, then 38.8; on this one, 1e-4
@@ -126,10 +126,8 @@ evaluate() {  # $1: model dir -> $1/../eval
 
 # --- data and M0 (the tiny default builds both; the real-data presets build their data and load MODEL) -------------
 if [ "$PRESET" = tiny ]; then
-  # questions per iteration: the paper's 400/800/1200 scaled by 0.6. Step-DPO takes 32 pairs a step: with 0.3 x, a
-  # strong M1 (dev 83.6 %) got 3-8 steps an iteration and gained +4.2 on dev, +5.2 with 0.6 x, +5.4 with 1 x; 1 x
-  # risks the collapse of a weak M1's many pairs (about 40 steps at lr 3e-5 in one iteration: docs/experiments.md)
-  run python -m prepare.synthetic --out-dir "$DATA" ${SYNTH_ARGS:---num-questions 240,480,720} \
+  # questions per iteration: the paper's 400/800/1200 scaled by 0.3 so the loop fits ~25 minutes on 2 cores
+  run python -m prepare.synthetic --out-dir "$DATA" ${SYNTH_ARGS:---num-questions 120,240,360} \
       ${SRLM_EFT:+--srlm-eft $SRLM_EFT} ${DATA_SEED:+--seed $((1234 + DATA_SEED))} $OW  # 1234: its default
   [ -z "$MODEL" ] && MODEL=$R/m0 && run python -m prepare.tiny_model --corpus "$DATA/ift.jsonl" "$DATA/eft.jsonl" \
       --out "$MODEL" ${MODEL_ARGS:-} $SEED_ARG $OW

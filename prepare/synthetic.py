@@ -24,13 +24,11 @@ Each step copies the question's sentence it acts on, then computes (reason_text)
 Each operation is drawn uniformly among those that keep the value in range (draw_step), so the value never tells it.
 Corruptions (the errors a judge must catch): wrong arithmetic (result off), wrong operand (a number from
 elsewhere in the problem), wrong operation (+ instead of -, ...); a wrong step's copied sentence carries its error.
-The held-out pairs draw the three kinds uniformly (32 % wrong operands); the judge's training pairs take a wrong
-operand first half the time (--eft-operand-first 0.5: 57 %), the error its reading of the question misses most.
 The judgment reads both results, then the question's sentences up to the step, one by one, counts the step out,
 compares each result with its own digit by digit, then the verdict (see judgment):
 "A: 14. B: 15. Read 1: He buys 7 more. Read 2: She sells 3. Want Step 2: She sells 3: 17 - 3: 16 (1), 15 (2),
 14 (3). A: 14 vs 14: 1 1 same, 4 4 same, right. B: 15 vs 14: 1 1 same, 5 4 differ, wrong. [[A]]"
-Judgments run to 179 tokens in the default data (--judge-max-new-tokens 192). The SFT mix gives the judge most of
+Judgments run to 178 tokens in the default data (--judge-max-new-tokens 192). The SFT mix gives the judge most of
 the budget: 3,500 solutions, 28,500 judgments. The policy writes `17 - 3 = 14` in one go and learns it from the
 solutions alone; the judge counts it out, one unit at a time: the step's arithmetic is where the policy errs and the
 judge does not.
