@@ -24,6 +24,9 @@ Each step copies the question's sentence it acts on, then computes (reason_text)
 Each operation is drawn uniformly among those that keep the value in range (draw_step), so the value never tells it.
 Corruptions (the errors a judge must catch): wrong arithmetic (result off), wrong operand (a number from
 elsewhere in the problem), wrong operation (+ instead of -, ...); a wrong step's copied sentence carries its error.
+The three kinds are drawn uniformly (32 % wrong operands); --eft-operand-first P makes the judge's training pairs
+take a wrong operand first with probability P (0.5: 57 %), the held-out pairs staying uniform (not the default:
+docs/experiments.md).
 The judgment reads both results, then the question's sentences up to the step, one by one, counts the step out,
 compares each result with its own digit by digit, then the verdict (see judgment):
 "A: 14. B: 15. Read 1: He buys 7 more. Read 2: She sells 3. Want Step 2: She sells 3: 17 - 3: 16 (1), 15 (2),
@@ -484,19 +487,24 @@ def main():
                              "recompute, compare whole numbers); see judgment")
     # A wrong operand copies another number of the question into the step's sentence ("He sells 4" for "He sells 1"),
     # the corruption a judge's reading gets wrong most: it copies the candidate's number instead of the question's
-    # (dev, seed 1: 43 of 162 such pairs, 6 of 177 wrong operations). 0: the three kinds uniform, as in the held-out sets
-    parser.add_argument("--eft-operand-first", type=unit_float, default=0.5,
+    # (dev, seed 1: 43 of 162 such pairs, 6 of 177 wrong operations). 0.5 fixed that judge (EFT-dev 85.0 -> 93.6 %)
+    # but moved the policies more (dev M1 56-70 % -> 45-86 %) and the gains fell (docs/experiments.md): default 0
+    parser.add_argument("--eft-operand-first", type=unit_float, default=0.0,
                         help="in the judge's training pairs (eft.jsonl), the probability that a corruption is a wrong "
                              "operand where one fits (then the three kinds uniform); eft_dev/eft_test stay uniform")
     parser.add_argument("--srlm-eft", type=positive_int, default=None,
                         help="also write N whole-solution scoring examples for the SRLM baseline's judge (off: none)")
     parser.add_argument("--overwrite", action="store_true")
     args = parser.parse_args()
-    manifest = stage_manifest("synthetic", {}, output_flags(args, "srlm_eft"))  # the default set's, with or without
+    # --eft-operand-first 0 writes what the code before the flag wrote: left out of the manifests, data sets made then
+    # still count as made by these flags
+    unset = ["eft_operand_first"] if not args.eft_operand_first else []
+    # the default set's, with or without --srlm-eft
+    manifest = stage_manifest("synthetic", {}, output_flags(args, "srlm_eft", *unset))
     config = os.path.join(args.out_dir, "config.json")  # written last
     srlm_out = os.path.join(args.out_dir, "srlm_eft.jsonl")
     # "2": its judgments count each step out (srlm_judgment); files written by the earlier whole-number check are stale
-    srlm_manifest = stage_manifest("synthetic srlm_eft 2", {}, output_flags(args))
+    srlm_manifest = stage_manifest("synthetic srlm_eft 2", {}, output_flags(args, *unset))
     done = is_done(config, manifest, args.overwrite)
     srlm_done = args.srlm_eft is None or is_done(srlm_out, srlm_manifest, args.overwrite,
                                                  [os.path.join(args.out_dir, "srlm_eft_test.jsonl")])

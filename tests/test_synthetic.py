@@ -111,6 +111,9 @@ def test_operand_first_shapes_the_training_pairs_only(tmp_path, monkeypatch):
     assert share["0"] < 0.45 < share["0.5"] < share["1"]
     assert share["1"] > 0.75  # the rest: steps where no other number of the question makes a valid wrong operand
     assert set(kinds(by_share["1"])) == {"arithmetic", "operand", "operation"}
+    # 0 writes what the generator wrote before the flag, so its data sets' manifests stay valid: the flag is left out
+    flags = lambda p: json.load(open(tmp_path / p / "config.json.manifest.json"))["flags"]
+    assert "eft_operand_first" not in flags("0") and flags("0.5")["eft_operand_first"] == 0.5
 
 
 @pytest.fixture(params=["short", "sentence"])
