@@ -361,7 +361,7 @@ def main():
     if any("search_b_share" in r or "judge_near_accuracy" in r for r in rows):
         print("\nsynthetic task, against true labels: in the search that trained the model, generation (right "
               "candidates %) vs verification (right picked over wrong %), [[B]] share and right-vs-wrong wins; "
-              f"on the EFT test, judge accuracy by result gap and pairs judged right by the wrong step's kind of "
+              "on the EFT test, judge accuracy by result gap and pairs judged right by the wrong step's kind of "
               f"error ({' / '.join(ERROR_KINDS[:3])})")
         print("| model | generation % | verification % | [[B]] share % | right wins / wrong wins "
               "| EFT, gap <= 2: % (n) | EFT, gap > 2: % (n) | EFT by kind: right/n |")
