@@ -367,13 +367,14 @@ def main():
               "| EFT, gap <= 2: % (n) | EFT, gap > 2: % (n) | EFT by kind: right/n |")
         print("|---|---|---|---|---|---|---|---|")
         for r in rows:
-            kinds = r.get("judge_error_kinds")
-            kinds = " / ".join("/".join(map(str, kinds.get(k, [0, 0]))) for k in ERROR_KINDS[:3]) if kinds else "-"
+            eft_kinds = r.get("judge_error_kinds")  # {kind: [right, n]}; EFT pairs have the first three kinds
+            by_kind = " / ".join("/".join(map(str, eft_kinds.get(k, [0, 0]))) for k in ERROR_KINDS[:3]) \
+                if eft_kinds else "-"
             print(f"| {r['model']} | {fmt(r.get('search_generation'), True)} "
                   f"| {fmt(r.get('search_verification'), True)} | {fmt(r.get('search_b_share'), True)} "
                   f"| {fmt(r.get('search_right_wins'))} / {fmt(r.get('search_wrong_wins'))} "
                   f"| {fmt(r.get('judge_near_accuracy'), True)} ({fmt(r.get('judge_near_n'))}) "
-                  f"| {fmt(r.get('judge_far_accuracy'), True)} ({fmt(r.get('judge_far_n'))}) | {kinds} |")
+                  f"| {fmt(r.get('judge_far_accuracy'), True)} ({fmt(r.get('judge_far_n'))}) | {by_kind} |")
     if any("greedy_error_kinds" in r for r in rows):
         print("\nsynthetic task, kinds of error (prepare/synthetic.py: step_error_kind; "
               f"{' / '.join(ERROR_KINDS)}): the wrong greedy test solutions' first wrong step; the wrong step of "
