@@ -153,6 +153,9 @@ def save_config(args, path):
 HASH_LIMIT = 256 << 20  # files up to 256 MiB are known by their content (sha256), larger ones by size and mtime
 MANIFEST = "manifest.json"
 NOT_OUTPUT_FLAGS = ("out", "out_dir", "overwrite", "shard")  # where an output goes and whether to redo it
+# Flags added to a stage later, each with the value at which the stage writes what it wrote before the flag: at that
+# value a flag is left out of the manifest, so outputs made before it still count as made by the same flags
+LATER_FLAGS = {"eft_operand_first": 0.0}  # prepare/synthetic.py
 
 
 def file_fingerprint(path):
@@ -207,7 +210,8 @@ def stage_manifest(stage, inputs, flags):
     """
     manifest = dict(stage=stage,
                     inputs={k: dict(path=p, fingerprint=fingerprint(p)) for k, p in inputs.items() if p is not None},
-                    flags={k: v for k, v in sorted(flags.items()) if k not in inputs and k not in NOT_OUTPUT_FLAGS})
+                    flags={k: v for k, v in sorted(flags.items()) if k not in inputs and k not in NOT_OUTPUT_FLAGS
+                           and not (k in LATER_FLAGS and v == LATER_FLAGS[k])})
     return json.loads(json.dumps(manifest))  # as it will read back (tuples become lists)
 
 

@@ -496,15 +496,12 @@ def main():
                         help="also write N whole-solution scoring examples for the SRLM baseline's judge (off: none)")
     parser.add_argument("--overwrite", action="store_true")
     args = parser.parse_args()
-    # --eft-operand-first 0 writes what the code before the flag wrote: left out of the manifests, data sets made then
-    # still count as made by these flags
-    unset = ["eft_operand_first"] if not args.eft_operand_first else []
-    # the default set's, with or without --srlm-eft
-    manifest = stage_manifest("synthetic", {}, output_flags(args, "srlm_eft", *unset))
+    # the default set's, with or without --srlm-eft (--eft-operand-first 0: left out, common.LATER_FLAGS)
+    manifest = stage_manifest("synthetic", {}, output_flags(args, "srlm_eft"))
     config = os.path.join(args.out_dir, "config.json")  # written last
     srlm_out = os.path.join(args.out_dir, "srlm_eft.jsonl")
     # "2": its judgments count each step out (srlm_judgment); files written by the earlier whole-number check are stale
-    srlm_manifest = stage_manifest("synthetic srlm_eft 2", {}, output_flags(args, *unset))
+    srlm_manifest = stage_manifest("synthetic srlm_eft 2", {}, output_flags(args))
     done = is_done(config, manifest, args.overwrite)
     srlm_done = args.srlm_eft is None or is_done(srlm_out, srlm_manifest, args.overwrite,
                                                  [os.path.join(args.out_dir, "srlm_eft_test.jsonl")])

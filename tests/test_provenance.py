@@ -580,3 +580,16 @@ def test_a_changed_flag_or_input_is_reported_not_skipped(tmp_path, monkeypatch, 
     run(monkeypatch, make_pairs, "--trees", trees, "--out", out, "--min-gap", "3", "--overwrite")
     assert open(out).read() != first
     assert json.load(open(out + ".manifest.json"))["flags"]["min_gap"] == 3
+
+
+def test_a_flag_added_later_at_its_neutral_value_keeps_older_outputs_valid(monkeypatch):
+    """common.LATER_FLAGS: an output made before a flag existed still counts as made by the same flags while the flag
+    is at the value that writes what the stage wrote before it; any other value is a change, named."""
+    import common
+    monkeypatch.setattr(common, "LATER_FLAGS", {"new_knob": 0.0})
+    before = common.stage_manifest("stage", {}, dict(seed=1))
+    assert common.manifest_changes(before, common.stage_manifest("stage", {}, dict(seed=1, new_knob=0.0))) == []
+    assert common.manifest_changes(before, common.stage_manifest("stage", {}, dict(seed=1, new_knob=0.5))) == \
+        ["--new-knob (unset) -> 0.5"]
+    assert common.manifest_changes(before, common.stage_manifest("stage", {}, dict(seed=2, new_knob=0.0))) == \
+        ["--seed 1 -> 2"]
