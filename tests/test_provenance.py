@@ -23,6 +23,7 @@ import torch
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 
+import common  # noqa: E402
 import evaluate  # noqa: E402
 import generate  # noqa: E402
 import make_pairs  # noqa: E402
@@ -585,7 +586,6 @@ def test_a_changed_flag_or_input_is_reported_not_skipped(tmp_path, monkeypatch, 
 def test_a_flag_added_later_at_its_neutral_value_keeps_older_outputs_valid(monkeypatch):
     """common.LATER_FLAGS: an output made before a flag existed still counts as made by the same flags while the flag
     is at the value that writes what the stage wrote before it; any other value is a change, named."""
-    import common
     monkeypatch.setattr(common, "LATER_FLAGS", {"new_knob": 0.0})
     before = common.stage_manifest("stage", {}, dict(seed=1))
     assert common.manifest_changes(before, common.stage_manifest("stage", {}, dict(seed=1, new_knob=0.0))) == []
