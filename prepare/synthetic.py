@@ -116,16 +116,18 @@ def sample_problem(rng, max_start, max_operand, min_steps, max_steps, ops, max_v
             return start, chain
 
 
-def render(rng, start, chain, step_reason="short"):
+def render(rng, start, chain, step_reason="short", labels=False):
     """Problem text, gold steps, per-step (a, op, b, result), and answer. step_reason: what each step writes before
-    its equation (reason_text)."""
+    its equation (reason_text). labels: each step's sentence starts with its number, as the step and the judge's
+    reading write it ("Ivy has 6 cookies. 1: She buys 4 more. 2: She uses 4. How many ...")."""
     name, friend = rng.sample(NAMES, 2)
     item = rng.choice(ITEMS)
     pronoun, obj = pronouns(name)
     sentences = [f"{name} has {start} {item}."]
     steps, facts, value = [], [], start
     for k, (op, n) in enumerate(chain, 1):
-        sentences.append(rng.choice(SENTENCES[op]).format(p=pronoun, o=obj, f=friend, n=n))
+        label = f"{k}: " if labels else ""
+        sentences.append(label + rng.choice(SENTENCES[op]).format(p=pronoun, o=obj, f=friend, n=n))
         result = apply(op, value, n)
         facts.append((value, op, n, result))
         value = result
@@ -167,11 +169,12 @@ def _template_regex(template):
 SENTENCE_RES = [(op, _template_regex(t)) for op, templates in SENTENCES.items() for t in templates]
 STEP_EQUATION = re.compile(r"(\d+) ([-+*/]) (\d+) = (\d+)")
 SENTENCE_END = re.compile(r"(?<=[.?]) ")  # a question's sentences: the start, one per step, the question
+SENTENCE_LABEL = re.compile(r"^\d+: ")  # "2: She sells 3." (--sentence-labels)
 
 
 def parse_question(question):
     """A synthetic question's start value and operations [(op, operand)], parsed from its text."""
-    sentences = SENTENCE_END.split(question)
+    sentences = [SENTENCE_LABEL.sub("", s) for s in SENTENCE_END.split(question)]
     start = re.search(r" has (\d+) ", sentences[0])
     ops = [next(((op, int(m[1])) for op, r in SENTENCE_RES if (m := r.match(s))), None) for s in sentences[1:-1]]
     if start is None or not ops or None in ops:
@@ -396,8 +399,8 @@ def judgment(gold_step, step_a, step_b, label, check="count", sentences=None):
 
 def step_sentence(question, k):
     """The question's sentence that tells step k (1-based): "Ann has 9 apples. She buys 3 more. ..." -> k=1: "She
-    buys 3 more."."""
-    return SENTENCE_END.split(question)[k]
+    buys 3 more."; its label, if any, left out."""
+    return SENTENCE_LABEL.sub("", SENTENCE_END.split(question)[k])
 
 
 def count_out(gold_step):
@@ -492,6 +495,8 @@ def main():
     parser.add_argument("--eft-operand-first", type=unit_float, default=0.0,
                         help="in the judge's training pairs (eft.jsonl), the probability that a corruption is a wrong "
                              "operand where one fits (then the three kinds uniform); eft_dev/eft_test stay uniform")
+    parser.add_argument("--sentence-labels", action="store_true",
+                        help="number the question's step sentences '2: She sells 3.' as the steps number theirs")
     parser.add_argument("--srlm-eft", type=positive_int, default=None,
                         help="also write N whole-solution scoring examples for the SRLM baseline's judge (off: none)")
     parser.add_argument("--overwrite", action="store_true")
@@ -516,7 +521,7 @@ def main():
         out = []
         while len(out) < n:
             start, chain = sample_problem(rng, *knobs)
-            question, steps, facts, answer = render(rng, start, chain, args.step_reason)
+            question, steps, facts, answer = render(rng, start, chain, args.step_reason, args.sentence_labels)
             if question not in seen:
                 seen.add(question)
                 out.append((f"{name}-{len(out)}", question, steps, facts, chain, answer))

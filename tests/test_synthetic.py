@@ -116,6 +116,35 @@ def test_operand_first_shapes_the_training_pairs_only(tmp_path, monkeypatch):
     assert "eft_operand_first" not in flags("0") and flags("0.5")["eft_operand_first"] == 0.5
 
 
+def test_sentence_labels_number_the_question_and_change_nothing_else(tmp_path, monkeypatch):
+    """--sentence-labels: each step's sentence in the question starts with its number ("2: She sells 3."), as the
+    step and the judge's reading number theirs; every record is otherwise what the unlabelled draw writes, and the
+    task's ground truth (solve, step_is_right, step_sentence) reads a labelled question as the unlabelled one."""
+    plain = run_prepare(tmp_path / "plain", 7, monkeypatch)
+    labelled = run_prepare(tmp_path / "labelled", 7, monkeypatch, "--sentence-labels")
+    assert plain.keys() == labelled.keys()
+    unlabel = lambda q: re.sub(r"(?<=[.]) \d+: ", " ", q)
+    for name in plain:
+        for a, b in zip(plain[name].splitlines(), labelled[name].splitlines(), strict=True):
+            a, b = json.loads(a), json.loads(b)
+            sentences = question_sentences(b["question"])
+            assert [re.match(r"\d+: ", s) and int(s.split(":")[0]) for s in sentences[1:-1]] == \
+                list(range(1, len(sentences) - 1))  # every step sentence numbered, in order; no other
+            assert not re.match(r"\d+: ", sentences[0]) and b["question"] != a["question"]
+            assert {**b, "question": unlabel(b["question"])} == a
+            q = b["question"]
+            assert prepare_synthetic.solve(q) == prepare_synthetic.solve(a["question"])
+            assert all(prepare_synthetic.step_sentence(q, k) == prepare_synthetic.step_sentence(a["question"], k)
+                       for k in range(1, len(sentences) - 1))
+            if name == "ift.jsonl":
+                steps = split_steps(b["solution"])
+                assert all(prepare_synthetic.step_is_right(q, k, s) for k, s in enumerate(steps, 1))
+                assert not prepare_synthetic.step_is_right(q, 1, steps[0].replace(" = ", " = 1"))
+    # off writes what the generator wrote before the flag: it is left out of the data set's manifest
+    flags = lambda d: json.load(open(tmp_path / d / "config.json.manifest.json"))["flags"]
+    assert "sentence_labels" not in flags("plain") and flags("labelled")["sentence_labels"] is True
+
+
 @pytest.fixture(params=["short", "sentence"])
 def data_dir(request):
     """(step_reason, the small data set written with it): the default (copied sentences, the judge rereads) and the
