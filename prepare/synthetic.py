@@ -26,7 +26,9 @@ Corruptions (the errors a judge must catch): wrong arithmetic (result off), wron
 elsewhere in the problem), wrong operation (+ instead of -, ...); a wrong step's copied sentence carries its error.
 The three kinds are drawn uniformly (32 % wrong operands); --eft-operand-first P makes the judge's training pairs
 take a wrong operand first with probability P (0.5: 57 %), the held-out pairs staying uniform (not the default:
-docs/experiments.md).
+docs/experiments.md). --sentence-labels numbers the question's step sentences as the steps number theirs ("Zoe has 8
+apples. 1: She gets 8 more. 2: She sells 2. How many ..."), every record otherwise the same (not the default: the
+judge reads on most seeds, the policies move; docs/experiments.md).
 The judgment reads both results, then the question's sentences up to the step, one by one, counts the step out,
 compares each result with its own digit by digit, then the verdict (see judgment):
 "A: 14. B: 15. Read 1: He buys 7 more. Read 2: She sells 3. Want Step 2: She sells 3: 17 - 3: 16 (1), 15 (2),
