@@ -174,9 +174,14 @@ SENTENCE_END = re.compile(r"(?<=[.?]) ")  # a question's sentences: the start, o
 SENTENCE_LABEL = re.compile(r"^\d+: ")  # "2: She sells 3." (--sentence-labels)
 
 
+def sentences_of(question):
+    """A question's sentences, the start, one per step, the question, each without its label (--sentence-labels)."""
+    return [SENTENCE_LABEL.sub("", s) for s in SENTENCE_END.split(question)]
+
+
 def parse_question(question):
     """A synthetic question's start value and operations [(op, operand)], parsed from its text."""
-    sentences = [SENTENCE_LABEL.sub("", s) for s in SENTENCE_END.split(question)]
+    sentences = sentences_of(question)
     start = re.search(r" has (\d+) ", sentences[0])
     ops = [next(((op, int(m[1])) for op, r in SENTENCE_RES if (m := r.match(s))), None) for s in sentences[1:-1]]
     if start is None or not ops or None in ops:
@@ -402,7 +407,7 @@ def judgment(gold_step, step_a, step_b, label, check="count", sentences=None):
 def step_sentence(question, k):
     """The question's sentence that tells step k (1-based): "Ann has 9 apples. She buys 3 more. ..." -> k=1: "She
     buys 3 more."; its label, if any, left out."""
-    return SENTENCE_LABEL.sub("", SENTENCE_END.split(question)[k])
+    return sentences_of(question)[k]
 
 
 def count_out(gold_step):
