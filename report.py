@@ -12,8 +12,9 @@ Writes runs/<name>/summary.json  [{model, accuracy, accuracy_se, gain_over_m1, g
                                    problems: paired se, from eval/<data>.jsonl), judge_accuracy, judge_accuracy_se,
                                    steps_per_solution, pairs, pairs_per_question, unparsed_verdicts, verdicts_a,
                                    verdicts_b, order_disagreement, tie_rollbacks, data, pairs_right_over_wrong,
-                                   pairs_wrong_over_right (synthetic task: chosen step right and rejected wrong,
-                                   and the reverse, by the task's true labels), search_generation,
+                                   pairs_wrong_over_right, pairs_both_right, pairs_both_wrong (synthetic task:
+                                   chosen step right and rejected wrong, the reverse, both right, both wrong, by the
+                                   task's true labels), search_generation,
                                    search_verification, search_b_share,
                                    search_right_wins, search_wrong_wins, judge_near_accuracy, judge_near_n,
                                    judge_far_accuracy, judge_far_n, judge_error_kinds (synthetic task: the judge
@@ -54,7 +55,8 @@ def is_right(question, step, text, srlm):
 def pair_label_check(pairs, questions, srlm=False):
     """
     Synthetic task only (labels are known): how often a self-made pair put a right step (srlm: solution) over a wrong
-    one, and the reverse (prepare/synthetic.py). questions: {question_id: text}. {} for other data.
+    one, the reverse, and how many pairs hold two right or two wrong ones (prepare/synthetic.py). questions:
+    {question_id: text}. {} for other data.
     """
     if not pairs:  # nothing to check (and no way to tell synthetic questions)
         return {}
@@ -63,7 +65,10 @@ def pair_label_check(pairs, questions, srlm=False):
                         for side in ("chosen", "rejected")) for p in pairs]
     except ValueError:  # not synthetic questions
         return {}
-    return dict(pairs_right_over_wrong=checks.count((True, False)), pairs_wrong_over_right=checks.count((False, True)))
+    # both right: two steps that compute the same thing and differ in their words (a name or a verb copied
+    # otherwise); the judge's verdict on them, and the oracle's coin, teach only that wording
+    return dict(pairs_right_over_wrong=checks.count((True, False)), pairs_wrong_over_right=checks.count((False, True)),
+                pairs_both_right=checks.count((True, True)), pairs_both_wrong=checks.count((False, False)))
 
 
 def error_kinds(eval_rows, pairs, questions):
@@ -348,14 +353,16 @@ def main():
         return
     # a model's pairs/verdict columns describe the search that trained it (run by the previous model)
     print("| model | accuracy % (± se) | vs M1, paired se | judge accuracy % | steps/solution | pairs trained on "
-          "| right>wrong / wrong>right | [[A]] / [[B]] / unparsed verdicts | order disagreement | tie roll-backs |")
-    print("|---|---|---|---|---|---|---|---|---|---|")
+          "| right>wrong / wrong>right | both right / both wrong | [[A]] / [[B]] / unparsed verdicts "
+          "| order disagreement | tie roll-backs |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         gain = "-" if r["gain_over_m1"] is None else \
             f"{100 * r['gain_over_m1']:+.1f} ± {100 * r['gain_over_m1_se']:.1f}"
         print(f"| {r['model']} | {fmt(r['accuracy'], True)} ± {fmt(r['accuracy_se'], True)} | {gain} "
               f"| {fmt(r['judge_accuracy'], True)} | {fmt(r['steps_per_solution'])} | {fmt(r['pairs'])} "
               f"| {fmt(r.get('pairs_right_over_wrong'))} / {fmt(r.get('pairs_wrong_over_right'))} "
+              f"| {fmt(r.get('pairs_both_right'))} / {fmt(r.get('pairs_both_wrong'))} "
               f"| {fmt(r['verdicts_a'])} / {fmt(r['verdicts_b'])} / {fmt(r['unparsed_verdicts'])} "
               f"| {fmt(r['order_disagreement'])} | {fmt(r['tie_rollbacks'])} |")
     if any("search_b_share" in r or "judge_near_accuracy" in r for r in rows):

@@ -187,6 +187,11 @@ def test_report_checks_the_judge_against_true_labels():
                          search_wrong_wins=1)
     assert report.verdict_check([dict(question="Find $x$.", steps=[])]) == {}  # no steps: nothing to check
     assert report.pair_label_check([], {}) == {}  # no pairs: nothing checked (not "0 right, 0 wrong")
+    right, wrong, reworded = "Step 1: 4 more: 5 + 4 = 9.", "Step 1: 4 more: 5 + 4 = 10.", "Step 1: 3 more: 5 + 4 = 9."
+    pairs = [dict(question_id="q", step=1, chosen=c, rejected=r) for c, r in
+             [(right, wrong), (right, wrong), (wrong, right), (right, reworded), (wrong, "Step 1: 5 - 4 = 1.")]]
+    assert report.pair_label_check(pairs, {"q": q}) == dict(pairs_right_over_wrong=2, pairs_wrong_over_right=1,
+                                                             pairs_both_right=1, pairs_both_wrong=1)
     eft = [dict(id="a", step_a="Step 1: 4 more: 5 + 4 = 9.", step_b="Step 1: 4 more: 5 + 4 = 10.", error="arithmetic"),
            dict(id="b", step_a="Step 1: 4 more: 5 + 4 = 9.", step_b="Step 1: 4 more: 5 - 4 = 1.", error="operation"),
            dict(id="c", step_a="Step 1: 4 more: 5 + 4 = 7.", step_b="Step 1: 4 more: 5 + 4 = 9.", error="arithmetic")]
