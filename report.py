@@ -65,8 +65,8 @@ def pair_label_check(pairs, questions, srlm=False):
                         for side in ("chosen", "rejected")) for p in pairs]
     except ValueError:  # not synthetic questions
         return {}
-    # both right: two steps that compute the same thing and differ in their words (a name or a verb copied
-    # otherwise); the judge's verdict on them, and the oracle's coin, teach only that wording
+    # a step pair both right: two steps that compute the same thing and differ in their words (a name or a verb
+    # copied otherwise); the judge's verdict on them, and the oracle's coin, teach only that wording
     return dict(pairs_right_over_wrong=checks.count((True, False)), pairs_wrong_over_right=checks.count((False, True)),
                 pairs_both_right=checks.count((True, True)), pairs_both_wrong=checks.count((False, False)))
 
