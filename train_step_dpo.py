@@ -134,6 +134,16 @@ def reference_logps(model, examples, pad_id, batch_size, out_path, manifest):
     return store.done
 
 
+def step_bounds(n, grad_accum, steps=None):
+    """
+    Where each optimizer step's micro-batches start in an epoch of n, then n: every grad_accum-th (the last step may
+    take fewer), or, with steps, that many steps (at most n) whose sizes differ by at most one micro-batch.
+    """
+    if steps:
+        return [round(k * n / min(steps, n)) for k in range(min(steps, n) + 1)]
+    return list(range(0, n, grad_accum)) + [n]
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--pairs", required=True)
@@ -145,6 +155,9 @@ def main():
     parser.add_argument("--batch-size", type=positive_int, default=8, help="pairs per process per micro-batch")
     parser.add_argument("--grad-accum", type=positive_int, default=4,
                         help="paper batch 32 = batch-size x grad-accum x GPUs")
+    parser.add_argument("--steps", type=positive_int, default=None,
+                        help="optimizer steps per epoch whatever the number of pairs, which then set the batch (not "
+                             "the paper's: it keeps batch 32); default: one step per grad-accum micro-batches")
     parser.add_argument("--warmup", type=fraction, default=0.1, help="fraction of steps (not stated in the paper)")
     parser.add_argument("--nll-weight", type=nonnegative_float, default=0.0,
                         help="α of an added per-token NLL of the chosen step (deviation; 0 = the paper's DPO)")
@@ -184,13 +197,14 @@ def main():
     model = prepare_for_training(model, args)
     rng = random.Random(args.seed)
     micro_batches = [examples[b:b + args.batch_size] for b in range(0, len(examples), args.batch_size)]
-    total_steps = max(1, round(-(-len(micro_batches) // args.grad_accum) * args.epochs))
+    bounds = step_bounds(len(micro_batches), args.grad_accum, args.steps)
+    total_steps = max(1, round((len(bounds) - 1) * args.epochs))
 
-    def groups():  # grad_accum micro-batches per optimizer step, reshuffled every epoch
+    def groups():  # the micro-batches of each optimizer step, reshuffled every epoch
         while True:
             rng.shuffle(micro_batches)
-            for g0 in range(0, len(micro_batches), args.grad_accum):
-                yield micro_batches[g0:g0 + args.grad_accum]
+            for g0, g1 in zip(bounds, bounds[1:]):
+                yield micro_batches[g0:g1]
 
     def micro_loss(train_model, mb, group):
         """Eqs. 6-8 on one micro-batch: chosen and rejected steps in one forward pass, π_ref from the stored pass."""

@@ -273,6 +273,30 @@ def test_overwrite_recomputes_the_reference(tiny_model_dir, synthetic_dir, tmp_p
     assert first["loss"] == pytest.approx(LOG2, abs=1e-5), "stale reference log-probs reused under --overwrite"
 
 
+def test_step_bounds_put_every_micro_batch_in_one_step():
+    for n in range(1, 40):
+        for accum in (1, 2, 3):
+            bounds = dpo.step_bounds(n, accum)
+            assert [b - a for a, b in zip(bounds, bounds[1:])] == [accum] * (n // accum) + [n % accum] * (n % accum > 0)
+        for steps in (1, 3, 16, 50):
+            bounds = dpo.step_bounds(n, 2, steps)
+            sizes = [b - a for a, b in zip(bounds, bounds[1:])]
+            assert bounds[0] == 0 and bounds[-1] == n and len(sizes) == min(steps, n)
+            assert min(sizes) >= 1 and max(sizes) - min(sizes) <= 1
+
+
+def test_steps_fix_the_number_of_updates(tiny_model_dir, synthetic_dir, tmp_path, monkeypatch):
+    """--steps K: K optimizer steps an epoch whatever the number of pairs (never more than its micro-batches)."""
+    pairs_path = str(tmp_path / "pairs.jsonl")
+    with open(pairs_path, "w") as f:
+        f.writelines(json.dumps(p) + "\n" for p in eft_step_pairs(synthetic_dir, 7))
+    for steps, epochs, expected in [("3", "1", 3), ("3", "2", 6), ("10", "1", 4)]:  # 4 micro-batches of 2 pairs
+        out = str(tmp_path / f"m2-{steps}-{epochs}")
+        monkeypatch.setattr(sys, "argv", dpo_argv(tiny_model_dir, pairs_path, out, "--steps", steps, "--epochs", epochs))
+        dpo.main()
+        assert len(read_jsonl(os.path.join(out, "train_log.jsonl"))) == expected
+
+
 def test_no_pairs_ends_instead_of_looping_forever(tiny_model_dir, tmp_path, monkeypatch):
     """A search that yields no pair (every step tied or single) leaves an empty pairs file; the stage must end."""
     pairs_path = tmp_path / "pairs.jsonl"
