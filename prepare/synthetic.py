@@ -285,6 +285,8 @@ def srlm_judgment(question, steps, check="count", step_reason="short"):
     copies it numbered ("Read 2: She sells 3."), so over the steps the judge reads the sentences in order.
     check="vs" (the first design): "Step 1: 14 vs 14, right. Step 2: 20 vs 17, wrong. Score: 2".
     """
+    if check == "chain":
+        raise ValueError("--judgment-check chain is written for the step judge only (the SRLM judgments: reread)")
     values, gold, checks = solve(question), gold_steps(question, step_reason), []
     for k, step in enumerate(steps, 1):
         m = STEP_EQUATION.search(step)
@@ -386,6 +388,11 @@ def judgment(gold_step, step_a, step_b, label, check="count", sentences=None):
     check="quote" first copies only the question's sentence of the step (sentences[-1]): meant to read the operation
     next to its verb, it did not help on the test replicates (the judge's copy of the sentence follows the same cue
     as the policy's misread operation; docs/experiments.md).
+    check="chain" reads as reread does, but copies the question itself from its first sentence through step k's, with
+    nothing between the sentences ("Read: Ann has 9 apples. He buys 7 more. She sells 3."; `sentences` = the
+    question's sentences 0..k), and counts out the equation alone ("Want 17 - 3: 16 (1), ..."): reread's "Read 2: She"
+    and "Want Step 2: She" match the candidates' own "Step 2: She sells 4" lines token for token, so a copy keyed on
+    the last tokens can continue a wrong candidate's sentence; ". She" occurs in the question only.
     check="vs" is the first design, kept to reproduce its negative finding (docs/experiments.md): the judge
     recomputes the step the way the policy does and compares whole numbers ("Want Step 2: 3 fewer: 17 - 3 = 14.
     A: 14 vs 14, right. B: 15 vs 14, wrong. [[A]]").
@@ -396,11 +403,12 @@ def judgment(gold_step, step_a, step_b, label, check="count", sentences=None):
     if check == "vs":
         head = gold_step.split(" The answer")[0]
         return f"Want {head} A: {result(step_a)} vs {want}, {ok_a}. B: {result(step_b)} vs {want}, {ok_b}. [[{label}]]"
-    if check in ("quote", "reread") and not sentences:
+    if check in ("quote", "reread", "chain") and not sentences:
         raise ValueError(f"judgment(check={check!r}) needs the question's sentences of steps 1..k (step_sentence)")
     quote = f'"{sentences[-1]}" ' if check == "quote" else ""  # quote: the question's sentence of this step, copied
     read = "".join(f"Read {j}: {t} " for j, t in enumerate(sentences, 1)) if check == "reread" else ""
-    return (f"A: {result(step_a)}. B: {result(step_b)}. {read}Want {quote}{count_out(gold_step)}. "
+    read = f"Read: {' '.join(sentences)} " if check == "chain" else read
+    return (f"A: {result(step_a)}. B: {result(step_b)}. {read}Want {quote}{count_out(gold_step, check != 'chain')}. "
             f"A: {compare(result(step_a), want)}, {ok_a}. B: {compare(result(step_b), want)}, {ok_b}. [[{label}]]")
 
 
@@ -410,15 +418,15 @@ def step_sentence(question, k):
     return sentences_of(question)[k]
 
 
-def count_out(gold_step):
+def count_out(gold_step, head=True):
     """
     The right step built one unit at a time, each numbered: a + 1, a + 2, ... (a - 1, ...), ending at the right
     value; operations other than + and - write the value. "Step 2: 3 fewer: 17 - 3 = 14." -> "Step 2: 3 fewer:
-    17 - 3: 16 (1), 15 (2), 14 (3)".
+    17 - 3: 16 (1), 15 (2), 14 (3)" (head=False: "17 - 3: 16 (1), ...").
     """
     a, op, b, want = STEP_EQUATION.search(gold_step).groups()
     work = ", ".join(f"{apply(op, int(a), i)} ({i})" for i in range(1, int(b) + 1)) if op in "+-" else want
-    return f"{gold_step.split(' = ')[0]}: {work}"
+    return f"{gold_step.split(' = ')[0] if head else f'{a} {op} {b}'}: {work}"
 
 
 def compare(got, want):
@@ -459,6 +467,7 @@ def make_eft(rng, idx, question, steps, facts, chain, label, check="count", step
     step_a, step_b = (steps[k], bad) if label == "A" else (bad, steps[k])
     return dict(id=idx, question=question, previous_steps=steps[:k], step_a=step_a, step_b=step_b, label=label,
                 judgment=judgment(steps[k], step_a, step_b, label, check,
+                                  sentences_of(question)[:k + 2] if check == "chain" else
                                   [step_sentence(question, j) for j in range(1, k + 2)]),
                 error=kind)
 
@@ -490,10 +499,12 @@ def main():
     parser.add_argument("--step-reason", default="sentence", choices=["short", "sentence"],
                         help="what a step writes before its equation (reason_text): short (\"3 fewer\") or sentence "
                              "(the question's sentence, copied: \"She sells 3\")")
-    parser.add_argument("--judgment-check", default="reread", choices=["reread", "count", "quote", "vs"],
+    parser.add_argument("--judgment-check", default="reread", choices=["reread", "chain", "count", "quote", "vs"],
                         help="EFT target: reread (the default: the judge copies the question's sentences of steps "
-                             "1..k, counts step k out, then compares digit by digit), count (the same without the "
-                             "reading), quote (count, after copying the sentence of step k) or vs (the first design: "
+                             "1..k, counts step k out, then compares digit by digit), chain (the question copied "
+                             "whole from its start through step k's sentence, then the equation counted out), count "
+                             "(the reread judgment without the reading), quote (count, after copying the sentence "
+                             "of step k) or vs (the first design: "
                              "recompute, compare whole numbers); see judgment")
     # A wrong operand copies another number of the question into the step's sentence ("He sells 4" for "He sells 1"),
     # the corruption a judge's reading gets wrong most: it copies the candidate's number instead of the question's
