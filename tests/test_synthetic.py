@@ -20,6 +20,7 @@ sys.path.insert(0, REPO)
 
 from prepare import synthetic as prepare_synthetic  # noqa: E402
 from common import BOXED, DataError, PartialJSONL, parse_verdict, read_jsonl, split_steps  # noqa: E402
+from conftest import make_synthetic  # noqa: E402
 
 MIN_STEPS, MAX_STEPS = 2, 4  # the fixture's (default) knobs
 STEP = re.compile(r"Step (\d+): (.+?): (\d+) ([-+*/]) (\d+) = (-?\d+)\.(?: The answer is \\boxed\{(-?\d+)\}\.)?")
@@ -257,20 +258,21 @@ def test_eft_label_points_at_the_uncorrupted_step(data_dir, name, n):
         assert set(kinds) == {"arithmetic", "operand", "operation"} and min(kinds.values()) >= 20
 
 
-JUDGMENT = re.compile(r"A: (\d+)\. B: (\d+)\. ((?:Read \d+: [^.]+\. )*)Want (?:\"([^\"]+)\" )?"
-                      r"Step (\d+): (.+): (\d+) ([-+*/]) (\d+): (.*)\. "
+JUDGMENT = re.compile(r"A: (\d+)\. B: (\d+)\. ((?:Read \d+: [^.]+\. )*)(?:Read: (.+?) )?Want (?:\"([^\"]+)\" )?"
+                      r"(?:Step (\d+): (.+): )?(\d+) ([-+*/]) (\d+): (.*)\. "
                       r"A: (\d+) vs (\d+): (.*), (right|wrong)\. B: (\d+) vs (\d+): (.*), (right|wrong)\. "
                       r"\[\[([AB])\]\]$")
 
 
-def check_judgment(text, got_a, got_b, a, op, b, sentence=None, reread=()):
+def check_judgment(text, got_a, got_b, a, op, b, sentence=None, reread=(), chain=None):
     """An independent reading of one judgment: the quoted sentence (None: none), the sentences read before the count
-    (reread: those of steps 1..k, in order, numbered from 1), every count, digit comparison and decision in it."""
+    (reread: those of steps 1..k, in order, numbered from 1; chain: the question's text from its start through step
+    k's sentence, then the equation without its step), every count, digit comparison and decision in it."""
     m = JUDGMENT.fullmatch(text)
     assert m, text
-    read_a, read_b, reads, quoted, _, _, a2, op2, b2, work, pad_a, want_a, digits_a, ok_a, pad_b, want_b, digits_b, \
-        ok_b, verdict = m.groups()
-    assert quoted == sentence
+    read_a, read_b, reads, chained, quoted, step_k, _, a2, op2, b2, work, pad_a, want_a, digits_a, ok_a, pad_b, \
+        want_b, digits_b, ok_b, verdict = m.groups()
+    assert quoted == sentence and chained == chain and (step_k is None) == (chain is not None)
     assert re.findall(r"Read (\d+): ([^.]+\.) ", reads) == [(str(j), t) for j, t in enumerate(reread, 1)]
     assert (int(read_a), int(read_b), int(a2), op2, int(b2)) == (got_a, got_b, a, op, b)
     want = APPLY[op](a, b)
@@ -287,10 +289,10 @@ def check_judgment(text, got_a, got_b, a, op, b, sentence=None, reread=()):
     return verdict
 
 
-@pytest.mark.parametrize("check", ["count", "quote", "reread"])
+@pytest.mark.parametrize("check", ["count", "quote", "reread", "chain"])
 @pytest.mark.parametrize("op", ["+", "-", "*", "/"])
 def test_judgment_is_right_on_every_operand_pair_and_near_miss_of_a_grid(op, check):
-    """The default check (reread), count and quote on a grid: every start 0..20 and operand 1..9 the task allows, the
+    """The default check (reread), chain, count and quote on a grid: every start 0..20 and operand 1..9 the task allows, the
     right result against every result 0..30 (near misses, carries and borrows across the tens: 9 -> 10, 10 -> 9,
     19 -> 20), in both positions; the verdict points at the right step, and common.parse_verdict reads it."""
     pairs = 0
@@ -306,10 +308,13 @@ def test_judgment_is_right_on_every_operand_pair_and_near_miss_of_a_grid(op, che
                 bad = gold.replace(f"= {want}.", f"= {wrong}.")
                 for label, (step_a, step_b) in [("A", (gold, bad)), ("B", (bad, gold))]:
                     told = ["She loses 1.", f"She buys {b} more."]  # the question's sentences of steps 1 and 2
-                    text = prepare_synthetic.judgment(gold, step_a, step_b, label, check, told)
+                    start = f"Ann has {a + 1} apples."  # and its first sentence (chain reads from there)
+                    text = prepare_synthetic.judgment(gold, step_a, step_b, label, check,
+                                                      [start] + told if check == "chain" else told)
                     got_a, got_b = (want, wrong) if label == "A" else (wrong, want)
                     quoted, reread = (told[-1] if check == "quote" else None), (told if check == "reread" else ())
-                    verdict = check_judgment(text, got_a, got_b, a, op, b, quoted, reread)
+                    chain = " ".join([start] + told) if check == "chain" else None
+                    verdict = check_judgment(text, got_a, got_b, a, op, b, quoted, reread, chain)
                     assert verdict == label == parse_verdict(text)
                     pairs += 1
     assert pairs > 1000
@@ -326,7 +331,11 @@ def test_judgment_examples_of_the_checks():
                                       told) == (
         "A: 15. B: 14. Read 1: He buys 7 more. Read 2: She sells 3. Want Step 2: She sells 3: 17 - 3: 16 (1), 15 (2), "
         "14 (3). A: 15 vs 14: 1 1 same, 5 4 differ, wrong. B: 14 vs 14: 1 1 same, 4 4 same, right. [[B]]")
-    for check in ("quote", "reread"):
+    assert prepare_synthetic.judgment(sentence_gold, sentence_gold, sentence_gold.replace("14", "15"), "A", "chain",
+                                      ["Ann has 10 apples."] + told) == (
+        "A: 14. B: 15. Read: Ann has 10 apples. He buys 7 more. She sells 3. Want 17 - 3: 16 (1), 15 (2), 14 (3). "
+        "A: 14 vs 14: 1 1 same, 4 4 same, right. B: 15 vs 14: 1 1 same, 5 4 differ, wrong. [[A]]")
+    for check in ("quote", "reread", "chain"):
         with pytest.raises(ValueError, match="sentences"):
             prepare_synthetic.judgment(gold, gold, near, "A", check)  # nothing to quote or read
     assert prepare_synthetic.judgment(gold, gold, near, "A") == (
@@ -470,3 +479,25 @@ def test_uniform_op_sampling_keeps_values_in_range_and_the_value_says_nothing_of
         assert low - high > 0.2  # operand-first: "+" follows a low value
         low, high = share["uniform"]
         assert abs(low - high) < 0.1
+
+
+def test_chain_judgments_copy_the_question_from_its_start_through_the_judged_step(tmp_path_factory):
+    """--judgment-check chain, written by the generator: every EFT judgment reads the question's own text from its
+    first sentence through step k's (a prefix of the question), then counts out the true equation, compares and
+    decides as the grid above checks; the SRLM judgments are not written with it (a clear error)."""
+    out = make_synthetic(tmp_path_factory, "--judgment-check", "chain")
+    records = read_jsonl(os.path.join(out, "eft.jsonl"), ["question", "previous_steps", "step_a", "step_b", "label",
+                                                  "judgment", "error"])
+    for r in records:
+        k = len(r["previous_steps"])
+        _, facts = gold_chain(r["question"])
+        ga, gop, gb, gc = facts[k]
+        bad = r["step_b"] if r["label"] == "A" else r["step_a"]
+        c = parse_step(bad)[2][3]
+        got_a, got_b = (gc, c) if r["label"] == "A" else (c, gc)
+        chain = " ".join(question_sentences(r["question"])[:k + 2])
+        assert r["question"].startswith(chain + " ")
+        assert check_judgment(r["judgment"], got_a, got_b, ga, gop, gb, chain=chain) == r["label"]
+    assert Counter(r["error"] for r in records).keys() == {"arithmetic", "operand", "operation"}
+    with pytest.raises(ValueError, match="step judge only"):
+        prepare_synthetic.srlm_judgment(records[0]["question"], [], check="chain", step_reason="sentence")
