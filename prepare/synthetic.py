@@ -404,10 +404,11 @@ def judgment(gold_step, step_a, step_b, label, check="count", sentences=None):
         head = gold_step.split(" The answer")[0]
         return f"Want {head} A: {result(step_a)} vs {want}, {ok_a}. B: {result(step_b)} vs {want}, {ok_b}. [[{label}]]"
     if check in ("quote", "reread", "chain") and not sentences:
-        raise ValueError(f"judgment(check={check!r}) needs the question's sentences of steps 1..k (step_sentence)")
+        raise ValueError(f"judgment(check={check!r}) needs the question's sentences of steps 1..k (step_sentence; "
+                         f"chain: sentences_of, from the first)")
     quote = f'"{sentences[-1]}" ' if check == "quote" else ""  # quote: the question's sentence of this step, copied
-    read = "".join(f"Read {j}: {t} " for j, t in enumerate(sentences, 1)) if check == "reread" else ""
-    read = f"Read: {' '.join(sentences)} " if check == "chain" else read
+    read = {"reread": "".join(f"Read {j}: {t} " for j, t in enumerate(sentences or (), 1)),
+            "chain": f"Read: {' '.join(sentences or ())} "}.get(check, "")
     return (f"A: {result(step_a)}. B: {result(step_b)}. {read}Want {quote}{count_out(gold_step, check != 'chain')}. "
             f"A: {compare(result(step_a), want)}, {ok_a}. B: {compare(result(step_b), want)}, {ok_b}. [[{label}]]")
 
