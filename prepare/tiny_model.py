@@ -43,12 +43,15 @@ def corpus_texts(paths):
         yield load_prompt(name)
 
 
-def build_tokenizer(texts, vocab_size):
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+def build_tokenizer(texts, vocab_size, digit_space="own"):
+    """digit_space="own": " 16" -> " ", "1", "6" (the space is a token of its own, as in Qwen2's tokenizer);
+    "joined": " 1", "6" (the space rides on the first digit: a fifth fewer tokens in the synthetic data)."""
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
     tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True),
-                                                 pre_tokenizers.ByteLevel(add_prefix_space=False)])
+    digits = (pre_tokenizers.Digits(individual_digits=True) if digit_space == "own"
+              else pre_tokenizers.Split(Regex(r" ?\d"), "isolated"))
+    tok.pre_tokenizer = pre_tokenizers.Sequence([digits, pre_tokenizers.ByteLevel(add_prefix_space=False)])
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=SPECIALS,
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
@@ -78,6 +81,9 @@ def main():
     parser.add_argument("--heads", type=positive_int, default=4)
     # 1024: the SRLM judge (SRLM_EFT) reads a whole solution and writes up to 448 tokens; no weights depend on it
     parser.add_argument("--max-len", type=positive_int, default=1024, help="context length (positions)")
+    parser.add_argument("--digit-space", default="own", choices=["own", "joined"],
+                        help='the space before a number: its own token (" 16" -> " ", "1", "6") or joined to the '
+                             'first digit (" 1", "6"); digits are single tokens either way')
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--overwrite", action="store_true")
     args = parser.parse_args()
@@ -85,7 +91,7 @@ def main():
     manifest = stage_manifest("tiny_model", inputs, output_flags(args))
     if is_done(args.out, manifest, args.overwrite, [args.out.rstrip("/") + ".tmp"]):
         return
-    tokenizer = build_tokenizer(corpus_texts(args.corpus), args.vocab_size)
+    tokenizer = build_tokenizer(corpus_texts(args.corpus), args.vocab_size, args.digit_space)
     model = build_model(tokenizer, args.hidden, args.layers, args.heads, args.max_len, args.seed)
     model.generation_config.eos_token_id = tokenizer.eos_token_id
     model.generation_config.pad_token_id = tokenizer.pad_token_id

@@ -132,6 +132,30 @@ def test_step_boundary_is_token_additive(tiny, synthetic_dir):
     assert len(ids_of(tokenizer, "1234")) == 4
 
 
+@pytest.mark.parametrize("digit_space", ["own", "joined"])
+def test_both_digit_spaces_keep_digits_single_and_step_boundaries_additive(synthetic_dir, digit_space):
+    """--digit-space joined rides the space on a number's first digit (" 1", "6"); own gives it a token of its own.
+    Either way a digit is one token, text decodes back exactly, and a step added to a prefix tokenizes as alone."""
+    texts = list(tiny_model.corpus_texts([os.path.join(synthetic_dir, f) for f in ("ift.jsonl", "eft.jsonl")]))
+    tokenizer = tiny_model.build_tokenizer(texts, vocab_size=300, digit_space=digit_space)
+    pieces = tokenizer.tokenize("Step 2: 15 + 1 = 16.")
+    fifteen = pieces[pieces.index("Ġ+") - 2:pieces.index("Ġ+")]
+    assert fifteen == (["Ġ1", "5"] if digit_space == "joined" else ["1", "5"])
+    assert len(ids_of(tokenizer, "1234")) == 4 and len(ids_of(tokenizer, " 1234")) == 4 + (digit_space == "own")
+    ift = read_jsonl(os.path.join(synthetic_dir, "ift.jsonl"))[:20]
+    template = load_prompt("reasoning_tiny")
+    for r in ift:
+        steps = r["solution"].split("\n")
+        assert tokenizer.decode(ids_of(tokenizer, r["solution"])) == r["solution"]
+        for k in range(len(steps)):
+            prefix = chat_prompt(tokenizer, template.format(problem=r["question"])) + join_steps(steps[:k])
+            assert ids_of(tokenizer, prefix) + ids_of(tokenizer, steps[k]) == ids_of(tokenizer, prefix + steps[k])
+    if digit_space == "joined":  # what the flag is for: fewer tokens for the same text
+        own = tiny_model.build_tokenizer(texts, vocab_size=300)
+        count = lambda tok: sum(len(ids_of(tok, r["solution"])) for r in ift)
+        assert count(tokenizer) < 0.9 * count(own)
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # the script, in process
 
