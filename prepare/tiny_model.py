@@ -49,8 +49,8 @@ def build_tokenizer(texts, vocab_size, digit_space="own"):
     from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
     tok = Tokenizer(models.BPE())
-    digits = (pre_tokenizers.Digits(individual_digits=True) if digit_space == "own"
-              else pre_tokenizers.Split(Regex(r" ?\d"), "isolated"))
+    digits = {"own": pre_tokenizers.Digits(individual_digits=True),
+              "joined": pre_tokenizers.Split(Regex(r" ?\d"), "isolated")}[digit_space]
     tok.pre_tokenizer = pre_tokenizers.Sequence([digits, pre_tokenizers.ByteLevel(add_prefix_space=False)])
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=SPECIALS,

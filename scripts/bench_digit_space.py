@@ -17,8 +17,9 @@ import re
 import subprocess
 import sys
 
-SFT = ["--epochs", "2", "--lr", "2e-3", "--batch-size", "16", "--max-len", "1024",
-       "--prompt-reasoning", "reasoning_tiny", "--prompt-judge", "judge_tiny"]  # iterate.sh's tiny SFT_ARGS
+BATCH = 16
+SFT = ["--lr", "2e-3", "--batch-size", str(BATCH), "--max-len", "1024", "--prompt-reasoning", "reasoning_tiny",
+       "--prompt-judge", "judge_tiny"]  # iterate.sh's tiny SFT_ARGS, but --epochs: set to give --steps steps
 
 
 def main():
@@ -31,7 +32,7 @@ def main():
     ift, eft = (os.path.join(args.data, f) for f in ("ift.jsonl", "eft.jsonl"))
     env = {k: v for k, v in os.environ.items() if k != "OMP_NUM_THREADS"}  # torch's own threads, as iterate.sh's SFT
     records = sum(1 for _ in open(ift)) + sum(1 for _ in open(eft))
-    epochs = args.steps * 16 / records  # train_sft stops after int(steps_per_epoch * epochs) steps
+    epochs = args.steps * BATCH / records  # train_sft stops after int(steps_per_epoch * epochs) steps
     times = {"own": [], "joined": []}
     for mode in times:
         subprocess.run([sys.executable, "-m", "prepare.tiny_model", "--corpus", ift, eft, "--out",
@@ -39,10 +40,9 @@ def main():
                        capture_output=True)
     for r in range(args.repeats):
         for mode in times:
-            flags = SFT[:]
-            flags[1] = f"{epochs:.6f}"
             out = subprocess.run([sys.executable, "train_sft.py", "--model", f"{args.work}/m0-{mode}", "--ift", ift,
-                                  "--eft", eft, "--out", f"{args.work}/m1-{mode}-{r}", "--overwrite", *flags],
+                                  "--eft", eft, "--out", f"{args.work}/m1-{mode}-{r}", "--overwrite", *SFT,
+                                  "--epochs", f"{epochs:.6f}"],
                                  check=True, env=env, capture_output=True, text=True).stdout
             steps, seconds = re.search(r"trained (\d+) steps in (\d+)s", out).groups()  # the loop alone
             log = [json.loads(line) for line in open(f"{args.work}/m1-{mode}-{r}/train_log.jsonl")]
