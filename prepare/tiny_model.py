@@ -5,6 +5,9 @@ every later stage loads it with AutoTokenizer / AutoModelForCausalLM exactly as 
 
 Tokenizer choice: digits are split one by one (as in Llama/Qwen) so arithmetic is learned digit-wise, and the
 newline is its own token, so a step boundary "\\n" + "Step" tokenizes the same alone or joined (tests check it).
+The space before a number rides on its first digit (" 16" -> " 1", "6"; --digit-space joined, the default): a fifth
+of the synthetic data's tokens would otherwise be that bare space, and the SFT's time follows the tokens
+(docs/experiments.md; --digit-space own, Qwen2's choice, reproduces the default before 2026-12-04).
 Reads:  --corpus (JSONL files whose string fields are the training text; default: the synthetic IFT and EFT files)
 Writes: --out (config.json, model.safetensors, tokenizer.json, tokenizer_config.json with the chat template,
         build_config.json, and manifest.json: the corpus and flags that made it), written to <out>.tmp and renamed
@@ -43,7 +46,7 @@ def corpus_texts(paths):
         yield load_prompt(name)
 
 
-def build_tokenizer(texts, vocab_size, digit_space="own"):
+def build_tokenizer(texts, vocab_size, digit_space="joined"):
     """digit_space="own": " 16" -> " ", "1", "6" (the space is a token of its own, as in Qwen2's tokenizer);
     "joined": " 1", "6" (the space rides on the first digit: a fifth fewer tokens in the synthetic data)."""
     from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
@@ -81,7 +84,7 @@ def main():
     parser.add_argument("--heads", type=positive_int, default=4)
     # 1024: the SRLM judge (SRLM_EFT) reads a whole solution and writes up to 448 tokens; no weights depend on it
     parser.add_argument("--max-len", type=positive_int, default=1024, help="context length (positions)")
-    parser.add_argument("--digit-space", default="own", choices=["own", "joined"],
+    parser.add_argument("--digit-space", default="joined", choices=["own", "joined"],
                         help='the space before a number: its own token (" 16" -> " ", "1", "6") or joined to the '
                              'first digit (" 1", "6"); digits are single tokens either way')
     parser.add_argument("--seed", type=int, default=0)

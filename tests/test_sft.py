@@ -151,7 +151,7 @@ def test_both_digit_spaces_keep_digits_single_and_step_boundaries_additive(synth
             prefix = chat_prompt(tokenizer, template.format(problem=r["question"])) + join_steps(steps[:k])
             assert ids_of(tokenizer, prefix) + ids_of(tokenizer, steps[k]) == ids_of(tokenizer, prefix + steps[k])
     if digit_space == "joined":  # what the flag is for: fewer tokens for the same text
-        own = tiny_model.build_tokenizer(texts, vocab_size=300)
+        own = tiny_model.build_tokenizer(texts, vocab_size=300, digit_space="own")
         count = lambda tok: sum(len(ids_of(tok, r["solution"])) for r in ift)
         assert count(tokenizer) < 0.9 * count(own)
 
