@@ -56,7 +56,7 @@ if [ "$PRESET" = tiny ]; then
   # held-out pairs (94-95 % with 2); --max-len 1024 keeps the SRLM judge's examples (SRLM_EFT, over 512 tokens) whole
   SFT_ARGS=${SFT_ARGS:-"--epochs 2 --lr 2e-3 --batch-size 16 --max-len 1024"}
   # --orders 1: each pair judged once, half the judge's time (the paper does not say it judges both orders); the
-  # judgments run to 178 tokens in the default data (prepare/synthetic.py: judgment; 133 with --judgment-check count)
+  # judgments run to 143 tokens in the default data (prepare/synthetic.py: judgment; 178 with --digit-space own)
   GEN_ARGS=${GEN_ARGS:-"--orders 1 --max-step-tokens 40 --judge-max-new-tokens 192 --batch-size 128 --questions-per-chunk 64"}
   # lr 3e-5, tuned on the dev split with a perfect judge (JUDGE=oracle, so the lr is judged apart from the judge) on the
   # first default: M1 40.2 -> 42.0 -> 45.2 -> 47.4; 1e-5 gave 41.2, 42.2; 1e-4 42.8, then 38.8; on this one, 1e-4

@@ -33,11 +33,11 @@ The judgment reads both results, then the question's sentences up to the step, o
 compares each result with its own digit by digit, then the verdict (see judgment):
 "A: 14. B: 15. Read 1: He buys 7 more. Read 2: She sells 3. Want Step 2: She sells 3: 17 - 3: 16 (1), 15 (2),
 14 (3). A: 14 vs 14: 1 1 same, 4 4 same, right. B: 15 vs 14: 1 1 same, 5 4 differ, wrong. [[A]]"
-Judgments run to 178 tokens in the default data (--judge-max-new-tokens 192). The SFT mix gives the judge most of
-the budget: 3,500 solutions, 28,500 judgments. The policy writes `17 - 3 = 14` in one go and learns it from the
-solutions alone; the judge counts it out, one unit at a time: the step's arithmetic is where the policy errs and the
-judge does not.
-The previous default (short reasons "3 fewer", operand-first drawing, no reading, 8,000 solutions and 24,000
+Judgments run to 143 tokens in the default data (178 with the space before a number a token of its own;
+--judge-max-new-tokens 192). The SFT mix gives the judge most of the budget: 3,500 solutions, 28,500 judgments. The
+policy writes `17 - 3 = 14` in one go and learns it from the solutions alone; the judge counts it out, one unit at a
+time: the step's arithmetic is where the policy errs and the judge does not.
+An earlier default (short reasons "3 fewer", operand-first drawing, no reading, 8,000 solutions and 24,000
 judgments): --step-reason short --op-sampling operand-first --judgment-check count --num-ift 8000 --num-eft 24000.
 
     python -m prepare.synthetic --out-dir data/synthetic
