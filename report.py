@@ -17,8 +17,9 @@ Writes runs/<name>/summary.json  [{model, accuracy, accuracy_se, gain_over_m1, g
                                    task's true labels), search_generation,
                                    search_verification, search_b_share,
                                    search_right_wins, search_wrong_wins, judge_near_accuracy, judge_near_n,
-                                   judge_far_accuracy, judge_far_n, judge_error_kinds (synthetic task: the judge
-                                   against true labels, see verdict_check and judge_gap_check), greedy_error_kinds,
+                                   judge_far_accuracy, judge_far_n, judge_error_kinds, judge_read_copies
+                                   (synthetic task: the judge against true labels, see verdict_check and
+                                   judge_gap_check), greedy_error_kinds,
                                    pair_error_kinds (synthetic task: what is wrong in the wrong greedy solutions
                                    and in the wrong step of each right/wrong pair, see error_kinds)}]
        runs/<name>/summary.png   accuracy and judge accuracy per model
@@ -44,7 +45,8 @@ import re
 import statistics
 
 from common import cli, read_jsonl, search_stats, split_steps, write_json
-from prepare.synthetic import ERROR_KINDS, STEP_EQUATION, solution_is_right, step_error_kind, step_is_right
+from prepare.synthetic import (ERROR_KINDS, STEP_EQUATION, solution_is_right, step_error_kind, step_is_right,
+                               step_sentence)
 
 
 def is_right(question, step, text, srlm):
@@ -144,11 +146,14 @@ def judge_gap_check(judge_rows, eft_rows):
     """
     Synthetic task only: step-judge accuracy on EFT pairs whose two results differ by at most 2 (near misses, the
     errors the model itself makes) and by more, and by the kind of error of the wrong step (the EFT record's
-    `error`): judge_error_kinds {kind: [right, n]}. {} for other data.
+    `error`): judge_error_kinds {kind: [right, n]}. Where the judgments reread the question ("Read k: ...",
+    prepare/synthetic.py: judgment): judge_read_copies [c, w], c of the w wrong verdicts copy the wrong step's
+    sentence as their "Read k:" instead of the question's sentence k. {} for other data.
     """
     result = lambda step: int(STEP_EQUATION.search(step)[4])
     eft = {r["id"]: r for r in eft_rows}
     near, far, by_kind = [], [], collections.defaultdict(lambda: [0, 0])
+    rereads, copies = False, 0
     try:
         for r in judge_rows:
             pair = eft[r["id"]]
@@ -156,11 +161,24 @@ def judge_gap_check(judge_rows, eft_rows):
             if "error" in pair:
                 by_kind[pair["error"]][0] += bool(r["correct"])
                 by_kind[pair["error"]][1] += 1
+            if "Read " in r.get("raw", ""):
+                rereads = True
+                copies += not r["correct"] and reads_the_wrong_step(r["raw"], pair, r["label"])
     except TypeError:  # a step without 'a op b = c': not the synthetic task
         return {}
+    wrong = len(near) + len(far) - sum(near) - sum(far)
     return dict(judge_near_accuracy=sum(near) / len(near) if near else None, judge_near_n=len(near),
                 judge_far_accuracy=sum(far) / len(far) if far else None, judge_far_n=len(far),
-                **({"judge_error_kinds": dict(by_kind)} if by_kind else {}))
+                **({"judge_error_kinds": dict(by_kind)} if by_kind else {}),
+                **({"judge_read_copies": [copies, wrong]} if rereads else {}))
+
+
+def reads_the_wrong_step(raw, pair, label):
+    """Whether a rereading judgment's "Read k:" copies the wrong candidate's sentence where the question says another
+    ("Read 4: He finds 4 more." for the question's "He finds 2 more."; the step: "Step 4: He finds 4 more: 5 + 4 =
+    9.")."""
+    m = re.match(r"Step (\d+): (.*?): \d+ [-+*/] \d+ = ", pair["step_b" if label == "A" else "step_a"])
+    return bool(m) and f"Read {m[1]}: {m[2]}. " in raw and f"{m[2]}." != step_sentence(pair["question"], int(m[1]))
 
 
 def load(path):
@@ -369,10 +387,12 @@ def main():
         print("\nsynthetic task, against true labels: in the search that trained the model, generation (right "
               "candidates %) vs verification (right picked over wrong %), [[B]] share and right-vs-wrong wins; "
               "on the EFT test, judge accuracy by result gap and pairs judged right by the wrong step's kind of "
-              f"error ({' / '.join(ERROR_KINDS[:3])})")
+              f"error ({' / '.join(ERROR_KINDS[:3])}) and the wrong verdicts whose \"Read k:\" copies the wrong step's "
+              "sentence, not the question's")
         print("| model | generation % | verification % | [[B]] share % | right wins / wrong wins "
-              "| EFT, gap <= 2: % (n) | EFT, gap > 2: % (n) | EFT by kind: right/n |")
-        print("|---|---|---|---|---|---|---|---|")
+              "| EFT, gap <= 2: % (n) | EFT, gap > 2: % (n) | EFT by kind: right/n "
+              "| EFT errors reading the wrong step |")
+        print("|---|---|---|---|---|---|---|---|---|")
         for r in rows:
             eft_kinds = r.get("judge_error_kinds")  # {kind: [right, n]}; EFT pairs have the first three kinds
             by_kind = " / ".join("/".join(map(str, eft_kinds.get(k, [0, 0]))) for k in ERROR_KINDS[:3]) \
@@ -381,7 +401,8 @@ def main():
                   f"| {fmt(r.get('search_verification'), True)} | {fmt(r.get('search_b_share'), True)} "
                   f"| {fmt(r.get('search_right_wins'))} / {fmt(r.get('search_wrong_wins'))} "
                   f"| {fmt(r.get('judge_near_accuracy'), True)} ({fmt(r.get('judge_near_n'))}) "
-                  f"| {fmt(r.get('judge_far_accuracy'), True)} ({fmt(r.get('judge_far_n'))}) | {by_kind} |")
+                  f"| {fmt(r.get('judge_far_accuracy'), True)} ({fmt(r.get('judge_far_n'))}) | {by_kind} "
+                  f"| {' of '.join(map(str, r.get('judge_read_copies', ['-'])))} |")
     if any("greedy_error_kinds" in r for r in rows):
         print("\nsynthetic task, kinds of error (prepare/synthetic.py: step_error_kind; "
               f"{' / '.join(ERROR_KINDS)}): the wrong greedy test solutions' first wrong step; the wrong step of "

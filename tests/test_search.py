@@ -202,6 +202,21 @@ def test_report_checks_the_judge_against_true_labels():
     no_kinds = [{k: v for k, v in r.items() if k != "error"} for r in eft]  # EFT data without kinds: no breakdown
     assert "judge_error_kinds" not in report.judge_gap_check(rows, no_kinds)
     assert report.judge_gap_check([dict(id="a", correct=True)], [dict(id="a", step_a="x = 2", step_b="y")]) == {}
+    # a rereading judge: its wrong verdicts counted by whether "Read k:" copied the wrong step's sentence
+    q = "Leo has 7 pens. He gets 3 more. He finds 2 more. How many pens does Leo have now?"
+    right, misread = "Step 2: He finds 2 more: 10 + 2 = 12.", "Step 2: He finds 4 more: 10 + 4 = 14."
+    wrong_sum = "Step 2: He finds 2 more: 10 + 2 = 13."
+    eft = [dict(id=i, question=q, step_a=a, step_b=b)
+           for i, a, b in [("a", misread, right), ("b", right, misread), ("c", wrong_sum, right),
+                           ("d", right, misread)]]
+    reads = lambda second: f"A: 14. B: 12. Read 1: He gets 3 more. Read 2: {second}. Want Step 2: ..."
+    rows = [dict(id="a", label="B", correct=False, raw=reads("He finds 4 more") + " [[A]]"),  # copied A's sentence
+            dict(id="b", label="A", correct=False, raw=reads("He finds 2 more") + " [[B]]"),  # read right, still wrong
+            dict(id="c", label="B", correct=False, raw=reads("He finds 2 more") + " [[A]]"),  # A's sentence is right
+            dict(id="d", label="A", correct=True, raw=reads("He finds 2 more") + " [[A]]")]
+    assert report.judge_gap_check(rows, eft)["judge_read_copies"] == [1, 3]
+    assert report.reads_the_wrong_step(reads("He finds 4 more"), eft[1], "A")  # B is wrong and was copied
+    assert not report.reads_the_wrong_step(reads("He finds 4 more"), eft[1], "B")  # A is wrong: right sentence
 
 
 def test_judge_pairs_with_the_tiny_model(tiny_model_dir):
