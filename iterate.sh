@@ -72,6 +72,7 @@ if [ "$PRESET" = tiny ]; then
   JUDGE_EVAL_DATA="$DATA/eft_$SPLIT.jsonl"
   TRAIN="python"               # one process, both cores
   export OMP_NUM_THREADS=1     # search/eval of a 1M-parameter model: one process per core beats two threads
+  export TORCH_DTYPE=${TORCH_DTYPE:-float32}  # on a GPU too: the default was tuned in fp32 (modeling.py)
 else
   [ -f "presets/$PRESET.sh" ] || { echo "PRESET=$PRESET: no presets/$PRESET.sh (tiny, smollm2 or paper)" >&2; exit 1; }
   source "presets/$PRESET.sh"  # sets the same variables (and MODEL, DATA, DATA_SOURCE, NPROC)

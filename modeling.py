@@ -24,9 +24,18 @@ from common import (NEXT_STEP, VERDICT, DataError, chat_prompt, cut_at_next_step
 
 
 def device_and_dtype():
-    # This CPU has no fast bf16 (bf16 training measured ~30x slower than fp32), so fp32 on CPU, bf16 on GPU.
+    """
+    fp32 on CPU (this CPU has no fast bf16: bf16 training measured ~30x slower than fp32), bf16 on GPU unless
+    TORCH_DTYPE=float32 (iterate.sh's tiny preset sets it: the embedded default was tuned in fp32, and its tiny model
+    learns from scratch). Shard i of iterate.sh (LOCAL_RANK=i) takes GPU i, modulo the GPUs there are: the tiny
+    preset's two shards share one GPU.
+    """
     if torch.cuda.is_available():
-        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))), torch.bfloat16
+        dtype = {"": torch.bfloat16, "bfloat16": torch.bfloat16, "float32": torch.float32}.get(
+            os.environ.get("TORCH_DTYPE", ""))
+        if dtype is None:
+            raise DataError(f"TORCH_DTYPE={os.environ['TORCH_DTYPE']!r}: bfloat16 or float32 (empty: bfloat16)")
+        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)) % torch.cuda.device_count()), dtype
     return torch.device("cpu"), torch.float32
 
 

@@ -198,3 +198,21 @@ def test_generate_shards_merge_into_the_single_process_output(tiny_model_dir, sy
         monkeypatch.setattr(sys, "argv", ["generate.py", *flags, "--out", again, "--shard", f"{i}/2"])
         generate.main()
     assert open(again).read() == open(sharded).read()
+
+
+def test_shards_share_the_gpus_there_are_and_dtype_follows_torch_dtype(monkeypatch):
+    """iterate.sh's tiny preset runs 2 shards (LOCAL_RANK 0, 1): on a machine with one GPU both must take cuda:0, not
+    ask for a cuda:1 that is not there; TORCH_DTYPE=float32 (the tiny preset's) keeps fp32 there, bf16 otherwise."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    monkeypatch.delenv("TORCH_DTYPE", raising=False)
+    for rank in ("0", "1"):
+        monkeypatch.setenv("LOCAL_RANK", rank)
+        assert modeling.device_and_dtype() == (torch.device("cuda", 0), torch.bfloat16)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    assert modeling.device_and_dtype()[0] == torch.device("cuda", 1)
+    monkeypatch.setenv("TORCH_DTYPE", "float32")
+    assert modeling.device_and_dtype()[1] == torch.float32
+    monkeypatch.setenv("TORCH_DTYPE", "fp8")
+    with pytest.raises(modeling.DataError, match="TORCH_DTYPE='fp8'"):
+        modeling.device_and_dtype()
