@@ -285,8 +285,8 @@ def srlm_judgment(question, steps, check="count", step_reason="short"):
     copies it numbered ("Read 2: She sells 3."), so over the steps the judge reads the sentences in order.
     check="vs" (the first design): "Step 1: 14 vs 14, right. Step 2: 20 vs 17, wrong. Score: 2".
     """
-    if check == "chain":
-        raise ValueError("--judgment-check chain is written for the step judge only (the SRLM judgments: reread)")
+    if check in ("chain", "chain-step"):
+        raise ValueError(f"--judgment-check {check} is written for the step judge only (the SRLM judgments: reread)")
     values, gold, checks = solve(question), gold_steps(question, step_reason), []
     for k, step in enumerate(steps, 1):
         m = STEP_EQUATION.search(step)
@@ -393,6 +393,9 @@ def judgment(gold_step, step_a, step_b, label, check="count", sentences=None):
     question's sentences 0..k), and counts out the equation alone ("Want 17 - 3: 16 (1), ..."): reread's "Read 2: She"
     and "Want Step 2: She" match the candidates' own "Step 2: She sells 4" lines token for token, so a copy keyed on
     the last tokens can continue a wrong candidate's sentence; ". She" occurs in the question only.
+    check="chain-step" reads as chain does and counts out as reread does, from the step's head ("Read: Ann has 9
+    apples. He buys 7 more. She sells 3. Want Step 2: She sells 3: 17 - 3: 16 (1), ..."): chain's anchor for the
+    reading, with the default's line that the policy's own step shares up to its equals sign.
     check="vs" is the first design, kept to reproduce its negative finding (docs/experiments.md): the judge
     recomputes the step the way the policy does and compares whole numbers ("Want Step 2: 3 fewer: 17 - 3 = 14.
     A: 14 vs 14, right. B: 15 vs 14, wrong. [[A]]").
@@ -403,12 +406,12 @@ def judgment(gold_step, step_a, step_b, label, check="count", sentences=None):
     if check == "vs":
         head = gold_step.split(" The answer")[0]
         return f"Want {head} A: {result(step_a)} vs {want}, {ok_a}. B: {result(step_b)} vs {want}, {ok_b}. [[{label}]]"
-    if check in ("quote", "reread", "chain") and not sentences:
+    if check in ("quote", "reread", "chain", "chain-step") and not sentences:
         raise ValueError(f"judgment(check={check!r}) needs the question's sentences of steps 1..k (step_sentence; "
                          f"chain: sentences_of, from the first)")
     quote = f'"{sentences[-1]}" ' if check == "quote" else ""  # quote: the question's sentence of this step, copied
     read = {"reread": "".join(f"Read {j}: {t} " for j, t in enumerate(sentences or (), 1)),
-            "chain": f"Read: {' '.join(sentences or ())} "}.get(check, "")
+            "chain": f"Read: {' '.join(sentences or ())} "}.get(check.replace("chain-step", "chain"), "")
     return (f"A: {result(step_a)}. B: {result(step_b)}. {read}Want {quote}{count_out(gold_step, check != 'chain')}. "
             f"A: {compare(result(step_a), want)}, {ok_a}. B: {compare(result(step_b), want)}, {ok_b}. [[{label}]]")
 
@@ -468,7 +471,7 @@ def make_eft(rng, idx, question, steps, facts, chain, label, check="count", step
     step_a, step_b = (steps[k], bad) if label == "A" else (bad, steps[k])
     return dict(id=idx, question=question, previous_steps=steps[:k], step_a=step_a, step_b=step_b, label=label,
                 judgment=judgment(steps[k], step_a, step_b, label, check,
-                                  sentences_of(question)[:k + 2] if check == "chain" else
+                                  sentences_of(question)[:k + 2] if check in ("chain", "chain-step") else
                                   [step_sentence(question, j) for j in range(1, k + 2)]),
                 error=kind)
 
@@ -500,10 +503,11 @@ def main():
     parser.add_argument("--step-reason", default="sentence", choices=["short", "sentence"],
                         help="what a step writes before its equation (reason_text): short (\"3 fewer\") or sentence "
                              "(the question's sentence, copied: \"She sells 3\")")
-    parser.add_argument("--judgment-check", default="reread", choices=["reread", "chain", "count", "quote", "vs"],
+    parser.add_argument("--judgment-check", default="reread", choices=["reread", "chain", "chain-step", "count", "quote", "vs"],
                         help="EFT target: reread (the default: the judge copies the question's sentences of steps "
                              "1..k, counts step k out, then compares digit by digit), chain (the question copied "
-                             "whole from its start through step k's sentence, then the equation counted out), count "
+                             "whole from its start through step k's sentence, then the equation counted out), chain-step (chain's "
+                             "reading, reread's count from the step's head), count "
                              "(the reread judgment without the reading), quote (count, after copying the sentence "
                              "of step k) or vs (the first design: "
                              "recompute, compare whole numbers); see judgment")

@@ -264,15 +264,16 @@ JUDGMENT = re.compile(r"A: (\d+)\. B: (\d+)\. ((?:Read \d+: [^.]+\. )*)(?:Read: 
                       r"\[\[([AB])\]\]$")
 
 
-def check_judgment(text, got_a, got_b, a, op, b, sentence=None, reread=(), chain=None):
+def check_judgment(text, got_a, got_b, a, op, b, sentence=None, reread=(), chain=None, chain_step=False):
     """An independent reading of one judgment: the quoted sentence (None: none), the sentences read before the count
     (reread: those of steps 1..k, in order, numbered from 1; chain: the question's text from its start through step
-    k's sentence, then the equation without its step), every count, digit comparison and decision in it."""
+    k's sentence, then the equation without its step, or with it: chain_step), every count, digit comparison and
+    decision in it."""
     m = JUDGMENT.fullmatch(text)
     assert m, text
     read_a, read_b, reads, chained, quoted, step_k, _, a2, op2, b2, work, pad_a, want_a, digits_a, ok_a, pad_b, \
         want_b, digits_b, ok_b, verdict = m.groups()
-    assert quoted == sentence and chained == chain and (step_k is None) == (chain is not None)
+    assert quoted == sentence and chained == chain and (step_k is None) == (chain is not None and not chain_step)
     assert re.findall(r"Read (\d+): ([^.]+\.) ", reads) == [(str(j), t) for j, t in enumerate(reread, 1)]
     assert (int(read_a), int(read_b), int(a2), op2, int(b2)) == (got_a, got_b, a, op, b)
     want = APPLY[op](a, b)
@@ -289,10 +290,10 @@ def check_judgment(text, got_a, got_b, a, op, b, sentence=None, reread=(), chain
     return verdict
 
 
-@pytest.mark.parametrize("check", ["count", "quote", "reread", "chain"])
+@pytest.mark.parametrize("check", ["count", "quote", "reread", "chain", "chain-step"])
 @pytest.mark.parametrize("op", ["+", "-", "*", "/"])
 def test_judgment_is_right_on_every_operand_pair_and_near_miss_of_a_grid(op, check):
-    """The default check (reread), chain, count and quote on a grid: every start 0..20 and operand 1..9 the task allows, the
+    """The default check (reread), chain, chain-step, count and quote on a grid: every start 0..20 and operand 1..9 the task allows, the
     right result against every result 0..30 (near misses, carries and borrows across the tens: 9 -> 10, 10 -> 9,
     19 -> 20), in both positions; the verdict points at the right step, and common.parse_verdict reads it."""
     pairs = 0
@@ -310,11 +311,11 @@ def test_judgment_is_right_on_every_operand_pair_and_near_miss_of_a_grid(op, che
                     told = ["She loses 1.", f"She buys {b} more."]  # the question's sentences of steps 1 and 2
                     start = f"Ann has {a + 1} apples."  # and its first sentence (chain reads from there)
                     text = prepare_synthetic.judgment(gold, step_a, step_b, label, check,
-                                                      [start] + told if check == "chain" else told)
+                                                      [start] + told if check.startswith("chain") else told)
                     got_a, got_b = (want, wrong) if label == "A" else (wrong, want)
                     quoted, reread = (told[-1] if check == "quote" else None), (told if check == "reread" else ())
-                    chain = " ".join([start] + told) if check == "chain" else None
-                    verdict = check_judgment(text, got_a, got_b, a, op, b, quoted, reread, chain)
+                    chain = " ".join([start] + told) if check.startswith("chain") else None
+                    verdict = check_judgment(text, got_a, got_b, a, op, b, quoted, reread, chain, check == "chain-step")
                     assert verdict == label == parse_verdict(text)
                     pairs += 1
     assert pairs > 1000
@@ -335,7 +336,11 @@ def test_judgment_examples_of_the_checks():
                                       ["Ann has 10 apples."] + told) == (
         "A: 14. B: 15. Read: Ann has 10 apples. He buys 7 more. She sells 3. Want 17 - 3: 16 (1), 15 (2), 14 (3). "
         "A: 14 vs 14: 1 1 same, 4 4 same, right. B: 15 vs 14: 1 1 same, 5 4 differ, wrong. [[A]]")
-    for check in ("quote", "reread", "chain"):
+    assert prepare_synthetic.judgment(sentence_gold, sentence_gold, sentence_gold.replace("14", "15"), "A",
+                                      "chain-step", ["Ann has 10 apples."] + told) == (
+        "A: 14. B: 15. Read: Ann has 10 apples. He buys 7 more. She sells 3. Want Step 2: She sells 3: 17 - 3: 16 (1), "
+        "15 (2), 14 (3). A: 14 vs 14: 1 1 same, 4 4 same, right. B: 15 vs 14: 1 1 same, 5 4 differ, wrong. [[A]]")
+    for check in ("quote", "reread", "chain", "chain-step"):
         with pytest.raises(ValueError, match="sentences"):
             prepare_synthetic.judgment(gold, gold, near, "A", check)  # nothing to quote or read
     assert prepare_synthetic.judgment(gold, gold, near, "A") == (
@@ -481,11 +486,12 @@ def test_uniform_op_sampling_keeps_values_in_range_and_the_value_says_nothing_of
         assert abs(low - high) < 0.1
 
 
-def test_chain_judgments_copy_the_question_from_its_start_through_the_judged_step(tmp_path_factory):
-    """--judgment-check chain, written by the generator: every EFT judgment reads the question's own text from its
+@pytest.mark.parametrize("check", ["chain", "chain-step"])
+def test_chain_judgments_copy_the_question_from_its_start_through_the_judged_step(check, tmp_path_factory):
+    """--judgment-check chain (and chain-step, which counts out from the step's head), written by the generator: every EFT judgment reads the question's own text from its
     first sentence through step k's (a prefix of the question), then counts out the true equation, compares and
     decides as the grid above checks; the SRLM judgments are not written with it (a clear error)."""
-    out = make_synthetic(tmp_path_factory, "--judgment-check", "chain")
+    out = make_synthetic(tmp_path_factory, "--judgment-check", check)
     records = read_jsonl(os.path.join(out, "eft.jsonl"), ["question", "previous_steps", "step_a", "step_b", "label",
                                                   "judgment", "error"])
     for r in records:
@@ -497,7 +503,8 @@ def test_chain_judgments_copy_the_question_from_its_start_through_the_judged_ste
         got_a, got_b = (gc, c) if r["label"] == "A" else (c, gc)
         chain = " ".join(question_sentences(r["question"])[:k + 2])
         assert r["question"].startswith(chain + " ")
-        assert check_judgment(r["judgment"], got_a, got_b, ga, gop, gb, chain=chain) == r["label"]
+        assert check_judgment(r["judgment"], got_a, got_b, ga, gop, gb, chain=chain,
+                              chain_step=check == "chain-step") == r["label"]
     assert Counter(r["error"] for r in records).keys() == {"arithmetic", "operand", "operation"}
     with pytest.raises(ValueError, match="step judge only"):
-        prepare_synthetic.srlm_judgment(records[0]["question"], [], check="chain", step_reason="sentence")
+        prepare_synthetic.srlm_judgment(records[0]["question"], [], check=check, step_reason="sentence")
