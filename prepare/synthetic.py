@@ -170,6 +170,7 @@ def _template_regex(template):
 
 SENTENCE_RES = [(op, _template_regex(t)) for op, templates in SENTENCES.items() for t in templates]
 STEP_EQUATION = re.compile(r"(\d+) ([-+*/]) (\d+) = (\d+)")
+CHAIN_CHECKS = ("chain", "chain-step")  # judgments that read the question from its first sentence (judgment)
 SENTENCE_END = re.compile(r"(?<=[.?]) ")  # a question's sentences: the start, one per step, the question
 SENTENCE_LABEL = re.compile(r"^\d+: ")  # "2: She sells 3." (--sentence-labels)
 
@@ -285,7 +286,7 @@ def srlm_judgment(question, steps, check="count", step_reason="short"):
     copies it numbered ("Read 2: She sells 3."), so over the steps the judge reads the sentences in order.
     check="vs" (the first design): "Step 1: 14 vs 14, right. Step 2: 20 vs 17, wrong. Score: 2".
     """
-    if check in ("chain", "chain-step"):
+    if check in CHAIN_CHECKS:
         raise ValueError(f"--judgment-check {check} is written for the step judge only (the SRLM judgments: reread)")
     values, gold, checks = solve(question), gold_steps(question, step_reason), []
     for k, step in enumerate(steps, 1):
@@ -408,12 +409,12 @@ def judgment(gold_step, step_a, step_b, label, check="count", sentences=None):
     if check == "vs":
         head = gold_step.split(" The answer")[0]
         return f"Want {head} A: {result(step_a)} vs {want}, {ok_a}. B: {result(step_b)} vs {want}, {ok_b}. [[{label}]]"
-    if check in ("quote", "reread", "chain", "chain-step") and not sentences:
+    if check in ("quote", "reread", *CHAIN_CHECKS) and not sentences:
         raise ValueError(f"judgment(check={check!r}) needs the question's sentences of steps 1..k (step_sentence; "
                          f"chain: sentences_of, from the first)")
     quote = f'"{sentences[-1]}" ' if check == "quote" else ""  # quote: the question's sentence of this step, copied
-    read = {"reread": "".join(f"Read {j}: {t} " for j, t in enumerate(sentences or (), 1)),
-            "chain": f"Read: {' '.join(sentences or ())} "}.get(check.replace("chain-step", "chain"), "")
+    read = ("".join(f"Read {j}: {t} " for j, t in enumerate(sentences, 1)) if check == "reread" else
+            f"Read: {' '.join(sentences)} " if check in CHAIN_CHECKS else "")
     return (f"A: {result(step_a)}. B: {result(step_b)}. {read}Want {quote}{count_out(gold_step, check != 'chain')}. "
             f"A: {compare(result(step_a), want)}, {ok_a}. B: {compare(result(step_b), want)}, {ok_b}. [[{label}]]")
 
@@ -473,7 +474,7 @@ def make_eft(rng, idx, question, steps, facts, chain, label, check="count", step
     step_a, step_b = (steps[k], bad) if label == "A" else (bad, steps[k])
     return dict(id=idx, question=question, previous_steps=steps[:k], step_a=step_a, step_b=step_b, label=label,
                 judgment=judgment(steps[k], step_a, step_b, label, check,
-                                  sentences_of(question)[:k + 2] if check in ("chain", "chain-step") else
+                                  sentences_of(question)[:k + 2] if check in CHAIN_CHECKS else
                                   [step_sentence(question, j) for j in range(1, k + 2)]),
                 error=kind)
 
