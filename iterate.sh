@@ -25,6 +25,9 @@ DATA_SEED=${DATA_SEED-$SEED}   # the data's seed, if not SEED; DATA_SEED= (set, 
 for v in "$SEED" "$DATA_SEED"; do
   [[ "$v" =~ ^[0-9]*$ ]] || { echo "SEED=$SEED DATA_SEED=$DATA_SEED: non-negative integers (or empty)" >&2; exit 1; }
 done
+TRAIN_THREADS=${TRAIN_THREADS:-}  # N: CPU threads of each training process; empty: torch's own (every core); 1, with
+                               # NPROC=1: a loop per core (scripts/screen.sh: several seeds at once)
+[[ "$TRAIN_THREADS" =~ ^([1-9][0-9]*)?$ ]] || { echo "TRAIN_THREADS=$TRAIN_THREADS: a positive integer" >&2; exit 1; }
 RUN=${RUN:-default${SEED:+-seed$SEED}}  # outputs go to runs/$RUN
 PRESET=${PRESET:-tiny}         # tiny: the embedded default on CPU | smollm2: SmolLM2-135M, CPU | paper: Qwen2.5-Math
 MODEL=${MODEL:-}               # M0; empty with PRESET=tiny: built here (prepare/tiny_model.py)
@@ -88,6 +91,8 @@ case "$METHOD" in psrlm|srlm) ;; *) echo "METHOD=$METHOD: psrlm or srlm" >&2; ex
 [ -n "$SRLM_EFT" ] && SRLM_SFT="--srlm-eft $DATA/srlm_eft.jsonl $SRLM_JUDGE_PROMPT" || SRLM_SFT=""
 ENGINE=${ENGINE:-hf}
 [ -n "$OVERWRITE" ] && OW="--overwrite" || OW=""
+# the searches run one thread per process (OMP_NUM_THREADS=1 above); training takes every core unless told otherwise
+[ -n "$TRAIN_THREADS" ] && TRAIN_ENV="OMP_NUM_THREADS=$TRAIN_THREADS" || TRAIN_ENV="-u OMP_NUM_THREADS"
 R=${RUN_DIR:-runs/$RUN}
 mkdir -p "$R"
 exec 9>"$R/.lock"  # held by this script and its stages until the last of them ends
@@ -158,7 +163,7 @@ else
       "set; set INIT to it, or OVERWRITE=1 to train M1 here" >&2; exit 1; }
     run rm "$M1"
   fi
-  run env -u OMP_NUM_THREADS $TRAIN train_sft.py --model "$MODEL" --ift "$DATA/ift.jsonl" --eft "$DATA/eft.jsonl" \
+  run env $TRAIN_ENV $TRAIN train_sft.py --model "$MODEL" --ift "$DATA/ift.jsonl" --eft "$DATA/eft.jsonl" \
       --out "$R/iter0/model" $PROMPTS $JUDGE_PROMPT $SRLM_SFT $SFT_ARGS $SEED_ARG $OW
 fi
 evaluate "$R/iter0/model"
@@ -176,7 +181,7 @@ for t in $(seq 1 "$NUM_ITERS"); do
         $PROMPTS $JUDGE_PROMPT $GEN_ARGS --judge "$JUDGE" --engine "$ENGINE" $SEED_ARG $OW
     run python make_pairs.py --trees "$it/trees.jsonl" --out "$it/pairs.jsonl" $OW
   fi
-  run env -u OMP_NUM_THREADS $TRAIN train_step_dpo.py --model "$prev" --pairs "$it/pairs.jsonl" --out "$it/model" \
+  run env $TRAIN_ENV $TRAIN train_step_dpo.py --model "$prev" --pairs "$it/pairs.jsonl" --out "$it/model" \
       $DPO_ARGS $SEED_ARG $OW
   evaluate "$it/model"
 done

@@ -144,3 +144,29 @@ def test_overwrite_after_another_init_and_a_killed_search_reproduces_the_clean_r
     for name in outputs:
         assert (again / name).read_bytes() == (clean / name).read_bytes(), name
     assert not list(again.rglob("*.partial"))
+
+
+def test_screen_runs_one_loop_per_seed_at_one_thread_and_reports_them_together(tmp_path):
+    """scripts/screen.sh: a loop per seed at once, each on its own data seed, every process one thread (the training
+    too), then report.py's row of the seeds with the mean gain. A bad TRAIN_THREADS stops iterate.sh before it
+    starts."""
+    env = dict(os.environ, **dict(TINY, NUM_ITERS="1"), NAME="try", SEEDS="0 1", RUNS=str(tmp_path / "runs"),
+               DATAS=str(tmp_path / "data"))
+    proc = subprocess.run(["bash", "scripts/screen.sh"], cwd=ROOT, env=env, capture_output=True, text=True,
+                          timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+    for s in (0, 1):
+        run = tmp_path / "runs" / f"try-seed{s}"
+        assert [r["model"] for r in json.load(open(run / "summary.json"))] == ["M1", "M2"]
+        log = (tmp_path / "runs" / f"try-seed{s}.log").read_text()
+        assert "+ env OMP_NUM_THREADS=1 python train_sft.py" in log and "--shard 1/" not in log
+        assert "/dev.jsonl" in log and "/test.jsonl" not in log  # the dev split unless told otherwise
+    questions = [(tmp_path / "data" / f"try-seed{s}" / "questions1.jsonl").read_text() for s in (0, 1)]
+    assert questions[0] != questions[1]
+    assert "| try | 2 |" in proc.stdout  # the seeds as one row, with the mean gain ± se
+
+    bad = subprocess.run(["bash", "iterate.sh"], cwd=ROOT, env=dict(env, TRAIN_THREADS="0",
+                                                                     RUN_DIR=str(tmp_path / "bad")),
+                         capture_output=True, text=True, timeout=60)
+    assert bad.returncode == 1 and "TRAIN_THREADS=0: a positive integer" in bad.stderr
+    assert not (tmp_path / "bad").exists()
