@@ -13,6 +13,7 @@
 #   RUN=srlm METHOD=srlm INIT=runs/psrlm/iter0/model bash iterate.sh        # the outcome-based SRLM baseline
 #     from an M1 that learned both judges (RUN=psrlm SRLM_EFT=5000 bash iterate.sh; docs/comparisons.md)
 #   SPLIT=dev RUN=try1 DPO_ARGS="..." INIT=... bash iterate.sh              # tune on the dev split, never on test
+#   NAME=try SEEDS="0 1 2 3" SYNTH_ARGS="..." bash scripts/screen.sh       # a design on four dev seeds at once
 #   PRESET=smollm2 SHARED=/path/to/copies bash iterate.sh  # the paper's path on a real pretrained model, CPU, toy
 #   PRESET=paper MODEL=Qwen/Qwen2.5-Math-7B RUN=qwen7b bash iterate.sh      # paper setup on GPUs (see README)
 #   PATH=.venv-vllm/bin:$PATH ENGINE=vllm RUN=vllm bash iterate.sh         # search + evaluation through vLLM
