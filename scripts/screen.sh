@@ -18,17 +18,18 @@ SEEDS=${SEEDS:-0 1 2 3}
 RUNS=${RUNS:-runs}
 DATAS=${DATAS:-data}
 export SPLIT=${SPLIT:-dev}  # tune on the dev split, never on test
-mkdir -p "$RUNS"
+[[ "$SEEDS" =~ ^[[:space:]]*[0-9]+([[:space:]]+[0-9]+)*[[:space:]]*$ ]] || {
+  echo "SEEDS=\"$SEEDS\": one or more non-negative integers, e.g. SEEDS=\"0 1 2 3\"" >&2; exit 1; }
 
+mkdir -p "$RUNS"
 pids=() runs=()
+trap 'kill "${pids[@]}" 2>/dev/null || true' EXIT  # stopping the screen stops its loops
 for s in $SEEDS; do
-  [[ "$s" =~ ^[0-9]+$ ]] || { echo "SEEDS=\"$SEEDS\": non-negative integers" >&2; exit 1; }
   run=$RUNS/$NAME-seed$s
   echo "+ SEED=$s NPROC=1 TRAIN_THREADS=1 RUN_DIR=$run DATA=$DATAS/$NAME-seed$s bash iterate.sh > $run.log" >&2
   SEED=$s NPROC=1 TRAIN_THREADS=1 RUN_DIR=$run DATA=$DATAS/$NAME-seed$s bash iterate.sh > "$run.log" 2>&1 &
   pids+=($!) runs+=("$run")
 done
-trap 'kill "${pids[@]}" 2>/dev/null || true' EXIT  # stopping the screen stops its loops
 
 failed=0
 for i in "${!pids[@]}"; do

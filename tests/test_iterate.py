@@ -170,3 +170,8 @@ def test_screen_runs_one_loop_per_seed_at_one_thread_and_reports_them_together(t
                          capture_output=True, text=True, timeout=60)
     assert bad.returncode == 1 and "TRAIN_THREADS=0: a positive integer" in bad.stderr
     assert not (tmp_path / "bad").exists()
+    for seeds in (" ", "0 x"):  # refused before any loop starts
+        bad = subprocess.run(["bash", "scripts/screen.sh"], cwd=ROOT, env=dict(env, SEEDS=seeds,
+                                                                               RUNS=str(tmp_path / "bad")),
+                             capture_output=True, text=True, timeout=60)
+        assert bad.returncode == 1 and "non-negative integers" in bad.stderr and not (tmp_path / "bad").exists()
