@@ -295,7 +295,8 @@ def check_judgment(text, got_a, got_b, a, op, b, sentence=None, reread=(), chain
 def test_judgment_is_right_on_every_operand_pair_and_near_miss_of_a_grid(op, check):
     """The default check (reread), chain, chain-step, count and quote on a grid: every start 0..20 and operand 1..9 the
     task allows, the right result against every result 0..30 (near misses, carries and borrows across the tens: 9 ->
-    10, 10 -> 9, 19 -> 20), in both positions; the verdict points at the right step, and common.parse_verdict reads it."""
+    10, 10 -> 9, 19 -> 20), in both positions; the verdict points at the right step, and common.parse_verdict reads
+    it."""
     pairs = 0
     for a in range(0, 21):
         for b in range(1, 10):
@@ -490,7 +491,8 @@ def test_uniform_op_sampling_keeps_values_in_range_and_the_value_says_nothing_of
 def test_chain_judgments_copy_the_question_from_its_start_through_the_judged_step(check, tmp_path_factory):
     """--judgment-check chain (and chain-step, which counts out from the step's head), written by the generator:
     every EFT judgment reads the question's own text from its first sentence through step k's (a prefix of the
-    question), then counts out the true equation, compares and decides as the grid above checks; the SRLM judgments are not written with it (a clear error)."""
+    question), then counts out the true equation, compares and decides as the grid above checks; the SRLM judgments
+    are not written with it (a clear error)."""
     out = make_synthetic(tmp_path_factory, "--judgment-check", check)
     records = read_jsonl(os.path.join(out, "eft.jsonl"), ["question", "previous_steps", "step_a", "step_b", "label",
                                                   "judgment", "error"])
