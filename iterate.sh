@@ -17,6 +17,8 @@
 #   PRESET=smollm2 SHARED=/path/to/copies bash iterate.sh  # the paper's path on a real pretrained model, CPU, toy
 #   PRESET=paper MODEL=Qwen/Qwen2.5-Math-7B RUN=qwen7b bash iterate.sh      # paper setup on GPUs (see README)
 #   PATH=.venv-vllm/bin:$PATH ENGINE=vllm RUN=vllm bash iterate.sh         # search + evaluation through vLLM
+{  # bash reads a script as it runs it: in braces it reads all of it first, so an edit to this file reaches
+   # the next run, not the loop running now (the closing brace, and the exit before it, are the file's last lines)
 set -euo pipefail
 cd "$(dirname "$0")"
 
@@ -188,3 +190,5 @@ for t in $(seq 1 "$NUM_ITERS"); do
 done
 
 run python report.py --run "$R"
+exit
+}

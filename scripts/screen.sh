@@ -11,6 +11,7 @@
 # Outputs: $RUNS/$NAME-seedN (RUNS=runs), the data $DATAS/$NAME-seedN (DATAS=data: a design's own, since SYNTH_ARGS
 # may change it), each loop's log $RUNS/$NAME-seedN.log. Every other variable of iterate.sh passes through
 # (SYNTH_ARGS, MODEL_ARGS, SFT_ARGS, NUM_ITERS, SPLIT, ...). Rerun: each loop resumes where it stopped.
+{  # read whole before it runs, as iterate.sh is: an edit to this file reaches the next screen, not this one
 set -euo pipefail
 cd "$(dirname "$0")/.."
 NAME=${NAME:?NAME=<a name for the runs>, e.g. NAME=chain}
@@ -39,3 +40,4 @@ done_runs=()
 for run in "${runs[@]}"; do [ -f "$run/summary.json" ] && done_runs+=(--run "$run"); done
 [ ${#done_runs[@]} -gt 0 ] && python report.py "${done_runs[@]}"
 exit $failed
+}

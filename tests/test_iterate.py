@@ -175,3 +175,33 @@ def test_screen_runs_one_loop_per_seed_at_one_thread_and_reports_them_together(t
                                                                                RUNS=str(tmp_path / "bad")),
                              capture_output=True, text=True, timeout=60)
         assert bad.returncode == 1 and "non-negative integers" in bad.stderr and not (tmp_path / "bad").exists()
+
+
+def test_editing_iterate_sh_while_it_runs_leaves_the_running_loop_as_it_was(tmp_path):
+    """bash reads a script as it runs it. A user edits iterate.sh (written in place, as many editors and tools do)
+    while a loop runs from it: the running loop still runs the stages it started with, the edit reaches the next
+    run. A `python` on PATH that only logs its arguments stands in for every stage, and makes the edit at the first."""
+    script = tmp_path / "iterate.sh"
+    script.write_text(open(os.path.join(ROOT, "iterate.sh")).read())
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    fake = bin_dir / "python"
+    fake.write_text(f"""#!{sys.executable}
+import sys
+log, script = {str(tmp_path / "calls.log")!r}, {str(script)!r}
+with open(log, "a") as f:
+    f.write(" ".join(sys.argv[1:]) + "\\n")
+text = open(script).read()
+if "EDITED" not in text:  # the edit: the last stage renamed, the file written in place (same inode) and longer
+    with open(script, "w") as f:
+        f.write(text.replace('run python report.py --run "$R"', 'run python EDITED_report.py --run "$R"'))
+""")
+    fake.chmod(0o755)
+    env = dict(os.environ, PATH=f"{bin_dir}:{os.environ['PATH']}")
+    proc = subprocess.run(["bash", str(script)], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    calls = (tmp_path / "calls.log").read_text().splitlines()
+    assert calls[0].startswith("-m prepare.synthetic") and "EDITED" in script.read_text()  # edited at the first stage
+    assert calls[-1].startswith("report.py --run runs/default")  # the loop ran the script it started with
+    assert not any("EDITED" in c for c in calls)
+    assert sum(c.startswith("train_step_dpo.py") for c in calls) == 3
