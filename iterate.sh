@@ -6,7 +6,7 @@
 # stage's output to redo it). Outputs: runs/$RUN/iter0 (M1), runs/$RUN/iter$t (M_{t+1}), summary. One run at a
 # time per run directory (a lock); when one shard of a stage fails, its sibling shards are stopped too.
 #
-#   bash iterate.sh                              # the embedded default: tiny model, synthetic task, CPU, ~15-21 min
+#   bash iterate.sh                              # the embedded default: tiny model, synthetic task, CPU, ~15-23 min
 #   RUN=random JUDGE=random INIT=runs/default/iter0/model bash iterate.sh   # control: coin-flip judge, same M1
 #   RUN=oracle JUDGE=oracle INIT=runs/default/iter0/model bash iterate.sh   # control: a perfect judge, same M1
 #   SEED=1 bash iterate.sh                       # a replicate: new data, init, order, sampling (runs/default-seed1)
@@ -138,7 +138,7 @@ evaluate() {  # $1: model dir -> $1/../eval
 
 # --- data and M0 (the tiny default builds both; the real-data presets build their data and load MODEL) -------------
 if [ "$PRESET" = tiny ]; then
-  # questions per iteration: the paper's 400/800/1200 scaled by 0.6 (the loop: 15-21 minutes on 2 cores)
+  # questions per iteration: the paper's 400/800/1200 scaled by 0.6 (the loop: 15-23 minutes on 2 cores)
   run python -m prepare.synthetic --out-dir "$DATA" ${SYNTH_ARGS:---num-questions 240,480,720} \
       ${SRLM_EFT:+--srlm-eft $SRLM_EFT} ${DATA_SEED:+--seed $((1234 + DATA_SEED))} $OW  # 1234: its default
   [ -z "$MODEL" ] && MODEL=$R/m0 && run python -m prepare.tiny_model --corpus "$DATA/ift.jsonl" "$DATA/eft.jsonl" \
