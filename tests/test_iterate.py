@@ -6,6 +6,7 @@ import contextlib
 import fcntl
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -182,7 +183,7 @@ def test_editing_iterate_sh_while_it_runs_leaves_the_running_loop_as_it_was(tmp_
     while a loop runs from it: the running loop still runs the stages it started with, the edit reaches the next
     run. A `python` on PATH that only logs its arguments stands in for every stage, and makes the edit at the first."""
     script = tmp_path / "iterate.sh"
-    script.write_text(open(os.path.join(ROOT, "iterate.sh")).read())
+    shutil.copy(os.path.join(ROOT, "iterate.sh"), script)
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir()
     fake = bin_dir / "python"
