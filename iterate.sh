@@ -67,9 +67,10 @@ if [ "$PRESET" = tiny ]; then
   # lr 3e-5, tuned on the dev split with a perfect judge (JUDGE=oracle, so the lr is judged apart from the judge) on the
   # first default: M1 40.2 -> 42.0 -> 45.2 -> 47.4; 1e-5 gave 41.2, 42.2; 1e-4 42.8, then 38.8; on this one, 1e-4
   # without accumulation lost 4.8 points from a weak M1 and 1.6 from a strong one (docs/experiments.md).
-  # --steps 16: every iteration takes 16 optimizer steps, its batch growing with its pairs (the paper keeps batch 32,
-  # so its steps grow with the questions; 48 steps of 3e-5 in one iteration broke a reading of the tiny model's, and
-  # 16 steps over twice the questions gained more on dev than batch 32: docs/experiments.md)
+  # --steps 16: every iteration takes 16 optimizer steps, its batch growing with its pairs (at most a step per 16
+  # pairs: one with fewer than 256 pairs takes fewer; the paper keeps batch 32, so its steps grow with the
+  # questions; 48 steps of 3e-5 in one iteration broke a reading of the tiny model's, and 16 steps over twice the
+  # questions gained more on dev than batch 32: docs/experiments.md)
   DPO_ARGS=${DPO_ARGS:-"--lr 3e-5 --beta 0.1 --batch-size 16 --steps 16 --epochs 1"}
   EVAL_ARGS=${EVAL_ARGS:-"--max-new-tokens 160 --batch-size 128"}
   JUDGE_EVAL_ARGS=${JUDGE_EVAL_ARGS:-"--judge-max-new-tokens 192 --batch-size 128"}
