@@ -18,9 +18,9 @@ Not stated by the paper, chosen here (flags):
                    teaches when to stop; every other step -- an intermediate one, or one with \\boxed{} that was cut
                    at the next "Step" marker or at the token limit -- is scored with its trailing newline (how it
                    reads in the next step's prefix), never with an EOS the model did not produce (as in Step-DPO).
-  --steps K        off (the paper's fixed batch, 32 = batch-size x grad-accum x GPUs). K: K optimizer steps an epoch
-                   however many pairs an iteration made, the batch growing with them (the tiny default: 16), but at
-                   most one per micro-batch: with fewer than K x batch-size pairs, one step per micro-batch.
+  --steps K        off (the paper's fixed batch, 32 = batch-size x grad-accum x GPUs). K: K optimizer steps an epoch,
+                   the batch growing with the pairs (the tiny default: 16); with fewer than K x batch-size pairs, one
+                   step per micro-batch.
 
 Reads  --pairs JSONL {id, prompt, prefix, chosen, rejected, chosen_eos, rejected_eos, ...}  (make_pairs.py; ids
        unique, texts strings, *_eos booleans)
@@ -159,9 +159,9 @@ def main():
     parser.add_argument("--grad-accum", type=positive_int, default=4,
                         help="paper batch 32 = batch-size x grad-accum x GPUs")
     parser.add_argument("--steps", type=positive_int, default=None,
-                        help="optimizer steps per epoch whatever the number of pairs, which then set the batch and "
-                             "replace --grad-accum (the paper keeps batch 32), at most one per micro-batch of "
-                             "--batch-size pairs; default: a step per grad-accum micro-batches")
+                        help="optimizer steps per epoch, the batch growing with the pairs (at most one step per micro-batch "
+                             "of --batch-size pairs); replaces --grad-accum (the paper keeps batch 32); default: a "
+                             "step per grad-accum micro-batches")
     parser.add_argument("--warmup", type=fraction, default=0.1, help="fraction of steps (not stated in the paper)")
     parser.add_argument("--nll-weight", type=nonnegative_float, default=0.0,
                         help="α of an added per-token NLL of the chosen step (deviation; 0 = the paper's DPO)")
