@@ -45,8 +45,8 @@ import re
 import statistics
 
 from common import cli, read_jsonl, search_stats, split_steps, write_json
-from prepare.synthetic import (ERROR_KINDS, STEP_EQUATION, solution_is_right, step_error_kind, step_is_right,
-                               step_sentence)
+from prepare.synthetic import (ERROR_KINDS, STEP_EQUATION, STEP_REASON, solution_is_right, step_error_kind,
+                               step_is_right, step_sentence)
 
 
 def is_right(question, step, text, srlm):
@@ -177,7 +177,7 @@ def reads_the_wrong_step(raw, pair, label):
     """Whether a rereading judgment's "Read k:" copies the wrong candidate's sentence where the question says another
     ("Read 4: He finds 4 more." for the question's "He finds 2 more."; the step: "Step 4: He finds 4 more: 5 + 4 =
     9.")."""
-    m = re.match(r"Step (\d+): (.*?): \d+ [-+*/] \d+ = ", pair["step_b" if label == "A" else "step_a"])
+    m = STEP_REASON.match(pair["step_b" if label == "A" else "step_a"])
     return bool(m) and f"Read {m[1]}: {m[2]}. " in raw and f"{m[2]}." != step_sentence(pair["question"], int(m[1]))
 
 

@@ -170,6 +170,8 @@ def _template_regex(template):
 
 SENTENCE_RES = [(op, _template_regex(t)) for op, templates in SENTENCES.items() for t in templates]
 STEP_EQUATION = re.compile(r"(\d+) ([-+*/]) (\d+) = (\d+)")
+# "Step 2: She sells 3: 17 - 3 = 14." -> its number, the reason it writes before the equation, and the equation
+STEP_REASON = re.compile(r"Step (\d+): (.*?): " + STEP_EQUATION.pattern)
 CHAIN_CHECKS = ("chain", "chain-step")  # judgments that read the question from its first sentence (judgment)
 SENTENCE_END = re.compile(r"(?<=[.?]) ")  # a question's sentences: the start, one per step, the question
 SENTENCE_LABEL = re.compile(r"^\d+: ")  # "2: She sells 3." (--sentence-labels)
