@@ -4,7 +4,8 @@
 # Every stage is one printed command; a finished stage is skipped on rerun if its manifest (inputs by content,
 # flags) matches, a changed one stops the run saying what changed: OVERWRITE=1 redoes every stage (or delete a
 # stage's output to redo it). Outputs: runs/$RUN/iter0 (M1), runs/$RUN/iter$t (M_{t+1}), summary. One run at a
-# time per run directory (a lock); when one shard of a stage fails, its sibling shards are stopped too.
+# time per run directory (a lock); when one shard of a stage fails, its sibling shards are stopped too; Ctrl-C or a
+# kill of this script stops the running stage with it.
 #
 #   bash iterate.sh                              # the embedded default: tiny model, synthetic task, CPU, ~15-23 min
 #   RUN=random JUDGE=random INIT=runs/default/iter0/model bash iterate.sh   # control: coin-flip judge, same M1
@@ -104,7 +105,7 @@ flock -n 9 || { echo "error: another iterate.sh is running on $R (it holds $R/.l
 trap 'kill $(jobs -p) 2>/dev/null || true' EXIT  # never leave a shard running after the driver stops
 trap 'exit 130' INT TERM
 
-run() { echo "+ $*" >&2; "$@"; }
+run() { echo "+ $*" >&2; "$@" & wait $!; }  # waited on, not in the foreground: a stop signal ends the stage at once
 
 sharded() {  # a stage as NPROC processes over every NPROC-th record; the last to finish merges; one fails: all stop
   local pids=() i

@@ -147,6 +147,41 @@ def test_overwrite_after_another_init_and_a_killed_search_reproduces_the_clean_r
     assert not list(again.rglob("*.partial"))
 
 
+def test_a_kill_of_the_script_stops_its_running_stage(run_dir):
+    """A SIGTERM to iterate.sh's own pid (not its process group) stops the stage it is running at once, here an SFT
+    that would run for minutes: the run's lock, which every stage holds, is free within seconds."""
+    tmp_path, _ = run_dir
+    out = tmp_path / "stopped"
+    env = dict(os.environ, **dict(TINY, RUN_DIR=str(out), DATA=str(tmp_path / "data"),
+                                  MODEL=str(tmp_path / "run" / "m0"), SFT_ARGS="--epochs 1000 --batch-size 8"))
+    log = tmp_path / "stopped.log"
+    with open(log, "w") as err:
+        proc = subprocess.Popen(["bash", "iterate.sh"], cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=err,
+                                start_new_session=True)
+    try:
+        while "train_sft.py" not in log.read_text():
+            assert proc.poll() is None, log.read_text()[-3000:]
+            time.sleep(0.1)
+        time.sleep(3)  # the SFT is running
+        assert proc.poll() is None
+        os.kill(proc.pid, signal.SIGTERM)
+        assert proc.wait(timeout=20) == 130
+        with open(out / ".lock", "a") as lock:
+            end = time.time() + 20
+            while True:
+                try:
+                    fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                    break
+                except OSError:
+                    assert time.time() < end, "the SFT kept running after its driver was stopped"
+                    time.sleep(0.1)
+        assert not (out / "iter0" / "model").exists()
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+
+
 def test_screen_runs_one_loop_per_seed_at_one_thread_and_reports_them_together(tmp_path):
     """scripts/screen.sh: a loop per seed at once, each on its own data seed, every process one thread (the training
     too), then report.py's row of the seeds with the mean gain. A bad TRAIN_THREADS stops iterate.sh before it
