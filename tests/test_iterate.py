@@ -35,6 +35,19 @@ def iterate(tmp_path):
     return proc
 
 
+def wait_for_lock(path, seconds):
+    """Take a run's lock (iterate.sh's and every stage's), failing if some process still holds it after `seconds`."""
+    with open(path, "a") as lock:
+        end = time.time() + seconds
+        while True:
+            try:
+                fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                return
+            except OSError:
+                assert time.time() < end, f"a process of the stopped run still holds {path} after {seconds} s"
+                time.sleep(0.1)
+
+
 @pytest.fixture(scope="module")
 def run_dir(tmp_path_factory):
     tmp_path = tmp_path_factory.mktemp("iterate")
@@ -127,15 +140,7 @@ def test_overwrite_after_another_init_and_a_killed_search_reproduces_the_clean_r
         with contextlib.suppress(ProcessLookupError):
             os.killpg(killed.pid, signal.SIGKILL)
         killed.wait()
-    with open(again / ".lock", "a") as lock:  # the killed stages hold the run's lock until they are gone
-        end = time.time() + 60
-        while True:
-            try:
-                fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                break
-            except OSError:
-                assert time.time() < end, "the killed run's processes never ended"
-                time.sleep(0.1)
+    wait_for_lock(again / ".lock", 60)  # the killed stages hold the run's lock until they are gone
     proc = subprocess.run(["bash", "iterate.sh"], cwd=ROOT, env=dict(env, INIT=str(clean / "iter0" / "model"),
                                                                      OVERWRITE="1"),
                           capture_output=True, text=True, timeout=600)
@@ -166,15 +171,7 @@ def test_a_kill_of_the_script_stops_its_running_stage(run_dir):
         assert proc.poll() is None
         os.kill(proc.pid, signal.SIGTERM)
         assert proc.wait(timeout=20) == 130
-        with open(out / ".lock", "a") as lock:
-            end = time.time() + 20
-            while True:
-                try:
-                    fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                    break
-                except OSError:
-                    assert time.time() < end, "the SFT kept running after its driver was stopped"
-                    time.sleep(0.1)
+        wait_for_lock(out / ".lock", 20)  # the SFT holds it while it runs
         assert not (out / "iter0" / "model").exists()
     finally:
         with contextlib.suppress(ProcessLookupError):
