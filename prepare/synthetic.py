@@ -172,7 +172,7 @@ SENTENCE_RES = [(op, _template_regex(t)) for op, templates in SENTENCES.items() 
 STEP_EQUATION = re.compile(r"(\d+) ([-+*/]) (\d+) = (\d+)")
 # "Step 2: She sells 3: 17 - 3 = 14." -> its number, the reason it writes before the equation, and the equation
 STEP_REASON = re.compile(r"Step (\d+): (.*?): " + STEP_EQUATION.pattern)
-CHAIN_CHECKS = ("chain", "chain-step", "chain-head")  # judgments that read the question from its start (judgment)
+CHAIN_CHECKS = ("chain", "chain-step", "chain-head", "chain-sentence")  # judgments that read the question from its start (judgment)
 SENTENCE_END = re.compile(r"(?<=[.?]) ")  # a question's sentences: the start, one per step, the question
 SENTENCE_LABEL = re.compile(r"^\d+: ")  # "2: She sells 3." (--sentence-labels)
 
@@ -404,6 +404,9 @@ def judgment(gold_step, step_a, step_b, label, check="count", sentences=None):
     check="chain-head" reads as chain does and counts out from the step's number without its sentence ("Read: Ann
     has 9 apples. He buys 7 more. She sells 3. Want Step 2: 17 - 3: 16 (1), ..."): the count line starts as the
     policy's step does, with nothing in it a candidate's sentence could lend.
+    check="chain-sentence" reads as chain does and counts out from the sentence it has just copied, without the
+    step's number ("Read: Ann has 9 apples. He buys 7 more. She sells 3. Want She sells 3: 17 - 3: 16 (1), ..."):
+    the step's sentence in the count line, as chain-step's, without the `Step k:` that starts a candidate's line.
     check="vs" is the first design, kept to reproduce its negative finding (docs/experiments.md): the judge
     recomputes the step the way the policy does and compares whole numbers ("Want Step 2: 3 fewer: 17 - 3 = 14.
     A: 14 vs 14, right. B: 15 vs 14, wrong. [[A]]").
@@ -420,7 +423,7 @@ def judgment(gold_step, step_a, step_b, label, check="count", sentences=None):
     quote = f'"{sentences[-1]}" ' if check == "quote" else ""  # quote: the question's sentence of this step, copied
     read = ("".join(f"Read {j}: {t} " for j, t in enumerate(sentences, 1)) if check == "reread" else
             f"Read: {' '.join(sentences)} " if check in CHAIN_CHECKS else "")
-    head = {"chain": None, "chain-head": "number"}.get(check, "step")
+    head = {"chain": None, "chain-head": "number", "chain-sentence": "sentence"}.get(check, "step")
     return (f"A: {result(step_a)}. B: {result(step_b)}. {read}Want {quote}{count_out(gold_step, head)}. "
             f"A: {compare(result(step_a), want)}, {ok_a}. B: {compare(result(step_b), want)}, {ok_b}. [[{label}]]")
 
@@ -435,12 +438,15 @@ def count_out(gold_step, head="step"):
     """
     The right step built one unit at a time, each numbered: a + 1, a + 2, ... (a - 1, ...), ending at the right
     value; operations other than + and - write the value. "Step 2: 3 fewer: 17 - 3 = 14." -> "Step 2: 3 fewer:
-    17 - 3: 16 (1), 15 (2), 14 (3)" (head="number": "Step 2: 17 - 3: 16 (1), ..."; None: "17 - 3: 16 (1), ...").
+    17 - 3: 16 (1), 15 (2), 14 (3)" (head="number": "Step 2: 17 - 3: 16 (1), ..."; "sentence": "3 fewer: 17 - 3:
+    16 (1), ..."; None: "17 - 3: 16 (1), ...").
     """
     a, op, b, want = STEP_EQUATION.search(gold_step).groups()
     work = ", ".join(f"{apply(op, int(a), i)} ({i})" for i in range(1, int(b) + 1)) if op in "+-" else want
     equation = f"{a} {op} {b}"
-    start = {"step": gold_step.split(" = ")[0], "number": f"{gold_step.split(':')[0]}: {equation}", None: equation}
+    step = gold_step.split(" = ")[0]  # "Step 2: 3 fewer: 17 - 3"
+    start = {"step": step, "number": f"{gold_step.split(':')[0]}: {equation}", "sentence": step.split(": ", 1)[1],
+             None: equation}
     return f"{start[head]}: {work}"
 
 
@@ -515,12 +521,13 @@ def main():
                         help="what a step writes before its equation (reason_text): short (\"3 fewer\") or sentence "
                              "(the question's sentence, copied: \"She sells 3\")")
     parser.add_argument("--judgment-check", default="reread",
-                        choices=["reread", "chain", "chain-step", "chain-head", "count", "quote", "vs"],
+                        choices=["reread", *CHAIN_CHECKS, "count", "quote", "vs"],
                         help="EFT target: reread (the default: the judge copies the question's sentences of steps "
                              "1..k, counts step k out, then compares digit by digit), chain (the question copied "
                              "whole from its start through step k's sentence, then the equation counted out), "
                              "chain-step (chain's reading, reread's count from the step's head), chain-head (chain's "
-                             "reading, the count from the step's number), count (the reread "
+                             "reading, the count from the step's number), chain-sentence (chain's reading, the count "
+                             "from the sentence just read, without the step's number), count (the reread "
                              "judgment without the reading), quote (count, after copying the sentence of step k) or "
                              "vs (the first design: recompute, compare whole numbers); see judgment")
     # A wrong operand copies another number of the question into the step's sentence ("He sells 4" for "He sells 1"),

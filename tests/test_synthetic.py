@@ -259,24 +259,27 @@ def test_eft_label_points_at_the_uncorrupted_step(data_dir, name, n):
 
 
 JUDGMENT = re.compile(r"A: (\d+)\. B: (\d+)\. ((?:Read \d+: [^.]+\. )*)(?:Read: (.+?) )?Want (?:\"([^\"]+)\" )?"
-                      r"(?:Step (\d+): (?:(.+): )?)?(\d+) ([-+*/]) (\d+): (.*)\. "
+                      r"(?:Step (\d+): )?(?:(.+): )?(\d+) ([-+*/]) (\d+): (.*)\. "
                       r"A: (\d+) vs (\d+): (.*), (right|wrong)\. B: (\d+) vs (\d+): (.*), (right|wrong)\. "
                       r"\[\[([AB])\]\]$")
 
 
 def check_judgment(text, got_a, got_b, a, op, b, sentence=None, reread=(), chain=None, chain_step=False,
-                   chain_head=False):
+                   chain_head=False, chain_sentence=False):
     """An independent reading of one judgment: the quoted sentence (None: none), the sentences read before the count
     (reread: those of steps 1..k, in order, numbered from 1; chain: the question's text from its start through step
     k's sentence, then the equation without its step, or with it: chain_step, or with the step's number alone:
-    chain_head), every count, digit comparison and decision in it."""
+    chain_head, or with the sentence just read alone: chain_sentence), every count, digit comparison and decision in
+    it."""
     m = JUDGMENT.fullmatch(text)
     assert m, text
     read_a, read_b, reads, chained, quoted, step_k, reason, a2, op2, b2, work, pad_a, want_a, digits_a, ok_a, pad_b, \
         want_b, digits_b, ok_b, verdict = m.groups()
     assert quoted == sentence and chained == chain
     assert (step_k is None) == (chain is not None and not (chain_step or chain_head))
-    assert (reason is None) == (step_k is None or chain_head)
+    assert (reason is None) == ((step_k is None and not chain_sentence) or chain_head)
+    if chain_sentence:  # the count starts with the sentence the reading ended on, without its period
+        assert chain.endswith(f" {reason}.")
     assert re.findall(r"Read (\d+): ([^.]+\.) ", reads) == [(str(j), t) for j, t in enumerate(reread, 1)]
     assert (int(read_a), int(read_b), int(a2), op2, int(b2)) == (got_a, got_b, a, op, b)
     want = APPLY[op](a, b)
@@ -293,10 +296,10 @@ def check_judgment(text, got_a, got_b, a, op, b, sentence=None, reread=(), chain
     return verdict
 
 
-@pytest.mark.parametrize("check", ["count", "quote", "reread", "chain", "chain-step", "chain-head"])
+@pytest.mark.parametrize("check", ["count", "quote", "reread", *prepare_synthetic.CHAIN_CHECKS])
 @pytest.mark.parametrize("op", ["+", "-", "*", "/"])
 def test_judgment_is_right_on_every_operand_pair_and_near_miss_of_a_grid(op, check):
-    """The default check (reread), chain, chain-step, chain-head, count and quote on a grid: every start 0..20 and
+    """The default check (reread), the chain checks, count and quote on a grid: every start 0..20 and
     operand 1..9 the task allows, the right result against every result 0..30 (near misses, carries and borrows across
     the tens: 9 -> 10, 10 -> 9, 19 -> 20), in both positions; the verdict points at the right step, and
     common.parse_verdict reads it."""
@@ -320,7 +323,7 @@ def test_judgment_is_right_on_every_operand_pair_and_near_miss_of_a_grid(op, che
                     quoted, reread = (told[-1] if check == "quote" else None), (told if check == "reread" else ())
                     chain = " ".join([start] + told) if check.startswith("chain") else None
                     verdict = check_judgment(text, got_a, got_b, a, op, b, quoted, reread, chain, check == "chain-step",
-                                             check == "chain-head")
+                                             check == "chain-head", check == "chain-sentence")
                     assert verdict == label == parse_verdict(text)
                     pairs += 1
     assert pairs > 1000
@@ -349,7 +352,11 @@ def test_judgment_examples_of_the_checks():
                                       "chain-head", ["Ann has 10 apples."] + told) == (
         "A: 14. B: 15. Read: Ann has 10 apples. He buys 7 more. She sells 3. Want Step 2: 17 - 3: 16 (1), 15 (2), "
         "14 (3). A: 14 vs 14: 1 1 same, 4 4 same, right. B: 15 vs 14: 1 1 same, 5 4 differ, wrong. [[A]]")
-    for check in ("quote", "reread", "chain", "chain-step", "chain-head"):
+    assert prepare_synthetic.judgment(sentence_gold, sentence_gold, sentence_gold.replace("14", "15"), "A",
+                                      "chain-sentence", ["Ann has 10 apples."] + told) == (
+        "A: 14. B: 15. Read: Ann has 10 apples. He buys 7 more. She sells 3. Want She sells 3: 17 - 3: 16 (1), 15 (2), "
+        "14 (3). A: 14 vs 14: 1 1 same, 4 4 same, right. B: 15 vs 14: 1 1 same, 5 4 differ, wrong. [[A]]")
+    for check in ("quote", "reread", *prepare_synthetic.CHAIN_CHECKS):
         with pytest.raises(ValueError, match="sentences"):
             prepare_synthetic.judgment(gold, gold, near, "A", check)  # nothing to quote or read
     assert prepare_synthetic.judgment(gold, gold, near, "A") == (
@@ -495,12 +502,12 @@ def test_uniform_op_sampling_keeps_values_in_range_and_the_value_says_nothing_of
         assert abs(low - high) < 0.1
 
 
-@pytest.mark.parametrize("check", ["chain", "chain-step", "chain-head"])
+@pytest.mark.parametrize("check", prepare_synthetic.CHAIN_CHECKS)
 def test_chain_judgments_copy_the_question_from_its_start_through_the_judged_step(check, tmp_path_factory):
-    """--judgment-check chain (chain-step and chain-head: the count from the step's head, or its number), written by
-    the generator: every EFT judgment reads the question's own text from its first sentence through step k's (a
-    prefix of the question), then counts out the true equation, compares and decides as the grid above checks; the
-    SRLM judgments are not written with it (a clear error)."""
+    """--judgment-check chain (chain-step, chain-head, chain-sentence: the count from the step's head, its number, or
+    the sentence just read), written by the generator: every EFT judgment reads the question's own text from its first
+    sentence through step k's (a prefix of the question), then counts out the true equation, compares and decides as
+    the grid above checks; the SRLM judgments are not written with it (a clear error)."""
     out = make_synthetic(tmp_path_factory, "--judgment-check", check)
     records = read_jsonl(os.path.join(out, "eft.jsonl"), ["question", "previous_steps", "step_a", "step_b", "label",
                                                   "judgment", "error"])
@@ -514,7 +521,8 @@ def test_chain_judgments_copy_the_question_from_its_start_through_the_judged_ste
         chain = " ".join(question_sentences(r["question"])[:k + 2])
         assert r["question"].startswith(chain + " ")
         assert check_judgment(r["judgment"], got_a, got_b, ga, gop, gb, chain=chain,
-                              chain_step=check == "chain-step", chain_head=check == "chain-head") == r["label"]
+                              chain_step=check == "chain-step", chain_head=check == "chain-head",
+                              chain_sentence=check == "chain-sentence") == r["label"]
     assert Counter(r["error"] for r in records).keys() == {"arithmetic", "operand", "operation"}
     with pytest.raises(ValueError, match="step judge only"):
         prepare_synthetic.srlm_judgment(records[0]["question"], [], check=check, step_reason="sentence")
