@@ -172,7 +172,8 @@ SENTENCE_RES = [(op, _template_regex(t)) for op, templates in SENTENCES.items() 
 STEP_EQUATION = re.compile(r"(\d+) ([-+*/]) (\d+) = (\d+)")
 # "Step 2: She sells 3: 17 - 3 = 14." -> its number, the reason it writes before the equation, and the equation
 STEP_REASON = re.compile(r"Step (\d+): (.*?): " + STEP_EQUATION.pattern)
-CHAIN_CHECKS = ("chain", "chain-step", "chain-head", "chain-sentence")  # judgments that read the question from its start (judgment)
+# judgments that read the question from its start (judgment)
+CHAIN_CHECKS = ("chain", "chain-step", "chain-head", "chain-sentence")
 SENTENCE_END = re.compile(r"(?<=[.?]) ")  # a question's sentences: the start, one per step, the question
 SENTENCE_LABEL = re.compile(r"^\d+: ")  # "2: She sells 3." (--sentence-labels)
 

@@ -299,10 +299,10 @@ def check_judgment(text, got_a, got_b, a, op, b, sentence=None, reread=(), chain
 @pytest.mark.parametrize("check", ["count", "quote", "reread", *prepare_synthetic.CHAIN_CHECKS])
 @pytest.mark.parametrize("op", ["+", "-", "*", "/"])
 def test_judgment_is_right_on_every_operand_pair_and_near_miss_of_a_grid(op, check):
-    """The default check (reread), the chain checks, count and quote on a grid: every start 0..20 and
-    operand 1..9 the task allows, the right result against every result 0..30 (near misses, carries and borrows across
-    the tens: 9 -> 10, 10 -> 9, 19 -> 20), in both positions; the verdict points at the right step, and
-    common.parse_verdict reads it."""
+    """The default check (reread), the chain checks, count and quote on a grid: every start 0..20 and operand 1..9
+    the task allows, the right result against every result 0..30 (near misses, carries and borrows across the tens:
+    9 -> 10, 10 -> 9, 19 -> 20), in both positions; the verdict points at the right step, and common.parse_verdict
+    reads it."""
     pairs = 0
     for a in range(0, 21):
         for b in range(1, 10):
