@@ -444,12 +444,11 @@ def count_out(gold_step, head="step"):
     17 - 3: 16 (1), 15 (2), 14 (3)" (head="number": "Step 2: 17 - 3: 16 (1), ..."; "sentence": "3 fewer: 17 - 3:
     16 (1), ..."; None: "17 - 3: 16 (1), ...").
     """
-    a, op, b, want = STEP_EQUATION.search(gold_step).groups()
+    k, reason, a, op, b, want = STEP_REASON.search(gold_step).groups()
     work = ", ".join(f"{apply(op, int(a), i)} ({i})" for i in range(1, int(b) + 1)) if op in "+-" else want
     equation = f"{a} {op} {b}"
-    step = gold_step.split(" = ")[0]  # "Step 2: 3 fewer: 17 - 3"
-    start = {"step": step, "number": f"{gold_step.split(':')[0]}: {equation}", "sentence": step.split(": ", 1)[1],
-             None: equation}
+    start = {"step": f"Step {k}: {reason}: {equation}", "number": f"Step {k}: {equation}",
+             "sentence": f"{reason}: {equation}", None: equation}
     return f"{start[head]}: {work}"
 
 

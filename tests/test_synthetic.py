@@ -264,21 +264,23 @@ JUDGMENT = re.compile(r"A: (\d+)\. B: (\d+)\. ((?:Read \d+: [^.]+\. )*)(?:Read: 
                       r"\[\[([AB])\]\]$")
 
 
-def check_judgment(text, got_a, got_b, a, op, b, sentence=None, reread=(), chain=None, chain_step=False,
-                   chain_head=False, chain_sentence=False):
+# what each chain check writes before the equation it counts out: nothing, the step's head, its number, the sentence
+CHAIN_HEADS = {"chain": None, "chain-step": "step", "chain-head": "number", "chain-sentence": "sentence"}
+
+
+def check_judgment(text, got_a, got_b, a, op, b, sentence=None, reread=(), chain=None, head="step"):
     """An independent reading of one judgment: the quoted sentence (None: none), the sentences read before the count
     (reread: those of steps 1..k, in order, numbered from 1; chain: the question's text from its start through step
-    k's sentence, then the equation without its step, or with it: chain_step, or with the step's number alone:
-    chain_head, or with the sentence just read alone: chain_sentence), every count, digit comparison and decision in
-    it."""
+    k's sentence), what the count line writes before the equation (head: "step" "Step 2: She sells 3", "number"
+    "Step 2", "sentence" the sentence just read, None nothing), every count, digit comparison and decision in it."""
     m = JUDGMENT.fullmatch(text)
     assert m, text
     read_a, read_b, reads, chained, quoted, step_k, reason, a2, op2, b2, work, pad_a, want_a, digits_a, ok_a, pad_b, \
         want_b, digits_b, ok_b, verdict = m.groups()
     assert quoted == sentence and chained == chain
-    assert (step_k is None) == (chain is not None and not (chain_step or chain_head))
-    assert (reason is None) == ((step_k is None and not chain_sentence) or chain_head)
-    if chain_sentence:  # the count starts with the sentence the reading ended on, without its period
+    assert (step_k is not None) == (head in ("step", "number"))
+    assert (reason is not None) == (head in ("step", "sentence"))
+    if head == "sentence":  # the count starts with the sentence the reading ended on, without its period
         assert chain.endswith(f" {reason}.")
     assert re.findall(r"Read (\d+): ([^.]+\.) ", reads) == [(str(j), t) for j, t in enumerate(reread, 1)]
     assert (int(read_a), int(read_b), int(a2), op2, int(b2)) == (got_a, got_b, a, op, b)
@@ -322,8 +324,8 @@ def test_judgment_is_right_on_every_operand_pair_and_near_miss_of_a_grid(op, che
                     got_a, got_b = (want, wrong) if label == "A" else (wrong, want)
                     quoted, reread = (told[-1] if check == "quote" else None), (told if check == "reread" else ())
                     chain = " ".join([start] + told) if check.startswith("chain") else None
-                    verdict = check_judgment(text, got_a, got_b, a, op, b, quoted, reread, chain, check == "chain-step",
-                                             check == "chain-head", check == "chain-sentence")
+                    verdict = check_judgment(text, got_a, got_b, a, op, b, quoted, reread, chain,
+                                             CHAIN_HEADS.get(check, "step"))
                     assert verdict == label == parse_verdict(text)
                     pairs += 1
     assert pairs > 1000
@@ -521,8 +523,7 @@ def test_chain_judgments_copy_the_question_from_its_start_through_the_judged_ste
         chain = " ".join(question_sentences(r["question"])[:k + 2])
         assert r["question"].startswith(chain + " ")
         assert check_judgment(r["judgment"], got_a, got_b, ga, gop, gb, chain=chain,
-                              chain_step=check == "chain-step", chain_head=check == "chain-head",
-                              chain_sentence=check == "chain-sentence") == r["label"]
+                              head=CHAIN_HEADS[check]) == r["label"]
     assert Counter(r["error"] for r in records).keys() == {"arithmetic", "operand", "operation"}
     with pytest.raises(ValueError, match="step judge only"):
         prepare_synthetic.srlm_judgment(records[0]["question"], [], check=check, step_reason="sentence")
