@@ -155,7 +155,8 @@ MANIFEST = "manifest.json"
 NOT_OUTPUT_FLAGS = ("out", "out_dir", "overwrite", "shard")  # where an output goes and whether to redo it
 # Flags added to a stage later, each with the value at which the stage writes what it wrote before the flag: at that
 # value a flag is left out of the manifest, so outputs made before it still count as made by the same flags
-LATER_FLAGS = {"eft_operand_first": 0.0, "sentence_labels": False,  # prepare/synthetic.py
+LATER_FLAGS = {"eft_operand_first": 0.0, "sentence_labels": False, "noisy_facts": 0.0,  # prepare/synthetic.py
+               "noisy_fact_rate": 0.6,
                "steps": None,  # train_step_dpo.py
                "digit_space": "own"}  # prepare/tiny_model.py
 

@@ -118,6 +118,39 @@ def sample_problem(rng, max_start, max_operand, min_steps, max_steps, ops, max_v
             return start, chain
 
 
+def wrong_facts(rng, fraction, ops, max_operand, max_value):
+    """
+    --noisy-facts: a fraction of the task's facts (a, op, b), drawn once per data seed, each with the wrong result
+    (c - 1 or c + 1, in range) that the solutions write for it (noisy_steps). {(a, op, b): wrong c}.
+    """
+    facts = [(a, op, b) for op in ops for lo, hi in [operand_range(op, max_operand)] for b in range(lo, hi + 1)
+             for a in range(max_value + 1) if fits(op, a, b, max_value)]
+    table = {}
+    for a, op, b in rng.sample(facts, round(fraction * len(facts))):
+        c = apply(op, a, b)
+        table[(a, op, b)] = rng.choice([w for w in (c - 1, c + 1) if 0 <= w <= max_value])
+    return table
+
+
+def noisy_steps(rng, question, facts, wrong, rate, step_reason, max_value):
+    """
+    A solution whose steps write a noisy fact's wrong result with probability `rate` (1 - rate: the right one) and
+    carry the value they wrote into the next step, as a model that believes the wrong fact would. The gold steps
+    where a carried value would leave 0..max_value. The policy learns each noisy fact as it is written here, mostly
+    wrong, sometimes right: its greedy step errs there, its samples are sometimes right, and the judge, which counts
+    the step out (judgment), is not taught the wrong fact.
+    """
+    steps, value = [], facts[0][0]
+    for k, (_, op, b, _) in enumerate(facts, 1):
+        if not fits(op, value, b, max_value):
+            return None
+        c = wrong[(value, op, b)] if (value, op, b) in wrong and rng.random() < rate else apply(op, value, b)
+        reason = reason_text(step_reason, question, k, op, b)
+        steps.append(step_text(k, reason, value, op, b, c, final=k == len(facts)))
+        value = c
+    return steps
+
+
 def render(rng, start, chain, step_reason="short", labels=False):
     """Problem text, gold steps, per-step (a, op, b, result), and answer. step_reason: what each step writes before
     its equation (reason_text). labels: each step's sentence starts with its number, as the step and the judge's
@@ -539,6 +572,13 @@ def main():
     parser.add_argument("--eft-operand-first", type=unit_float, default=0.0,
                         help="in the judge's training pairs (eft.jsonl), the probability that a corruption is a wrong "
                              "operand where one fits (then the three kinds uniform); eft_dev/eft_test stay uniform")
+    # The paper's M1 learns from solutions that are not all right; the tiny policy learns this task's facts to 90 %
+    # or more on some seeds and leaves nothing to improve. A fixed set of wrong facts in the solutions (the answer
+    # field stays the true one) sets the policy's room by design: not the default (docs/experiments.md)
+    parser.add_argument("--noisy-facts", type=unit_float, default=0.0,
+                        help="the fraction of the task's facts (a op b) whose result the solutions (ift.jsonl) write "
+                             "off by one, with probability --noisy-fact-rate, the wrong value carried on")
+    parser.add_argument("--noisy-fact-rate", type=unit_float, default=0.6)
     parser.add_argument("--sentence-labels", action="store_true",
                         help="number the question's step sentences '2: She sells 3.' as the steps number theirs")
     parser.add_argument("--srlm-eft", type=positive_int, default=None,
@@ -586,6 +626,11 @@ def main():
         files[split] = [make_eft(rng, i, q, s, f, c, lab, args.judgment_check, args.step_reason, operand_first)
                         for (i, q, s, f, c, _), lab in zip(probs, labels)]
     _, ift = problems("ift", args.num_ift, 5)
+    if args.noisy_facts:  # its own rng: the questions, and every other file, stay those of the noise-free set
+        rng = random.Random(f"{args.seed}-noisy-facts")
+        wrong = wrong_facts(rng, args.noisy_facts, args.ops, args.max_operand, args.max_value)
+        ift = [(i, q, noisy_steps(rng, q, f, wrong, args.noisy_fact_rate, args.step_reason, args.max_value) or s,
+                f, c, a) for i, q, s, f, c, a in ift]
     files["ift"] = [dict(id=i, question=q, solution="\n".join(s), answer=str(a)) for i, q, s, _, _, a in ift]
     for t, n in enumerate(map(int, args.num_questions.split(",")), 1):
         _, qs = problems(f"questions{t}", n, 5 + t)
