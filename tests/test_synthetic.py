@@ -146,6 +146,42 @@ def test_sentence_labels_number_the_question_and_change_nothing_else(tmp_path, m
     assert "sentence_labels" not in flags("plain") and flags("labelled")["sentence_labels"] is True
 
 
+def test_noisy_facts_write_a_fixed_set_of_wrong_results_into_the_solutions_only(tmp_path, monkeypatch):
+    """--noisy-facts: a fixed fifth of the task's facts (a op b) get one wrong result each (off by one), which the
+    solutions write about 60 % of the times they use the fact and carry on; every other step is right, every other
+    file and each solution's question and answer are what the noise-free draw writes."""
+    more = ("--num-ift", "2000")
+    plain = run_prepare(tmp_path / "plain", 7, monkeypatch, *more)
+    noisy = run_prepare(tmp_path / "noisy", 7, monkeypatch, *more, "--noisy-facts", "0.2")
+    assert [f for f in plain if plain[f] != noisy[f]] == ["ift.jsonl"]
+    wrong, uses = {}, Counter()  # fact -> the wrong results written for it; fact -> times used
+    for a_line, b_line in zip(plain["ift.jsonl"].splitlines(), noisy["ift.jsonl"].splitlines(), strict=True):
+        r, n = json.loads(a_line), json.loads(b_line)
+        assert {**n, "solution": r["solution"]} == r
+        start, facts = gold_chain(n["question"])
+        steps = split_steps(n["solution"])
+        assert len(steps) == len(facts)
+        previous = start
+        for k, (step, (_, true_op, true_b, _)) in enumerate(zip(steps, facts), 1):
+            number, _, (a, op, b, c), boxed = parse_step(step)
+            assert number == k and a == previous and (op, b) == (true_op, true_b)  # the value written is carried
+            assert (boxed is not None) == (k == len(steps)) and boxed in (None, c)
+            uses[a, op, b] += 1
+            if c != APPLY[op](a, b):
+                assert abs(c - APPLY[op](a, b)) == 1 and 0 <= c <= 20
+                wrong.setdefault((a, op, b), set()).add(c)
+            previous = c
+    in_range = sum(1 for op in "+-" for b in range(1, 10) for a in range(21) if 0 <= APPLY[op](a, b) <= 20)
+    assert all(len(values) == 1 for values in wrong.values())  # one wrong result per fact
+    assert 0.9 * round(0.2 * in_range) <= len(wrong) <= round(0.2 * in_range)
+    written_wrong = sum(1 for line in noisy["ift.jsonl"].splitlines() for step in split_steps(
+        json.loads(line)["solution"]) for _, _, (a, op, b, c), _ in [parse_step(step)] if c != APPLY[op](a, b))
+    assert 0.5 < written_wrong / sum(uses[f] for f in wrong) < 0.7
+    # off writes what the generator wrote before the flag: it is left out of the data set's manifest
+    flags = lambda d: json.load(open(tmp_path / d / "config.json.manifest.json"))["flags"]
+    assert "noisy_facts" not in flags("plain") and flags("noisy")["noisy_facts"] == 0.2
+
+
 @pytest.fixture(params=["short", "sentence"])
 def data_dir(request):
     """(step_reason, the small data set written with it): the default (copied sentences, the judge rereads) and the
