@@ -28,7 +28,9 @@ The three kinds are drawn uniformly (32 % wrong operands); --eft-operand-first P
 take a wrong operand first with probability P (0.5: 57 %), the held-out pairs staying uniform (not the default:
 docs/experiments.md). --sentence-labels numbers the question's step sentences as the steps number theirs ("Zoe has 8
 apples. 1: She gets 8 more. 2: She sells 2. How many ..."), every record otherwise the same (not the default: the
-judge reads on most seeds, the policies move; docs/experiments.md).
+judge reads on most seeds, the policies move; docs/experiments.md). --noisy-facts F writes a fixed fraction F of
+the task's facts (a op b) off by one in the solutions, with probability --noisy-fact-rate, the value carried on
+(noisy_steps: the policy's room set by its data, not by the SFT's draw; not the default).
 The judgment reads both results, then the question's sentences up to the step, one by one, counts the step out,
 compares each result with its own digit by digit, then the verdict (see judgment):
 "A: 14. B: 15. Read 1: He buys 7 more. Read 2: She sells 3. Want Step 2: She sells 3: 17 - 3: 16 (1), 15 (2),

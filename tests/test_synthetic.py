@@ -451,7 +451,8 @@ def test_step_oracle_agrees_with_the_questions_and_catches_each_error(data_dir):
         assert verdicts == ([True, False] if r["label"] == "A" else [False, True])
     q = "Tom has 5 pens. He buys 4 more. He loses 2. How many pens does Tom have now?"
     right = prepare_synthetic.step_is_right
-    assert right(q, 1, "Step 1: 4 more: 5 + 4 = 9.") and right(q, 2, "Step 2: 2 fewer: 9 - 2 = 7. The answer is \\boxed{7}.")
+    assert right(q, 1, "Step 1: 4 more: 5 + 4 = 9.")
+    assert right(q, 2, "Step 2: 2 fewer: 9 - 2 = 7. The answer is \\boxed{7}.")
     assert not right(q, 1, "Step 1: 4 more: 5 + 4 = 9. The answer is \\boxed{9}.")  # answers too early
     assert not right(q, 2, "Step 2: 2 fewer: 9 - 2 = 7.")  # last step without the answer
     assert not right(q, 2, "Step 2: 2 fewer: 9 - 2 = 7. The answer is \\boxed{8}.")  # boxes another number
