@@ -138,9 +138,9 @@ def noisy_steps(rng, question, facts, wrong, rate, step_reason, max_value):
     """
     A solution whose steps write a noisy fact's wrong result with probability `rate` (1 - rate: the right one) and
     carry the value they wrote into the next step, as a model that believes the wrong fact would. The gold steps
-    where a carried value would leave 0..max_value. The policy learns each noisy fact as it is written here, mostly
-    wrong, sometimes right: its greedy step errs there, its samples are sometimes right, and the judge, which counts
-    the step out (judgment), is not taught the wrong fact.
+    where a carried value would leave 0..max_value. The judge, which counts the step out (judgment), is never taught
+    a wrong fact. The SFT settles most wrong facts one way, not at `rate`: the search's candidates then agree on them
+    and give no pair (docs/experiments.md, "Wrong facts in the solutions").
     """
     steps, value = [], facts[0][0]
     for k, (_, op, b, _) in enumerate(facts, 1):
@@ -580,7 +580,8 @@ def main():
     parser.add_argument("--noisy-facts", type=unit_float, default=0.0,
                         help="the fraction of the task's facts (a op b) whose result the solutions (ift.jsonl) write "
                              "off by one, with probability --noisy-fact-rate, the wrong value carried on")
-    parser.add_argument("--noisy-fact-rate", type=unit_float, default=0.6)
+    parser.add_argument("--noisy-fact-rate", type=unit_float, default=0.6,
+                        help="how often the solutions write a noisy fact's wrong result (else its right one)")
     parser.add_argument("--sentence-labels", action="store_true",
                         help="number the question's step sentences '2: She sells 3.' as the steps number theirs")
     parser.add_argument("--srlm-eft", type=positive_int, default=None,
