@@ -143,7 +143,8 @@ if [ "$PRESET" = tiny ]; then
   # questions per iteration: the paper's 400/800/1200 scaled by 0.6 (the loop: 15-23 minutes on 2 cores)
   run python -m prepare.synthetic --out-dir "$DATA" ${SYNTH_ARGS:---num-questions 240,480,720} \
       ${SRLM_EFT:+--srlm-eft $SRLM_EFT} ${DATA_SEED:+--seed $((1234 + DATA_SEED))} $OW  # 1234: its default
-  [ -z "$MODEL" ] && MODEL=$R/m0 && run python -m prepare.tiny_model --corpus "$DATA/ift.jsonl" "$DATA/eft.jsonl" \
+  # M0 is built only for an SFT: a run from INIT starts at M1
+  [ -z "$MODEL" ] && [ -z "$INIT" ] && MODEL=$R/m0 && run python -m prepare.tiny_model --corpus "$DATA/ift.jsonl" "$DATA/eft.jsonl" \
       --out "$MODEL" ${MODEL_ARGS:-} $SEED_ARG $OW
 else
   run python -m prepare.paper_data --source "$DATA_SOURCE" --out-dir "$DATA" ${DATA_ARGS:-} $OW

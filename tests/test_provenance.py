@@ -256,8 +256,10 @@ def test_4_iterate_stops_on_a_changed_init_and_relinks_it_under_overwrite(driver
     assert rc == 0, output
     assert os.path.realpath(m1) == str(init_b) and os.path.isdir(init_a)  # relinked; A itself untouched
     stages = [line for line in open(tmp_path / "log").read().splitlines()[before:] if "report.py" not in line]
-    # synthetic, tiny_model; M1 and M2 evaluated (solutions, judge: 2 shards each); 2 search shards, pairs, DPO
-    assert len(stages) == 14 and all("--overwrite" in line for line in stages)  # every stage redoes its output
+    # synthetic (no M0: the run starts at INIT); M1 and M2 evaluated (solutions, judge: 2 shards each); 2 search
+    # shards, pairs, DPO
+    assert not any("prepare.tiny_model" in line for line in stages)
+    assert len(stages) == 13 and all("--overwrite" in line for line in stages)  # every stage redoes its output
     rc, output = finished(driver())  # INIT dropped: the run's M1 would silently stay B's
     assert rc != 0 and "INIT changed" in output
 
