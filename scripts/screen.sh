@@ -10,7 +10,9 @@
 #
 # Outputs: $RUNS/$NAME-seedN (RUNS=runs), the data $DATAS/$NAME-seedN (DATAS=data: a design's own, since SYNTH_ARGS
 # may change it), each loop's log $RUNS/$NAME-seedN.log. Every other variable of iterate.sh passes through
-# (SYNTH_ARGS, MODEL_ARGS, SFT_ARGS, NUM_ITERS, SPLIT, ...). Rerun: each loop resumes where it stopped.
+# (SYNTH_ARGS, MODEL_ARGS, SFT_ARGS, NUM_ITERS, SPLIT, ...). Rerun: each loop resumes where it stopped. Ctrl-C or
+# `kill <pid>` stops the screen with its loops; `kill -9` cannot be caught and leaves them running (a rerun stops at
+# each loop's lock; `pgrep -af iterate.sh` lists them).
 {  # read whole before it runs, as iterate.sh is: an edit to this file reaches the next screen, not this one
 set -euo pipefail
 cd "$(dirname "$0")/.."
