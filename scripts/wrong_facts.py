@@ -2,7 +2,8 @@
 What a run trained on `prepare.synthetic --noisy-facts` did with the wrong facts (docs/experiments.md, "Wrong facts in
 the solutions"): how many of the data's solutions end wrong; per model, the wrong greedy solutions whose first wrong
 step writes a wrong fact's wrong result, against the rest; per search, the steps on a wrong fact (right prefix) whose
-candidates are all wrong, mixed, or all right (a step whose candidates agree gives no pair).
+candidates are all wrong, mixed, or all right (a step whose candidates agree gives no pair), and the judge's verdicts
+for a wrong candidate over a right one: on a wrong fact's step, and in all.
 
     python -m scripts.wrong_facts --run runs/nf-seed0 --data data/nf-seed0
 """
@@ -50,7 +51,7 @@ def main():
     by_fact = {fact: [] for fact in wrong}  # fact: right candidates of six on each of its steps in the first search
 
     print("model | greedy first errors: a wrong fact / other | search: steps on a wrong fact, candidates all wrong / "
-          "mixed / all right")
+          "mixed / all right | search: verdicts for a wrong candidate over a right one, on a wrong fact / all")
     for t in range(len(glob.glob(os.path.join(args.run, "iter*")))):
         evals = [p for p in glob.glob(os.path.join(args.run, f"iter{t}", "eval", "*.jsonl"))
                  if not os.path.basename(p).startswith("judge_eval")]
@@ -66,19 +67,27 @@ def main():
             else:
                 other += 1
         counts = [0, 0, 0]  # the search that trained model t+1 (iter{t+1}/trees.jsonl), from model t
+        wrong_wins = [0, 0]  # verdicts picking a wrong candidate over a right one: on a wrong fact's step, all
         trees = os.path.join(args.run, f"iter{t + 1}", "trees.jsonl")
         for tree in records(trees) if os.path.exists(trees) else []:
             values, (_, ops) = solve(tree["question"]), parse_question(tree["question"])
             for st in tree["steps"]:
                 k = st["step"]
-                if k > len(ops) or (values[k - 1], *ops[k - 1]) not in wrong or not all(
+                right = [step_is_right(tree["question"], k, c["text"]) for c in st["candidates"]]
+                fact = (values[k - 1], *ops[k - 1]) if k <= len(ops) else None
+                for v in st["verdicts"]:
+                    if v["verdict"] and right[v["i"]] != right[v["j"]]:
+                        if not right[v["i"] if v["verdict"] == "A" else v["j"]]:
+                            wrong_wins[0] += fact in wrong
+                            wrong_wins[1] += 1
+                if fact not in wrong or not all(
                         step_is_right(tree["question"], j, s) for j, s in enumerate(st["prefix_steps"], 1)):
                     continue
-                right = sum(step_is_right(tree["question"], k, c["text"]) for c in st["candidates"])
                 if t == 0:
-                    by_fact[(values[k - 1], *ops[k - 1])].append(right)
-                counts[0 if right == 0 else 2 if right == len(st["candidates"]) else 1] += 1
-        search = " / ".join(map(str, counts)) if os.path.exists(trees) else "-"
+                    by_fact[fact].append(sum(right))
+                counts[0 if not any(right) else 2 if all(right) else 1] += 1
+        search = (" / ".join(map(str, counts)) + " | " + " / ".join(map(str, wrong_wins))
+                  if os.path.exists(trees) else "- | -")
         print(f"M{t + 1} | {on_fact} / {other} | {search}" if evals else f"M{t + 1} | - | {search}")
     print("wrong fact | written wrong / uses in the solutions | right candidates on each of its steps, first search")
     for (a, op, b), steps in sorted(by_fact.items()):
