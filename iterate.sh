@@ -144,8 +144,8 @@ if [ "$PRESET" = tiny ]; then
   run python -m prepare.synthetic --out-dir "$DATA" ${SYNTH_ARGS:---num-questions 240,480,720} \
       ${SRLM_EFT:+--srlm-eft $SRLM_EFT} ${DATA_SEED:+--seed $((1234 + DATA_SEED))} $OW  # 1234: its default
   # M0 is built only for an SFT: a run from INIT starts at M1
-  [ -z "$MODEL" ] && [ -z "$INIT" ] && MODEL=$R/m0 && run python -m prepare.tiny_model --corpus "$DATA/ift.jsonl" "$DATA/eft.jsonl" \
-      --out "$MODEL" ${MODEL_ARGS:-} $SEED_ARG $OW
+  [ -z "$MODEL" ] && [ -z "$INIT" ] && MODEL=$R/m0 && run python -m prepare.tiny_model \
+      --corpus "$DATA/ift.jsonl" "$DATA/eft.jsonl" --out "$MODEL" ${MODEL_ARGS:-} $SEED_ARG $OW
 else
   run python -m prepare.paper_data --source "$DATA_SOURCE" --out-dir "$DATA" ${DATA_ARGS:-} $OW
   if [ "$PRESET" = smollm2 ]; then run python -m prepare.smollm2 --out "$MODEL"; fi  # converted once, then cached
