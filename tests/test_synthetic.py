@@ -10,6 +10,7 @@ import json
 import os
 import random
 import re
+import subprocess
 import sys
 from collections import Counter
 
@@ -179,6 +180,50 @@ def test_noisy_facts_write_a_fixed_set_of_wrong_results_into_the_solutions_only(
     # off writes what the generator wrote before the flag: it is left out of the data set's manifest
     flags = lambda d: json.load(open(tmp_path / d / "config.json.manifest.json"))["flags"]
     assert "noisy_facts" not in flags("plain") and flags("noisy")["noisy_facts"] == 0.2
+
+
+def test_wrong_facts_counts_the_errors_and_the_search_steps_on_the_wrong_facts(tmp_path, monkeypatch):
+    """scripts/wrong_facts.py on a run made here: a greedy solution that first errs by writing a wrong fact's wrong
+    result counts as on a wrong fact, three off by two as other (one of them on that fact's step); a search step on
+    that fact with one wrong and one right candidate is mixed, and a verdict for the wrong one is a wrong pick on a
+    wrong fact (another, on a right fact's step, only counts in all)."""
+    data, run = tmp_path / "data", tmp_path / "run"
+    run_prepare(data, 7, monkeypatch, "--num-ift", "300", "--noisy-facts", "0.2")
+    config = json.load(open(data / "config.json"))
+    wrong = prepare_synthetic.wrong_facts(random.Random(f"{config['seed']}-noisy-facts"), config["noisy_facts"],
+                                          config["ops"], config["max_operand"], config["max_value"])
+    noisy = next(r for r in read_jsonl(str(data / "ift.jsonl"), ["question", "solution"])
+                 if not prepare_synthetic.solution_is_right(r["question"], r["solution"]))
+    question, steps = noisy["question"], split_steps(noisy["solution"])
+    k = next(k for k, step in enumerate(steps, 1) if not prepare_synthetic.step_is_right(question, k, step))
+    _, _, (a, op, b, _), _ = parse_step(steps[k - 1])
+    assert (a, op, b) in wrong  # the noise's first wrong step writes a wrong fact
+    right = prepare_synthetic.gold_steps(question)
+    first_fact = lambda q: (prepare_synthetic.solve(q)[0], *prepare_synthetic.parse_question(q)[1][0])
+    others = [r["question"] for r in read_jsonl(str(data / "test.jsonl"), ["question"])
+              if first_fact(r["question"]) not in wrong][:2]
+    assert len(others) == 2
+    gold = [prepare_synthetic.gold_steps(q) for q in others]
+    off_by_two = lambda step: re.sub(r"= (\d+)", lambda m: f"= {int(m[1]) + 2}", step)
+    off = [[off_by_two(g[0])] + g[1:] for g in gold]
+    off_on_the_fact = steps[:k - 1] + [off_by_two(right[k - 1])]
+    (run / "iter0" / "eval").mkdir(parents=True), (run / "iter1").mkdir()
+    evals = [(question, steps, False), (others[0], off[0], False), (others[1], off[1], False),
+             (question, off_on_the_fact, False), (others[0], gold[0], True)]
+    with open(run / "iter0" / "eval" / "test.jsonl", "w") as f:
+        for q, solution, correct in evals:
+            f.write(json.dumps(dict(question=q, output="\n".join(solution), correct=correct)) + "\n")
+    pick_a = [dict(i=0, j=1, verdict="A")]  # the first candidate, the wrong one
+    trees = [dict(question=question, steps=[dict(step=k, prefix_steps=steps[:k - 1], verdicts=pick_a, candidates=[
+                 dict(text=steps[k - 1]), dict(text=right[k - 1])])]),
+             dict(question=others[0], steps=[dict(step=1, prefix_steps=[], verdicts=pick_a, candidates=[
+                 dict(text=off[0][0]), dict(text=gold[0][0])])])]
+    (run / "iter1" / "trees.jsonl").write_text("".join(json.dumps(t) + "\n" for t in trees))
+    out = subprocess.run([sys.executable, "-m", "scripts.wrong_facts", "--run", str(run), "--data", str(data)],
+                         cwd=REPO, capture_output=True, text=True, check=True).stdout
+    lines = out.splitlines()
+    assert "M1 | 1 / 3 | 0 / 1 / 0 | 1 / 2" in lines and "M2 | - | - | -" in lines, out
+    assert any(line.startswith(f"{a} {op} {b} | ") and line.endswith(" | [1]") for line in lines), out
 
 
 @pytest.fixture(params=["short", "sentence"])
