@@ -134,6 +134,18 @@ def wrong_facts(rng, fraction, ops, max_operand, max_value):
     return table
 
 
+def noisy_rng(seed):
+    """--noisy-facts draws from its own rng, so that the questions, and every file but ift.jsonl, stay the noise-free
+    set's: first the wrong facts (wrong_facts), then each solution's writes (noisy_steps)."""
+    return random.Random(f"{seed}-noisy-facts")
+
+
+def wrong_facts_of(config):
+    """The wrong facts of a data set made with --noisy-facts, drawn again from its config.json (an analysis's view)."""
+    return wrong_facts(noisy_rng(config["seed"]), config["noisy_facts"], config["ops"], config["max_operand"],
+                       config["max_value"])
+
+
 def noisy_steps(rng, question, facts, wrong, rate, step_reason, max_value):
     """
     A solution whose steps write a noisy fact's wrong result with probability `rate` (1 - rate: the right one) and
@@ -629,8 +641,8 @@ def main():
         files[split] = [make_eft(rng, i, q, s, f, c, lab, args.judgment_check, args.step_reason, operand_first)
                         for (i, q, s, f, c, _), lab in zip(probs, labels)]
     _, ift = problems("ift", args.num_ift, 5)
-    if args.noisy_facts:  # its own rng: the questions, and every other file, stay those of the noise-free set
-        rng = random.Random(f"{args.seed}-noisy-facts")
+    if args.noisy_facts:
+        rng = noisy_rng(args.seed)
         wrong = wrong_facts(rng, args.noisy_facts, args.ops, args.max_operand, args.max_value)
         ift = [(i, q, noisy_steps(rng, q, f, wrong, args.noisy_fact_rate, args.step_reason, args.max_value) or s,
                 f, c, a) for i, q, s, f, c, a in ift]

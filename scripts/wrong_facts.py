@@ -12,19 +12,13 @@ import argparse
 import glob
 import json
 import os
-import random
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from common import split_steps  # noqa: E402
+from common import read_jsonl, split_steps  # noqa: E402
 from prepare.synthetic import (STEP_EQUATION, parse_question, solution_is_right, solve, step_error_kind,  # noqa: E402
-                               step_is_right, wrong_facts)
-
-
-def records(path):
-    with open(path, encoding="utf-8") as f:
-        return [json.loads(line) for line in f]
+                               step_is_right, wrong_facts_of)
 
 
 def main():
@@ -35,10 +29,8 @@ def main():
     config = json.load(open(os.path.join(args.data, "config.json")))
     if not config.get("noisy_facts"):
         sys.exit(f"{args.data} was made without --noisy-facts")
-    # the draw prepare.synthetic made (its own rng, first thing drawn from it)
-    wrong = wrong_facts(random.Random(f"{config['seed']}-noisy-facts"), config["noisy_facts"], config["ops"],
-                        config["max_operand"], config["max_value"])
-    ift = records(os.path.join(args.data, "ift.jsonl"))
+    wrong = wrong_facts_of(config)
+    ift = read_jsonl(os.path.join(args.data, "ift.jsonl"), ["question", "solution"])
     print(f"{len(wrong)} wrong facts; {sum(not solution_is_right(r['question'], r['solution']) for r in ift)} of "
           f"{len(ift)} solutions end wrong")
     uses = {fact: [0, 0] for fact in wrong}  # fact: [written wrong, used] in the solutions
@@ -56,7 +48,7 @@ def main():
         evals = [p for p in glob.glob(os.path.join(args.run, f"iter{t}", "eval", "*.jsonl"))
                  if not os.path.basename(p).startswith("judge_eval")]
         on_fact = other = 0
-        for r in records(evals[0]) if evals else []:
+        for r in read_jsonl(evals[0], ["question", "output", "correct"]) if evals else []:
             if r["correct"]:
                 continue
             k, step = next((k, s) for k, s in enumerate(split_steps(r["output"]) + [""], 1)
@@ -69,17 +61,17 @@ def main():
         counts = [0, 0, 0]  # the search that trained model t+1 (iter{t+1}/trees.jsonl), from model t
         wrong_wins = [0, 0]  # verdicts picking a wrong candidate over a right one: on a wrong fact's step, all
         trees = os.path.join(args.run, f"iter{t + 1}", "trees.jsonl")
-        for tree in records(trees) if os.path.exists(trees) else []:
+        for tree in read_jsonl(trees, ["question", "steps"]) if os.path.exists(trees) else []:
             values, (_, ops) = solve(tree["question"]), parse_question(tree["question"])
             for st in tree["steps"]:
                 k = st["step"]
                 right = [step_is_right(tree["question"], k, c["text"]) for c in st["candidates"]]
                 fact = (values[k - 1], *ops[k - 1]) if k <= len(ops) else None
-                for v in st["verdicts"]:
-                    if v["verdict"] and right[v["i"]] != right[v["j"]]:
-                        if not right[v["i"] if v["verdict"] == "A" else v["j"]]:
-                            wrong_wins[0] += fact in wrong
-                            wrong_wins[1] += 1
+                picks = [v["i"] if v["verdict"] == "A" else v["j"] for v in st["verdicts"]
+                         if v["verdict"] and right[v["i"]] != right[v["j"]]]  # of one right and one wrong candidate
+                wrong_picks = sum(not right[i] for i in picks)
+                wrong_wins[0] += wrong_picks * (fact in wrong)
+                wrong_wins[1] += wrong_picks
                 if fact not in wrong or not all(
                         step_is_right(tree["question"], j, s) for j, s in enumerate(st["prefix_steps"], 1)):
                     continue

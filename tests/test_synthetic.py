@@ -189,9 +189,7 @@ def test_wrong_facts_counts_the_errors_and_the_search_steps_on_the_wrong_facts(t
     wrong fact (another, on a right fact's step, only counts in all)."""
     data, run = tmp_path / "data", tmp_path / "run"
     run_prepare(data, 7, monkeypatch, "--num-ift", "300", "--noisy-facts", "0.2")
-    config = json.load(open(data / "config.json"))
-    wrong = prepare_synthetic.wrong_facts(random.Random(f"{config['seed']}-noisy-facts"), config["noisy_facts"],
-                                          config["ops"], config["max_operand"], config["max_value"])
+    wrong = prepare_synthetic.wrong_facts_of(json.load(open(data / "config.json")))
     noisy = next(r for r in read_jsonl(str(data / "ift.jsonl"), ["question", "solution"])
                  if not prepare_synthetic.solution_is_right(r["question"], r["solution"]))
     question, steps = noisy["question"], split_steps(noisy["solution"])
