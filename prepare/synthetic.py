@@ -657,11 +657,13 @@ def main():
         save_config(argparse.Namespace(**output_flags(args, "srlm_eft")), config)
         write_manifest(config, manifest)
     if not srlm_done:  # drawn after every other file, so those are the same with or without it
+        # the chain's reading is written for one step; with it, the whole-solution judge rereads (srlm_judgment)
+        srlm_check = "reread" if args.judgment_check in CHAIN_CHECKS else args.judgment_check
         for name, n in [("srlm_eft_test", args.num_eft_test), ("srlm_eft", args.srlm_eft)]:
             rng, probs = problems(name, n, name)
             right = [True, False] * (n // 2) + [True] * (n % 2)  # half right, half with an error
             rng.shuffle(right)
-            records = [make_srlm_eft(rng, i, q, s, f, c, ok, args.judgment_check, args.step_reason)
+            records = [make_srlm_eft(rng, i, q, s, f, c, ok, srlm_check, args.step_reason)
                        for (i, q, s, f, c, _), ok in zip(probs, right)]
             write_jsonl(os.path.join(args.out_dir, f"{name}.jsonl"), records)
             print(f"{name:12s} {len(records):6d} records")

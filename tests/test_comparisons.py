@@ -249,6 +249,19 @@ def test_srlm_eft_is_optional_and_leaves_the_default_set_unchanged(synthetic_dir
     assert not held_out & {r["question"] for r in records}
 
 
+def test_srlm_eft_with_the_chain_judgment_rereads(tmp_path, monkeypatch):
+    """The chain's reading is written for one step's judgment: with --judgment-check chain (the loop's default) the
+    whole-solution judge's examples reread each step's sentence, as with --judgment-check reread."""
+    out = tmp_path / "data"
+    run(monkeypatch, synthetic, "--out-dir", out, "--num-ift", "20", "--num-eft", "20", "--num-questions", "2,2,2",
+        "--num-dev", "4", "--num-test", "4", "--num-eft-test", "4", "--judgment-check", "chain", "--srlm-eft", "10")
+    records = read_jsonl(str(out / "srlm_eft.jsonl"), train_sft.SRLM_EFT_FIELDS)
+    assert len(records) == 10
+    for r in records:
+        assert r["judgment"] == synthetic.srlm_judgment(r["question"], r["response"].split("\n"), "reread", "sentence")
+        assert "Read 1: " in r["judgment"]
+
+
 def test_sft_on_srlm_eft_masks_the_prompt(tiny):
     _, tokenizer = tiny
     record = dict(question=QUESTION, response=RIGHT, judgment="Step 1: 7 vs 7, right. Score: 5")

@@ -588,7 +588,8 @@ def test_chain_judgments_copy_the_question_from_its_start_through_the_judged_ste
     """--judgment-check chain (chain-step, chain-head, chain-sentence: the count from the step's head, its number, or
     the sentence just read), written by the generator: every EFT judgment reads the question's own text from its first
     sentence through step k's (a prefix of the question), then counts out the true equation, compares and decides as
-    the grid above checks; the SRLM judgments are not written with it (a clear error)."""
+    the grid above checks; srlm_judgment refuses it (a clear error: prepare.synthetic writes the SRLM
+    judgments of a chain data set with reread)."""
     out = make_synthetic(tmp_path_factory, "--judgment-check", check)
     records = read_jsonl(os.path.join(out, "eft.jsonl"), ["question", "previous_steps", "step_a", "step_b", "label",
                                                   "judgment", "error"])
