@@ -30,12 +30,18 @@ docs/experiments.md). --sentence-labels numbers the question's step sentences as
 apples. 1: She gets 8 more. 2: She sells 2. How many ..."), every record otherwise the same (not the default: the
 judge reads on most seeds, the policies move; docs/experiments.md). --noisy-facts F writes a fixed fraction F of
 the task's facts (a op b) off by one in the solutions, with probability --noisy-fact-rate, the value carried on
-(noisy_steps: the policy's room set by its data, not by the SFT's draw; not the default).
+(noisy_steps: the policy's room set by its data, not by the SFT's draw).
+The loop's default (iterate.sh, since 2026-12-05) is --judgment-check chain --noisy-facts 0.2: the judge copies the
+question from its start through the judged step, and a fifth of the facts are wrong in the solutions, so every policy
+learns errors its judge catches (docs/experiments.md). This file's own defaults make the data of the default before
+(the rereading judge, every fact right).
 The judgment reads both results, then the question's sentences up to the step, one by one, counts the step out,
 compares each result with its own digit by digit, then the verdict (see judgment):
 "A: 14. B: 15. Read 1: He buys 7 more. Read 2: She sells 3. Want Step 2: She sells 3: 17 - 3: 16 (1), 15 (2),
 14 (3). A: 14 vs 14: 1 1 same, 4 4 same, right. B: 15 vs 14: 1 1 same, 5 4 differ, wrong. [[A]]"
-Judgments run to 143 tokens in the default data (178 with the space before a number a token of its own;
+With chain it copies the question from its start and counts the equation alone: "A: 14. B: 15. Read: Ann has 9
+apples. He buys 7 more. She sells 3. Want 17 - 3: 16 (1), 15 (2), 14 (3). A: 14 vs 14: ..." Judgments run to 143
+tokens in the rereading judge's data, 130 in the chain's (178 with the space before a number a token of its own;
 --judge-max-new-tokens 192). The SFT mix gives the judge most of the budget: 3,500 solutions, 28,500 judgments. The
 policy writes `17 - 3 = 14` in one go and learns it from the solutions alone; the judge counts it out, one unit at a
 time: the step's arithmetic is where the policy errs and the judge does not.
@@ -571,13 +577,13 @@ def main():
                              "(the question's sentence, copied: \"She sells 3\")")
     parser.add_argument("--judgment-check", default="reread",
                         choices=["reread", *CHAIN_CHECKS, "count", "quote", "vs"],
-                        help="EFT target: reread (the default: the judge copies the question's sentences of steps "
-                             "1..k, counts step k out, then compares digit by digit), chain (the question copied "
-                             "whole from its start through step k's sentence, then the equation counted out), "
-                             "chain-step (chain's reading, reread's count from the step's head), chain-head (chain's "
-                             "reading, the count from the step's number), chain-sentence (chain's reading, the count "
-                             "from the sentence just read, without the step's number), count (the reread "
-                             "judgment without the reading), quote (count, after copying the sentence of step k) or "
+                        help="EFT target: reread (the judge copies the question's sentences of steps "
+                             "1..k, counts step k out, then compares digit by digit), chain (iterate.sh's default: "
+                             "the question copied whole from its start through step k's sentence, then the equation "
+                             "counted out), chain-step (chain's reading, reread's count from the step's head), "
+                             "chain-head (chain's reading, the count from the step's number), chain-sentence (chain's "
+                             "reading, the count from the sentence just read, without the step's number), count (the "
+                             "reread judgment without the reading), quote (count, after copying the sentence of step k) or "
                              "vs (the first design: recompute, compare whole numbers); see judgment")
     # A wrong operand copies another number of the question into the step's sentence ("He sells 4" for "He sells 1"),
     # the corruption a judge's reading gets wrong most: it copies the candidate's number instead of the question's
@@ -588,7 +594,7 @@ def main():
                              "operand where one fits (then the three kinds uniform); eft_dev/eft_test stay uniform")
     # The paper's M1 learns from solutions that are not all right; the tiny policy learns this task's facts to 90 %
     # or more on some seeds and leaves nothing to improve. A fixed set of wrong facts in the solutions (the answer
-    # field stays the true one) sets the policy's room by design: not the default (docs/experiments.md)
+    # field stays the true one) sets the policy's room by design: the loop's default is 0.2 (iterate.sh)
     parser.add_argument("--noisy-facts", type=unit_float, default=0.0,
                         help="the fraction of the task's facts (a op b) whose result the solutions (ift.jsonl) write "
                              "off by one, with probability --noisy-fact-rate, the wrong value carried on")

@@ -287,6 +287,23 @@ def test_iterate_seed_reaches_every_stage_that_draws(driver, tmp_path):
     assert stage_seeds() == dict(expected, **{"prepare.synthetic": None})
 
 
+def test_iterate_default_data_is_the_chain_judgment_with_a_fifth_of_the_facts_wrong(driver, tmp_path):
+    """The embedded default's data (README, "Main result"): the chain judgment and a fifth of the facts wrong in the
+    solutions; SYNTH_ARGS replaces the flags whole (the rereading judge's data: --num-questions alone)."""
+    def synthetic_flags():
+        line = next(l for l in open(tmp_path / "log").read().splitlines() if "prepare.synthetic" in l)
+        (tmp_path / "log").unlink()
+        words = line.split()
+        return {w: words[k + 1] for k, w in enumerate(words) if w in ("--judgment-check", "--noisy-facts",
+                                                                     "--num-questions")}
+    rc, output = finished(driver(SYNTH_ARGS=""))  # empty: unset
+    assert rc == 0, output
+    assert synthetic_flags() == {"--judgment-check": "chain", "--noisy-facts": "0.2", "--num-questions": "240,480,720"}
+    rc, output = finished(driver(SYNTH_ARGS="--num-questions 240,480,720"))
+    assert rc == 0, output
+    assert synthetic_flags() == {"--num-questions": "240,480,720"}
+
+
 def test_8_iterate_stops_every_shard_when_one_fails(driver, tmp_path):
     t0 = time.time()
     rc, output = finished(driver(INIT=str(tmp_path), FAKE_MODE="fail-shard"))
