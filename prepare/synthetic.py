@@ -583,8 +583,8 @@ def main():
                              "counted out), chain-step (chain's reading, reread's count from the step's head), "
                              "chain-head (chain's reading, the count from the step's number), chain-sentence (chain's "
                              "reading, the count from the sentence just read, without the step's number), count (the "
-                             "reread judgment without the reading), quote (count, after copying the sentence of step k) or "
-                             "vs (the first design: recompute, compare whole numbers); see judgment")
+                             "reread judgment without the reading), quote (count, after copying the sentence of step "
+                             "k) or vs (the first design: recompute, compare whole numbers); see judgment")
     # A wrong operand copies another number of the question into the step's sentence ("He sells 4" for "He sells 1"),
     # the corruption a judge's reading gets wrong most: it copies the candidate's number instead of the question's
     # (dev, seed 1: 43 of 162 such pairs, 6 of 177 wrong operations). 0.5 fixed that judge (EFT-dev 85.0 -> 93.6 %)
