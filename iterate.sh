@@ -65,7 +65,7 @@ if [ "$PRESET" = tiny ]; then
   # questions per iteration: the paper's 400/800/1200 scaled by 0.6. The judge copies the question from its start
   # through the judged step, then counts the step out (chain); a fifth of the task's facts are written off by one in
   # the solutions (not in the answers), so every policy has errors its judge catches: on five dev seeds the loop
-  # gained +8.4 to +12.6, on the test split +9.4 to +11.3 (docs/experiments.md). Without the noise, the chain's
+  # gained +8.4 to +12.6, on the test split +9.4 to +11.8 (docs/experiments.md). Without the noise, the chain's
   # policies learned the task to 90 % or more on six of thirteen draws; SYNTH_ARGS="--num-questions 240,480,720": the
   # rereading judge, the default before 2026-12-05
   SYNTH_ARGS=${SYNTH_ARGS:-"--num-questions 240,480,720 --judgment-check chain --noisy-facts 0.2"}
